@@ -1,0 +1,54 @@
+"""What every command shares: the consoles, and turning user errors into one line + exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ..errors import NmgradError, OutputExistsError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn :class:`NmgradError` into a one-line message and exit code; Ctrl-C into exit 130."""
+    try:
+        yield
+    except NmgradError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+
+
+def check_new_file(path: Path | None, force: bool) -> None:
+    """Refuse an existing output file unless ``force`` (``-`` means stdout)."""
+    if path is None or str(path) == "-":
+        return
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists: pass --force to overwrite it, or choose another path")
+    if not path.parent.exists():
+        raise OutputExistsError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+
+
+def write_json(path: Path | None, payload) -> None:
+    """Write ``payload`` as JSON to ``path`` (``-``: stdout)."""
+    if path is None:
+        return
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str)
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        path.write_text(text + "\n")

@@ -1,0 +1,160 @@
+"""Read a dump one dataset at a time, so memory stays bounded whatever the file size."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import DumpError
+from .schema import DTYPES, KINDS, SCHEMA_NAME, SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Metadata of one captured layer."""
+
+    key: str
+    name: str
+    module_type: str
+    feature_axis: int
+    token_axes: tuple[int, ...]
+    weight_shape: tuple[int, ...] | None
+    records: dict[str, list[str]] = field(default_factory=dict, compare=False)
+    """kind -> sorted record names present."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored tensor; ``load()`` reads it (and only it) from disk."""
+
+    reader: DumpReader
+    layer: LayerInfo
+    kind: str
+    name: str
+    step: int
+    call: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    def load(self) -> torch.Tensor:
+        return self.reader.load(self.layer.key, self.kind, self.name)
+
+
+def _decode(ds: h5py.Dataset) -> torch.Tensor:
+    arr = ds[()]
+    dtype = ds.attrs.get("dtype", str(arr.dtype))
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    if dtype not in DTYPES:
+        raise DumpError(f"{ds.file.filename}: dataset {ds.name} has unsupported dtype {dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class DumpReader:
+    """Open and validate a dump; list layers; stream records one at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DumpError(f"{self.path}: no such file; check the path (make one with `nmgrad capture`)")
+        if self.path.is_dir():
+            raise DumpError(f"{self.path} is a directory: give the path of a .h5 dump file")
+        if not h5py.is_hdf5(self.path):
+            raise DumpError(f"{self.path} is not an HDF5 file: give a dump written by `nmgrad capture`")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DumpError(f"{self.path} is truncated or corrupt ({exc.__class__.__name__}): re-run the capture") from None
+        try:
+            self._validate()
+            self.layers = self._scan()
+        except (OSError, KeyError, RuntimeError) as exc:
+            self._f.close()
+            raise DumpError(f"{self.path} is truncated or corrupt ({exc}): re-run the capture") from None
+        except Exception:
+            self._f.close()
+            raise
+
+    def _validate(self) -> None:
+        attrs = self._f.attrs
+        if attrs.get("schema") != SCHEMA_NAME:
+            self._f.close()
+            raise DumpError(f"{self.path} is an HDF5 file but not an nmgrad dump (no '{SCHEMA_NAME}' schema attribute)")
+        version = int(attrs.get("schema_version", -1))
+        if version > SCHEMA_VERSION:
+            raise DumpError(
+                f"{self.path} uses dump schema version {version}, newer than this nmgrad reads "
+                f"({SCHEMA_VERSION}): upgrade nmgrad (pip install -U nmgrad)"
+            )
+        if version < 1:
+            raise DumpError(f"{self.path} has an invalid schema_version {version}")
+
+    def _scan(self) -> dict[str, LayerInfo]:
+        layers = {}
+        group = self._f.get("layers")
+        if group is None:
+            return layers
+        for key in group:
+            g = group[key]
+            records = {kind: sorted(g[kind].keys()) for kind in KINDS if kind in g}
+            ws = json.loads(g.attrs.get("weight_shape", "null"))
+            layers[key] = LayerInfo(
+                key=key,
+                name=str(g.attrs.get("name", key)),
+                module_type=str(g.attrs.get("module_type", "")),
+                feature_axis=int(g.attrs.get("feature_axis", -1)),
+                token_axes=tuple(json.loads(g.attrs.get("token_axes", "[]"))),
+                weight_shape=tuple(ws) if ws is not None else None,
+                records=records,
+            )
+        return dict(sorted(layers.items(), key=lambda kv: int(group[kv[0]].attrs.get("index", 0))))
+
+    @property
+    def attrs(self) -> dict:
+        out = {k: (v.item() if hasattr(v, "item") else v) for k, v in self._f.attrs.items()}
+        out["run"] = json.loads(out.get("run", "{}"))
+        return out
+
+    def select(self, pattern: str | None = None) -> list[LayerInfo]:
+        """Layers whose name matches the glob ``pattern`` (all when None)."""
+        return [li for li in self.layers.values() if pattern is None or fnmatch.fnmatchcase(li.name, pattern)]
+
+    def records(self, kind: str = "grad", layers: list[LayerInfo] | None = None) -> Iterator[Record]:
+        """Every record of ``kind`` of the given layers, in layer then step order (nothing loaded)."""
+        for li in layers if layers is not None else self.layers.values():
+            for name in li.records.get(kind, []):
+                ds = self._f["layers"][li.key][kind][name]
+                yield Record(
+                    self, li, kind, name, int(ds.attrs.get("step", 0)), int(ds.attrs.get("call", 0)),
+                    tuple(ds.shape), str(ds.attrs.get("dtype", ds.dtype)),
+                )
+
+    def find(self, layer: str, kind: str, record: str) -> bool:
+        return record in self.layers[layer].records.get(kind, [])
+
+    def load(self, layer: str, kind: str, record: str) -> torch.Tensor:
+        try:
+            return _decode(self._f["layers"][layer][kind][record])
+        except (OSError, KeyError) as exc:
+            raise DumpError(f"{self.path}: cannot read {layer}/{kind}/{record} ({exc}); the file may be truncated") from None
+
+    def n_records(self, kind: str = "grad") -> int:
+        return sum(len(li.records.get(kind, [])) for li in self.layers.values())
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> DumpReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,34 @@
+"""mvue12: MVUE 1:2 on each pair of a block, a valid unbiased N:2N pruning (the 2:4 baseline).
+
+Var per pair = 2 |a_1| |a_2|.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Pattern
+from . import register
+from .base import PruningMethod
+from .mvue import Mvue
+
+
+@register
+class Mvue12(PruningMethod):
+    name = "mvue12"
+    summary = "MVUE 1:2 on each pair of the block: valid, unbiased N:2N (e.g. 2:4)"
+
+    def check(self, pattern: Pattern) -> None:
+        if pattern.m != 2 * pattern.n:
+            raise self._undefined(pattern, "it needs M = 2N, e.g. 1:2, 2:4 or 4:8")
+
+    def n_uniforms(self, pattern: Pattern) -> int:
+        return pattern.n  # one per pair
+
+    def marginals(self, a: torch.Tensor, n: int):
+        p, v = Mvue().marginals(a.reshape(-1, 2), 1)
+        return p.reshape(a.shape), v.reshape(a.shape)
+
+    def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+        pairs = a.reshape(-1, 2)
+        return Mvue().sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)

@@ -1,0 +1,14 @@
+"""Shared fixtures and the hardware markers (defined once here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fixed-seed CPU generator: every random test is reproducible."""
+    return torch.Generator().manual_seed(1234)
