@@ -72,7 +72,9 @@ class DumpReader:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
-            raise DumpError(f"{self.path} is truncated or corrupt ({exc.__class__.__name__}): re-run the capture") from None
+            raise DumpError(
+                f"{self.path} is truncated or corrupt ({exc.__class__.__name__}): re-run the capture"
+            ) from None
         try:
             self._validate()
             self.layers = self._scan()
@@ -144,7 +146,9 @@ class DumpReader:
         try:
             return _decode(self._f["layers"][layer][kind][record])
         except (OSError, KeyError) as exc:
-            raise DumpError(f"{self.path}: cannot read {layer}/{kind}/{record} ({exc}); the file may be truncated") from None
+            raise DumpError(
+                f"{self.path}: cannot read {layer}/{kind}/{record} ({exc}); the file may be truncated"
+            ) from None
 
     def n_records(self, kind: str = "grad") -> int:
         return sum(len(li.records.get(kind, [])) for li in self.layers.values())
