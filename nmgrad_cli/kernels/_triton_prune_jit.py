@@ -1,0 +1,356 @@
+"""The Triton prune kernel (private: import it through :mod:`nmgrad_cli.kernels.triton_prune`).
+
+This file holds only ``@triton.jit`` code so that :mod:`.triton_prune` can load it twice, once
+compiled for the GPU and once wrapped by the Triton interpreter for CPU tensors, whatever
+``TRITON_INTERPRET`` was when triton was first imported.
+
+Layout: the kernel sees a logical matrix X[r, l] (R rows, blocks of M along l) through two strides,
+so features (X = dY, blocks of 4 columns) and tokens (X = dY^T, blocks of 4 rows) are the same code.
+One program owns a tile of BLOCK_R rows x BLOCK_G blocks, loads it as one [BLOCK_R, BLOCK_G*M]
+tile (coalesced along whichever axis has stride 1), and splits it into the M columns a0..a3 of
+[BLOCK_R, BLOCK_G] blocks, which stay in registers. Block k = r * G + g is the row-major block
+index of ``prune()``'s ``to_blocks`` view, which is how supplied uniforms (K, U) are addressed and
+how the in-kernel Philox stream is keyed (seed, k).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# method codes (constexpr): keep in sync with triton_prune._METHOD_CODES
+GREEDY = 0
+RANDOM = 1
+MVUE = 2
+MVUE12 = 3
+APPROX = 4
+
+
+@triton.jit
+def _div(num, den):
+    """num / den rounded to nearest (IEEE), 0 where den == 0 (the reference's safe_div)."""
+    ok = den != 0
+    return tl.where(ok, tl.math.div_rn(num, tl.where(ok, den, 1.0)), 0.0)
+
+
+@triton.jit
+def _before(kj, ki, j_first: tl.constexpr, larger_first: tl.constexpr):
+    """Whether element j is ordered before element i (ties: lower index first)."""
+    if larger_first:
+        if j_first:
+            res = kj >= ki
+        else:
+            res = kj > ki
+    else:
+        if j_first:
+            res = kj <= ki
+        else:
+            res = kj < ki
+    return res.to(tl.int32)
+
+
+@triton.jit
+def _rank_keep4(k0, k1, k2, k3, N: tl.constexpr, larger_first: tl.constexpr):
+    """keep_i iff fewer than N of the 4 keys precede key i (the reference's kept_by_rank)."""
+    r0 = _before(k1, k0, False, larger_first) + _before(k2, k0, False, larger_first)
+    r0 += _before(k3, k0, False, larger_first)
+    r1 = _before(k0, k1, True, larger_first) + _before(k2, k1, False, larger_first)
+    r1 += _before(k3, k1, False, larger_first)
+    r2 = _before(k0, k2, True, larger_first) + _before(k1, k2, True, larger_first)
+    r2 += _before(k3, k2, False, larger_first)
+    r3 = _before(k0, k3, True, larger_first) + _before(k1, k3, True, larger_first)
+    r3 += _before(k2, k3, True, larger_first)
+    return r0 < N, r1 < N, r2 < N, r3 < N
+
+
+@triton.jit
+def _ceil_step(c, prev, u):
+    """Systematic sampling: [prev, c) contains one of u, u+1, ...  <=>  ceil(c - u) > ceil(prev - u)."""
+    return tl.math.ceil(c - u) > tl.math.ceil(prev - u)
+
+
+@triton.jit
+def _mvue12_pair(a0, a1, u):
+    """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i; exact if <= 1 non-zero."""
+    m0 = tl.abs(a0)
+    m1 = tl.abs(a1)
+    lam = m0 + m1
+    p0 = tl.minimum(_div(m0, lam), 1.0)
+    p1 = tl.minimum(_div(m1, lam), 1.0)
+    few = ((m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32)) <= 1
+    p0 = tl.where(few, (m0 > 0).to(tl.float32), p0)
+    p1 = tl.where(few, (m1 > 0).to(tl.float32), p1)
+    c0 = p0
+    c1 = p0 + p1
+    keep0 = _ceil_step(tl.minimum(c0, 1.0), 0.0, u)
+    keep1 = _ceil_step(tl.minimum(c1, 1.0), tl.minimum(c0, 1.0), u)
+    y0 = tl.where(keep0, _div(a0, p0), 0.0)
+    y1 = tl.where(keep1, _div(a1, p1), 0.0)
+    return y0, y1
+
+
+@triton.jit
+def _sort4_desc(m0, m1, m2, m3):
+    """The four magnitudes sorted descending (a 5-comparator network, values only)."""
+    s0 = tl.maximum(m0, m1)
+    s1 = tl.minimum(m0, m1)
+    s2 = tl.maximum(m2, m3)
+    s3 = tl.minimum(m2, m3)
+    t0 = tl.maximum(s0, s2)
+    t2 = tl.minimum(s0, s2)
+    t1 = tl.maximum(s1, s3)
+    t3 = tl.minimum(s1, s3)
+    u1 = tl.maximum(t1, t2)
+    u2 = tl.minimum(t1, t2)
+    return t0, u1, u2, t3
+
+
+@triton.jit
+def _mvue24(a0, a1, a2, a3, u):
+    """Exact MVUE 2:4: water-filling p_i = min(1, |a_i| / lam), sum p = 2, systematic sampling.
+
+    lam = S/2, or R = S - max|a| when max|a| > R (the dominant element is then kept exactly).
+    The sums run in the reference's order (smallest first) so rounding matches it closely.
+    """
+    m0 = tl.abs(a0)
+    m1 = tl.abs(a1)
+    m2 = tl.abs(a2)
+    m3 = tl.abs(a3)
+    s0, s1, s2, s3 = _sort4_desc(m0, m1, m2, m3)
+    tail1 = (s3 + s2) + s1  # R when s0 is the largest
+    tail0 = tail1 + s0  # S
+    lam = tl.where(s0 <= tail0 * 0.5, tail0 * 0.5, tail1)
+    p0 = tl.minimum(_div(m0, lam), 1.0)
+    p1 = tl.minimum(_div(m1, lam), 1.0)
+    p2 = tl.minimum(_div(m2, lam), 1.0)
+    p3 = tl.minimum(_div(m3, lam), 1.0)
+    nnz = (m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32) + (m2 > 0).to(tl.int32) + (m3 > 0).to(tl.int32)
+    few = nnz <= 2
+    p0 = tl.where(few, (m0 > 0).to(tl.float32), p0)
+    p1 = tl.where(few, (m1 > 0).to(tl.float32), p1)
+    p2 = tl.where(few, (m2 > 0).to(tl.float32), p2)
+    p3 = tl.where(few, (m3 > 0).to(tl.float32), p3)
+    c0 = p0
+    c1 = c0 + p1
+    c2 = c1 + p2
+    c3 = c2 + p3
+    c0 = tl.minimum(c0, 2.0)
+    c1 = tl.minimum(c1, 2.0)
+    c2 = tl.minimum(c2, 2.0)
+    c3 = tl.minimum(c3, 2.0)
+    k0 = _ceil_step(c0, 0.0, u)
+    k1 = _ceil_step(c1, c0, u)
+    k2 = _ceil_step(c2, c1, u)
+    k3 = _ceil_step(c3, c2, u)
+    y0 = tl.where(k0, _div(a0, p0), 0.0)
+    y1 = tl.where(k1, _div(a1, p1), 0.0)
+    y2 = tl.where(k2, _div(a2, p2), 0.0)
+    y3 = tl.where(k3, _div(a3, p3), 0.0)
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _draw4(m0, m1, m2, m3, u):
+    """One-hot draw with P(i) = m_i / sum m: keep i iff C_{i-1} <= u * C_3 < C_i."""
+    c0 = m0
+    c1 = c0 + m1
+    c2 = c1 + m2
+    c3 = c2 + m3
+    thr = u * c3
+    return thr < c0, (c0 <= thr) & (thr < c1), (c1 <= thr) & (thr < c2), (c2 <= thr) & (thr < c3)
+
+
+@triton.jit
+def _approx24(a0, a1, a2, a3, u0, u1):
+    """approx-MVUE 2:4: first draw proportional to |a_i|, second among the other three likewise.
+
+    Kept a_i becomes a_i / p_i, p_i = t_i + |a_i| sum_{j != i} t_j / (S - |a_j|), t_i = |a_i| / S.
+    """
+    m0 = tl.abs(a0)
+    m1 = tl.abs(a1)
+    m2 = tl.abs(a2)
+    m3 = tl.abs(a3)
+    s = ((m0 + m1) + m2) + m3
+    t0 = _div(m0, s)
+    t1 = _div(m1, s)
+    t2 = _div(m2, s)
+    t3 = _div(m3, s)
+    r0 = _div(t0, s - m0)
+    r1 = _div(t1, s - m1)
+    r2 = _div(t2, s - m2)
+    r3 = _div(t3, s - m3)
+    rsum = ((r0 + r1) + r2) + r3
+    p0 = tl.minimum(t0 + m0 * (rsum - r0), 1.0)
+    p1 = tl.minimum(t1 + m1 * (rsum - r1), 1.0)
+    p2 = tl.minimum(t2 + m2 * (rsum - r2), 1.0)
+    p3 = tl.minimum(t3 + m3 * (rsum - r3), 1.0)
+    k0, k1, k2, k3 = _draw4(m0, m1, m2, m3, u0)
+    q0 = tl.where(k0, 0.0, m0)
+    q1 = tl.where(k1, 0.0, m1)
+    q2 = tl.where(k2, 0.0, m2)
+    q3 = tl.where(k3, 0.0, m3)
+    j0, j1, j2, j3 = _draw4(q0, q1, q2, q3, u1)
+    k0 = k0 | (j0 & (q0 > 0))
+    k1 = k1 | (j1 & (q1 > 0))
+    k2 = k2 | (j2 & (q2 > 0))
+    k3 = k3 | (j3 & (q3 > 0))
+    y0 = tl.where(k0, _div(a0, p0), 0.0)
+    y1 = tl.where(k1, _div(a1, p1), 0.0)
+    y2 = tl.where(k2, _div(a2, p2), 0.0)
+    y3 = tl.where(k3, _div(a3, p3), 0.0)
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _approx12(a0, a1, u):
+    """approx-MVUE 1:2 (one draw proportional to |a_i|, kept value a_i S / |a_i|)."""
+    m0 = tl.abs(a0)
+    m1 = tl.abs(a1)
+    s = m0 + m1
+    p0 = _div(m0, s)
+    p1 = _div(m1, s)
+    c1 = m0 + m1
+    thr = u * c1
+    k0 = thr < m0
+    k1 = (m0 <= thr) & (thr < c1)
+    return tl.where(k0, _div(a0, p0), 0.0), tl.where(k1, _div(a1, p1), 0.0)
+
+
+@triton.jit
+def _cutlass_idx(nz0, nz1, nz2, nz3):
+    """The two kept positions of a 2:4 block as torch's CUTLASS compressor encodes them."""
+    e0 = nz0 & nz1
+    e1 = (~nz0) & nz1
+    e2 = (~nz0) & (~nz1)
+    idx0 = e1.to(tl.int32) | (e2.to(tl.int32) << 1)
+    idx1 = (e0 | e2 | nz3).to(tl.int32) | ((e1 | (~nz1)).to(tl.int32) << 1)
+    return idx0, idx1
+
+
+@triton.jit
+def _pick4(idx, y0, y1, y2, y3):
+    return tl.where(idx == 0, y0, tl.where(idx == 1, y1, tl.where(idx == 2, y2, y3)))
+
+
+@triton.jit
+def prune_kernel(
+    x_ptr,
+    y_ptr,
+    u_ptr,
+    vals_ptr,
+    meta_ptr,
+    R,
+    L,
+    G,
+    sxr,
+    sxl,
+    syr,
+    syl,
+    seed,
+    METHOD: tl.constexpr,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    U: tl.constexpr,
+    PHILOX: tl.constexpr,
+    COMPRESS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally also the CUTLASS
+    compressed values [R, L/2] and the un-reordered metadata [R, L/16] (int16, 4 blocks each)."""
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,)
+    l = pid_g * (BLOCK_G * M) + tl.arange(0, BLOCK_G * M)  # (BG*M,)
+    r64 = r.to(tl.int64)
+    l64 = l.to(tl.int64)
+    rmask = r < R
+    xmask = rmask[:, None] & (l < L)[None, :]
+    x = tl.load(x_ptr + r64[:, None] * sxr + l64[None, :] * sxl, mask=xmask, other=0.0).to(tl.float32)
+
+    # uniforms of block k = r * G + g
+    k = r64[:, None] * G + g[None, :]  # (BR, BG)
+    kmask = rmask[:, None] & (g < G)[None, :]
+    if PHILOX:
+        u0, u1, u2, u3 = tl.rand4x(seed, k)
+    else:
+        u0 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
+        u1 = u0
+        u2 = u0
+        u3 = u0
+        if U > 0:
+            u0 = tl.load(u_ptr + k * U, mask=kmask, other=0.0)
+        if U > 1:
+            u1 = tl.load(u_ptr + k * U + 1, mask=kmask, other=0.0)
+        if U > 2:
+            u2 = tl.load(u_ptr + k * U + 2, mask=kmask, other=0.0)
+        if U > 3:
+            u3 = tl.load(u_ptr + k * U + 3, mask=kmask, other=0.0)
+
+    if M == 4:
+        x4 = tl.reshape(x, (BLOCK_R, BLOCK_G, 2, 2))  # [.., j1, j2] = element 2*j1 + j2
+        ev, od = tl.split(x4)
+        a0, a2 = tl.split(ev)
+        a1, a3 = tl.split(od)
+        if METHOD == GREEDY:
+            k0, k1, k2, k3 = _rank_keep4(tl.abs(a0), tl.abs(a1), tl.abs(a2), tl.abs(a3), N, True)
+            y0 = tl.where(k0, a0, 0.0)
+            y1 = tl.where(k1, a1, 0.0)
+            y2 = tl.where(k2, a2, 0.0)
+            y3 = tl.where(k3, a3, 0.0)
+        elif METHOD == RANDOM:
+            k0, k1, k2, k3 = _rank_keep4(u0, u1, u2, u3, N, False)
+            scale = M / N
+            y0 = tl.where(k0, a0 * scale, 0.0)
+            y1 = tl.where(k1, a1 * scale, 0.0)
+            y2 = tl.where(k2, a2 * scale, 0.0)
+            y3 = tl.where(k3, a3 * scale, 0.0)
+        elif METHOD == MVUE:
+            y0, y1, y2, y3 = _mvue24(a0, a1, a2, a3, u0)
+        elif METHOD == MVUE12:
+            y0, y1 = _mvue12_pair(a0, a1, u0)
+            y2, y3 = _mvue12_pair(a2, a3, u1)
+        else:
+            y0, y1, y2, y3 = _approx24(a0, a1, a2, a3, u0, u1)
+        o0 = y0.to(y_ptr.dtype.element_ty)
+        o1 = y1.to(y_ptr.dtype.element_ty)
+        o2 = y2.to(y_ptr.dtype.element_ty)
+        o3 = y3.to(y_ptr.dtype.element_ty)
+        out = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_R, BLOCK_G * M))
+        if COMPRESS:
+            # -0.0 and values that underflow in the output dtype count as zeros
+            idx0, idx1 = _cutlass_idx(o0 != 0, o1 != 0, o2 != 0, o3 != 0)
+            v0 = _pick4(idx0, o0, o1, o2, o3)
+            v1 = _pick4(idx1, o0, o1, o2, o3)
+            lv = pid_g * (BLOCK_G * 2) + tl.arange(0, BLOCK_G * 2)
+            vmask = rmask[:, None] & (lv < G * 2)[None, :]
+            vals = tl.reshape(tl.join(v0, v1), (BLOCK_R, BLOCK_G * 2))
+            tl.store(vals_ptr + r64[:, None] * (G * 2) + lv[None, :], vals, mask=vmask)
+            nib = idx0 | (idx1 << 2)  # (BR, BG)
+            n4 = tl.reshape(nib, (BLOCK_R, BLOCK_G // 4, 2, 2))  # [.., j1, j2] = block 4q + 2*j1 + j2
+            ne, no = tl.split(n4)
+            n0, n2 = tl.split(ne)
+            n1, n3 = tl.split(no)
+            meta = n0 | (n1 << 4) | (n2 << 8) | (n3 << 12)
+            q = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
+            qmask = rmask[:, None] & (q < G // 4)[None, :]
+            tl.store(meta_ptr + r64[:, None] * (G // 4) + q[None, :], meta.to(tl.int16), mask=qmask)
+    else:
+        x2 = tl.reshape(x, (BLOCK_R, BLOCK_G, 2))
+        a0, a1 = tl.split(x2)
+        if METHOD == GREEDY:
+            k0 = tl.abs(a0) >= tl.abs(a1)
+            y0 = tl.where(k0, a0, 0.0)
+            y1 = tl.where(k0, 0.0, a1)
+        elif METHOD == RANDOM:
+            k0 = u0 <= u1
+            y0 = tl.where(k0, a0 * 2.0, 0.0)
+            y1 = tl.where(k0, 0.0, a1 * 2.0)
+        elif METHOD == APPROX:
+            y0, y1 = _approx12(a0, a1, u0)
+        else:  # mvue and mvue12 are the same at 1:2
+            y0, y1 = _mvue12_pair(a0, a1, u0)
+        out = tl.reshape(tl.join(y0, y1), (BLOCK_R, BLOCK_G * M)).to(y_ptr.dtype.element_ty)
+
+    tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)

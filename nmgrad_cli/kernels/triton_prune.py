@@ -1,0 +1,325 @@
+"""Triton prune(-and-compress) kernels for 1:2 and 2:4 over a 2-D gradient dY [T, F].
+
+Reference: the methods in :mod:`nmgrad_cli.methods` (``sample(a, n, u)`` on blocks). The kernels
+compute the same function of the same uniforms in float32, with the IEEE-rounded division; they
+can differ from the reference only by float32 rounding of sums (the CPU reference accumulates its
+cumsums in float64), which moves a sampling boundary by ~1e-7 and so can flip a decision only for
+uniforms within ~1e-7 of it.
+
+- ``axis="features"``: blocks of M consecutive columns of dY (the pruning for dX = dY^ W).
+- ``axis="tokens"``: blocks of M consecutive rows of dY (the pruning for dW = dY^^T X); by default
+  the output is written transposed, dY^^T [F, T], so the weight-gradient GEMM gets its sparse
+  operand K-major (2:4 along its reduction dim) without a separate transpose.
+
+Random numbers: in-kernel Philox keyed by (seed, block index), or supplied ``uniforms`` (K, U) in
+``prune()``'s block order (for tests). Inputs fp32/fp16/bf16; output in the input dtype.
+
+The kernels are loaded lazily (this module imports without triton) and run compiled on CUDA
+tensors, or under the Triton interpreter when ``TRITON_INTERPRET=1`` (the only way on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+
+from ..errors import NmgradError
+
+log = logging.getLogger(__name__)
+
+Axis = Literal["features", "tokens"]
+
+_METHOD_CODES = {"greedy": 0, "random": 1, "mvue": 2, "mvue12": 3, "approx-mvue": 4}
+_PATTERNS = {(1, 2), (2, 4)}
+_N_UNIFORMS = {  # (method, m) -> uniforms per block, as the reference's n_uniforms
+    ("greedy", 2): 0,
+    ("greedy", 4): 0,
+    ("random", 2): 2,
+    ("random", 4): 4,
+    ("mvue", 2): 1,
+    ("mvue", 4): 1,
+    ("mvue12", 2): 1,
+    ("mvue12", 4): 2,
+    ("approx-mvue", 2): 1,
+    ("approx-mvue", 4): 2,
+}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_JIT_FILE = Path(__file__).with_name("_triton_prune_jit.py")
+_DEFAULT_TILE = {"features": (16, 64), "tokens": (64, 16)}  # (BLOCK_R rows, BLOCK_G blocks)
+
+
+class Compressed(NamedTuple):
+    """A 2:4-pruned matrix A [R, L] and its CUTLASS semi-structured form (fp16/bf16).
+
+    ``packed`` [R, L/2]: the two kept values of each block in order; ``meta`` [R, L/16] int16: the
+    kept positions, reordered to CUTLASS's interleaved layout, exactly as
+    ``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass(pruned)``
+    returns them. Ready for ``torch._sparse_semi_structured_mm(packed, meta, B)`` = A @ B (sm8x)."""
+
+    pruned: torch.Tensor
+    packed: torch.Tensor
+    meta: torch.Tensor
+
+
+def supports(method: str, n: int, m: int) -> bool:
+    """Whether a Triton kernel exists for ``method`` at pattern n:m (1:2 and 2:4)."""
+    return method in _METHOD_CODES and (n, m) in _PATTERNS
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available() -> bool:
+    """Whether the compiled kernels can run here: a CUDA device and triton importable."""
+    return torch.cuda.is_available() and _triton_importable()
+
+
+@functools.cache
+def _jit_module(interpret: bool):
+    """The kernel module, loaded compiled or wrapped by the interpreter (each once).
+
+    Triton decides compiled-vs-interpreted when ``@triton.jit`` runs, so the kernel file is loaded
+    as two separate modules with the interpreter knob set accordingly; this makes the choice per
+    call instead of per process (and independent of import order in test runs)."""
+    if not _triton_importable():
+        raise NmgradError("the Triton kernels need triton: pip install 'nmgrad[gpu]' (or triton>=3.0)")
+    import triton
+
+    name = f"nmgrad_cli.kernels._triton_prune_jit_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, _JIT_FILE)
+    module = importlib.util.module_from_spec(spec)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def _interpret_for(x: torch.Tensor) -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    if x.is_cuda:
+        return False
+    raise NmgradError(
+        "the Triton kernels run on CUDA tensors; on the CPU set TRITON_INTERPRET=1 to use the (slow) "
+        "Triton interpreter, or use prune(..., backend='reference')"
+    )
+
+
+def n_uniforms(method: str, m: int) -> int:
+    """Uniforms per block the kernel reads in supplied-uniform mode (the reference's n_uniforms)."""
+    return _N_UNIFORMS[(method, m)]
+
+
+def _parse(method: str, pattern) -> tuple[int, int]:
+    if isinstance(pattern, str):
+        from ..patterns import parse_pattern
+
+        pattern = parse_pattern(pattern)
+    n, m = (pattern.n, pattern.m) if hasattr(pattern, "n") else tuple(pattern)
+    if not supports(method, n, m):
+        raise NmgradError(
+            f"no Triton kernel for {method} {n}:{m}: kernels exist for {', '.join(_METHOD_CODES)} at 1:2 "
+            "and 2:4; use prune(..., backend='reference')"
+        )
+    return n, m
+
+
+def _launch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: int,
+    length: int,
+    strides_x: tuple[int, int],
+    strides_y: tuple[int, int],
+    method: str,
+    n: int,
+    m: int,
+    uniforms: torch.Tensor | None,
+    seed: int,
+    tile: tuple[int, int],
+    packed: torch.Tensor | None = None,
+    meta: torch.Tensor | None = None,
+) -> None:
+    """One launch over the logical matrix X[r, l] (rows x length, blocks of m along l)."""
+    groups = -(-length // m)
+    block_r, block_g = tile
+    kernels = _jit_module(_interpret_for(x))
+    u_arg = uniforms if uniforms is not None else x  # unused pointer when PHILOX
+    compress = packed is not None
+    grid = (triton_cdiv(rows, block_r), triton_cdiv(groups, block_g))
+    kernels.prune_kernel[grid](
+        x,
+        y,
+        u_arg,
+        packed if compress else y,
+        meta if compress else y,
+        rows,
+        length,
+        groups,
+        strides_x[0],
+        strides_x[1],
+        strides_y[0],
+        strides_y[1],
+        seed,
+        METHOD=_METHOD_CODES[method],
+        N=n,
+        M=m,
+        U=n_uniforms(method, m),
+        PHILOX=uniforms is None,
+        COMPRESS=compress,
+        BLOCK_R=block_r,
+        BLOCK_G=block_g,
+        num_warps=4,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_uniforms(uniforms: torch.Tensor, k: int, method: str, m: int, device) -> torch.Tensor:
+    u_cols = n_uniforms(method, m)
+    if uniforms.shape != (k, u_cols):
+        raise NmgradError(f"uniforms must have shape ({k}, {u_cols}) for {method} on this tensor, got {tuple(uniforms.shape)}")
+    return uniforms.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is not None:
+        return int(seed) & ((1 << 63) - 1)
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
+
+
+def prune_2d(
+    dy: torch.Tensor,
+    method: str,
+    pattern="2:4",
+    axis: Axis = "features",
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    transpose_out: bool | None = None,
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Prune a 2-D ``dy`` [T, F] to ``pattern`` along ``axis`` with one kernel launch.
+
+    Returns [T, F], or [F, T] when ``transpose_out`` (default: True for ``tokens``, False for
+    ``features``), in ``dy``'s dtype. Equal to ``prune(dy, method, pattern, dim=1 | 0,
+    uniforms=uniforms)`` (transposed for tokens) up to float32 rounding. Without ``uniforms`` the
+    draw uses in-kernel Philox with ``seed`` (default: drawn from ``generator`` / torch's global RNG).
+    ``tile`` = (rows, blocks) per program, powers of two (tests use small tiles).
+    """
+    return _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, compress=False)
+
+
+def prune_compress_2d(
+    dy: torch.Tensor,
+    method: str,
+    pattern="2:4",
+    axis: Axis = "features",
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    tile: tuple[int, int] | None = None,
+) -> Compressed:
+    """:func:`prune_2d` (2:4, fp16/bf16) that also writes the CUTLASS compressed values and metadata
+    in the same pass; the sparse operand is [T, F] for features and [F, T] for tokens.
+
+    The sparse operand must have rows % 32 == 0 and columns % 64 == 0 (CUTLASS's minimum tile). The
+    metadata comes out row-major from the kernel and is scattered into CUTLASS's interleaved layout
+    by one small index op (an eighth of the values' bytes)."""
+    return _prune(dy, method, pattern, axis, seed, generator, uniforms, None, tile, compress=True)
+
+
+def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, compress):
+    n, m = _parse(method, pattern)
+    if dy.dim() != 2:
+        raise NmgradError(f"prune_2d takes a 2-D tensor [T, F], got shape {tuple(dy.shape)}: reshape it first")
+    if dy.dtype not in _DTYPES:
+        raise NmgradError(f"prune_2d takes float32, float16 or bfloat16, got {dy.dtype}")
+    if axis not in ("features", "tokens"):
+        raise NmgradError(f"axis must be 'features' or 'tokens', got {axis!r}")
+    t, f = dy.shape
+    tokens = axis == "tokens"
+    if transpose_out is None:
+        transpose_out = tokens
+    if compress:
+        transpose_out = tokens  # the sparse operand: [T, F] (features) or [F, T] (tokens)
+    rows, length = (f, t) if tokens else (t, f)
+    sx = (dy.stride(1), dy.stride(0)) if tokens else (dy.stride(0), dy.stride(1))
+    out = torch.empty((f, t) if transpose_out else (t, f), dtype=dy.dtype, device=dy.device)
+    # Y[r, l]: r = f, l = t (tokens) or r = t, l = f (features)
+    if tokens:
+        sy = (out.stride(0), out.stride(1)) if transpose_out else (out.stride(1), out.stride(0))
+    else:
+        sy = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
+    k = rows * triton_cdiv(length, m)
+    if uniforms is not None:
+        uniforms = _check_uniforms(uniforms, k, method, m, dy.device)
+    tile = tile or _DEFAULT_TILE[axis]
+    packed = meta = None
+    if compress:
+        if (n, m) != (2, 4) or dy.dtype == torch.float32:
+            raise NmgradError("the compressed format is for 2:4 in float16 or bfloat16 (float32 sparse is 1:2 tf32)")
+        if rows % 32 or length % 64:
+            raise NmgradError(
+                f"the compressed sparse operand is {rows} x {length}: CUTLASS needs rows a multiple of 32 and "
+                "columns a multiple of 64; pad it or use prune_2d and a dense GEMM"
+            )
+        if tile[1] % 4:
+            raise NmgradError(f"tile {tile}: the block count per program must be a multiple of 4 to pack metadata")
+        packed = torch.empty((rows, length // 2), dtype=dy.dtype, device=dy.device)
+        meta = torch.empty((rows, length // 16), dtype=torch.int16, device=dy.device)
+    _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, _seed(seed, generator), tile, packed, meta)
+    if not compress:
+        return out
+    return Compressed(out, packed, _reorder_meta_cutlass(meta))
+
+
+def _reorder_meta_cutlass(meta: torch.Tensor) -> torch.Tensor:
+    """Scatter row-major metadata [R, L/16] into CUTLASS's ColumnMajorInterleaved<2> layout."""
+    from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
+
+    rows, cols = meta.shape
+    offsets = _calculate_meta_reordering_scatter_offsets(rows, cols, meta.dtype, meta.device)
+    out = meta.new_empty((rows * cols,))
+    out.scatter_(0, offsets, meta.reshape(-1))
+    return out.view(rows, cols)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
+
+
+def triton_sample_blocks(blocks: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:
+    """The method's draw on blocks (K, M) with uniforms (K, U): ``prune()``'s triton backend."""
+    k, m = blocks.shape
+    if not supports(method, n, m):
+        raise NmgradError(f"no Triton kernel for {method} {n}:{m}: use backend='reference'")
+    if blocks.dtype not in _DTYPES:  # float64: the kernels compute in float32
+        from ..methods import get_method
+
+        _log_once(f"triton backend: {blocks.dtype} blocks run on the reference (the kernels compute in float32)")
+        return get_method(method).sample(blocks, n, u)
+    # view the contiguous blocks as rows of up to 32 blocks: same block order, wider tiles
+    per_row = min(32, k & -k) if k else 1
+    x = blocks.contiguous().view(k // per_row, per_row * m)
+    out = prune_2d(x, method, (n, m), "features", uniforms=u, tile=(16, per_row))
+    return out.view(k, m)
