@@ -1,0 +1,76 @@
+"""Configuration of gradient (and weight) sparsity for one model: :class:`SparseGradConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import NmgradError
+from ..patterns import Pattern, parse_pattern
+from ..prune import resolve
+
+DENSE = "dense"
+"""The method name that means "no gradient pruning" (not a registry method: nothing is pruned)."""
+
+GEMMS = ("dx", "dw")
+"""The backward GEMMs that consume the neural gradient dY: dX = dY W and dW = dY^T X."""
+
+
+def parse_gemms(spec: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``"dx,dw"`` (or a sequence) -> ``("dx", "dw")`` in canonical order; ``""``/``"none"`` -> ``()``."""
+    if spec is None:
+        return ()
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    items = [s for s in items if s and s != "none"]
+    bad = [s for s in items if s not in GEMMS]
+    if bad:
+        raise NmgradError(f"unknown grad GEMM '{bad[0]}': choose from dx, dw (e.g. --grad-gemms dx,dw)")
+    return tuple(g for g in GEMMS if g in items)
+
+
+@dataclass(frozen=True)
+class SparseGradConfig:
+    """How the sparse-gradient layers prune: one config for every swapped layer of a model."""
+
+    method: str
+    """Registry method pruning dY (``nmgrad methods``), or ``"dense"`` for no gradient pruning."""
+    pattern: str = "2:4"
+    """N:M pattern of the pruned dY, along the reduction axis of each GEMM (features for dX, tokens for dW)."""
+    grad_gemms: tuple[str, ...] = GEMMS
+    """Which backward GEMMs get a pruned dY: a subset of ``("dx", "dw")``; the others use the dense dY."""
+    weight_pattern: str | None = None
+    """Optional N:M pattern of the *weights* in the forward (magnitude mask along in-features)."""
+    weight_every: int = 100
+    """Recompute the weight mask every this many optimizer steps (see ``refresh_weight_masks_``)."""
+    seed: int = 0
+    """Seeds each layer's generator (together with the layer name and the rank offset)."""
+    backend: str = "auto"
+    """``prune()`` backend for the gradient pruning: auto, reference, fused or triton."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grad_gemms", parse_gemms(self.grad_gemms))
+        object.__setattr__(self, "pattern", str(parse_pattern(self.pattern)))
+        if self.method != DENSE:
+            resolve(self.method, self.pattern)  # unknown method / undefined for the pattern
+        if self.weight_pattern is not None:
+            object.__setattr__(self, "weight_pattern", str(parse_pattern(self.weight_pattern)))
+        if self.weight_every < 1:
+            raise NmgradError(f"weight_every must be >= 1 step, got {self.weight_every}")
+        if self.backend not in ("auto", "reference", "fused", "triton"):
+            raise NmgradError(f"unknown backend '{self.backend}': choose auto, reference, fused or triton")
+
+    @property
+    def prunes(self) -> bool:
+        """True when some backward GEMM gets a pruned dY."""
+        return self.method != DENSE and bool(self.grad_gemms)
+
+    def prunes_gemm(self, gemm: str) -> bool:
+        """True when GEMM ``gemm`` ("dx" or "dw") gets a pruned dY."""
+        return self.method != DENSE and gemm in self.grad_gemms
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def parsed_weight_pattern(self) -> Pattern | None:
+        return None if self.weight_pattern is None else parse_pattern(self.weight_pattern)

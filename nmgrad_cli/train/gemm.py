@@ -1,0 +1,84 @@
+"""The backward GEMMs of a sparse-gradient layer, in one place.
+
+This module is the seam between training and the kernels: every sparse-gradient layer computes
+its dX and dW through :func:`grad_gemms` (Linear) or :func:`conv_grad_gemms` (Conv2d). On the CPU
+they run the reference pruning (``prune()``) and *dense* GEMMs on the pruned tensor, which are the
+same numbers an N:M sparse GEMM computes. A CUDA branch (``nmgrad_cli/kernels/sparse_gemm.py``,
+the GPU issue) slots into :func:`grad_gemms` only: it must compute the same function of the same
+generator draws, and fall back to this path where the kernel is missing or the shape is too small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..prune import prune
+from .config import SparseGradConfig
+
+
+def prune_dy(dy: torch.Tensor, cfg: SparseGradConfig, gemm: str, dim: int, gen: torch.Generator | None):
+    """dY pruned N:M along ``dim`` for GEMM ``gemm``, or dY itself when that GEMM stays dense."""
+    if not cfg.prunes_gemm(gemm):
+        return dy
+    return prune(dy, cfg.method, cfg.pattern, dim=dim, generator=gen, backend=cfg.backend)
+
+
+def grad_gemms(
+    dy2d: torch.Tensor,
+    x2d: torch.Tensor,
+    w: torch.Tensor,
+    cfg: SparseGradConfig,
+    gen: torch.Generator | None,
+    need_dx: bool = True,
+    need_dw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The two GEMMs of a Linear layer's backward on N:M-pruned neural gradients.
+
+    With dY2d (T, F), X2d (T, I), W (F, I):
+        dX = prune_F(dY) @ W      (T, I)   blocks along F, the reduction axis of this GEMM
+        dW = prune_T(dY)^T @ X    (F, I)   blocks along T, the reduction axis of this GEMM
+    The two prunings are independent draws from ``gen``, taken in the order dX then dW (a GEMM
+    that is not needed draws nothing). A GEMM not in ``cfg.grad_gemms`` uses the dense dY.
+
+    CUDA seam: a sparse-kernel branch replaces the two ``prune`` + ``@`` pairs by
+    ``kernels.sparse_gemm`` calls on the same draws; everything else stays here.
+    """
+    dx = dw = None
+    if need_dx:
+        dx = prune_dy(dy2d, cfg, "dx", -1, gen) @ w  # (T, I)
+    if need_dw:
+        dw = prune_dy(dy2d, cfg, "dw", 0, gen).t() @ x2d  # (F, I)
+    return dx, dw
+
+
+def conv_grad_gemms(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    conv: dict,
+    cfg: SparseGradConfig,
+    gen: torch.Generator | None,
+    need_dx: bool = True,
+    need_dw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The two GEMMs of a Conv2d backward on N:M-pruned neural gradients.
+
+    dY (B, C, H, W): features = C, tokens = B*H*W (flattened in (b, h, w) order). As implicit GEMMs,
+    dX reduces over C and dW over the tokens, so
+        dX = conv2d_input(prune_C(dY), W)      blocks along C
+        dW = conv2d_weight(X, prune_T(dY))     blocks along B*H*W
+    with independent draws (dX first), like :func:`grad_gemms`. ``conv`` holds stride, padding,
+    dilation and groups.
+    """
+    dx = dw = None
+    if need_dx:
+        dx = torch.nn.grad.conv2d_input(x.shape, w, prune_dy(dy, cfg, "dx", 1, gen), **conv)
+    if need_dw:
+        dyw = dy
+        if cfg.prunes_gemm("dw"):
+            b, c, h, wd = dy.shape
+            tokens = dy.permute(1, 0, 2, 3).reshape(c, b * h * wd)  # (C, T)
+            tokens = prune_dy(tokens, cfg, "dw", 1, gen)
+            dyw = tokens.reshape(c, b, h, wd).permute(1, 0, 2, 3)
+        dw = torch.nn.grad.conv2d_weight(x, w.shape, dyw, **conv)
+    return dx, dw

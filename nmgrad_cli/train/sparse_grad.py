@@ -1,0 +1,327 @@
+"""Sparse-gradient layers: Linear and Conv2d whose backward prunes the neural gradient dY N:M.
+
+The forward is the dense layer's (optionally with an N:M magnitude mask on the weights). In the
+backward dY is pruned with a registry method before each GEMM that consumes it, along the GEMM's
+reduction axis: features for dX = dY W, tokens for dW = dY^T X, with independent draws (see
+:mod:`.gemm`). The bias gradient sum_T dY is a reduction, not a GEMM a sparse kernel would speed
+up, so it uses the dense dY (exact, and no extra variance).
+
+With a weight pattern the forward uses W * mask, the mask keeping the N largest |W| of every M
+consecutive in-features (greedy, recomputed by :func:`refresh_weight_masks_`); dX uses the masked
+W, and dW is passed straight through to all weights (a straight-through estimator, as in SR-STE
+without its decay term), so pruned weights keep learning and the mask can change.
+
+``sparsify_gradients_(model, method, pattern)`` swaps the layers in place; the new modules hold the
+same Parameter objects under the same names, so ``state_dict`` keys and optimizers are unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NmgradError
+from ..prune import prune
+from .config import SparseGradConfig
+from .gemm import conv_grad_gemms, grad_gemms
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+
+
+def sparse_grad_linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Y = X W^T + b; X (..., I), W (F, I) -> Y (..., F)."""
+    return F.linear(x, w, b)
+
+
+def sparse_grad_linear_bwd(dy, x, w, cfg, gen, need_dx=True, need_dw=True, need_db=True):
+    """(dX, dW, db) of Y = X W^T + b, dX and dW from pruned dY (:func:`.gemm.grad_gemms`), db dense."""
+    dy2d = dy.reshape(-1, dy.shape[-1])  # (T, F)
+    x2d = x.reshape(-1, x.shape[-1])  # (T, I)
+    dx2d, dw = grad_gemms(dy2d, x2d, w, cfg, gen, need_dx, need_dw)
+    dx = None if dx2d is None else dx2d.reshape(x.shape)
+    db = dy2d.sum(0) if need_db else None
+    return dx, dw, db
+
+
+class _SparseGradLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, cfg, gen):
+        w = weight if mask is None else weight * mask
+        ctx.save_for_backward(x, w)
+        ctx.cfg, ctx.gen = cfg, gen
+        return sparse_grad_linear_fwd(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = sparse_grad_linear_bwd(dy, x, w, ctx.cfg, ctx.gen, need_dx, need_dw, need_db)
+        return dx, dw, db, None, None, None
+
+
+def sparse_grad_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: SparseGradConfig,
+    generator: torch.Generator | None = None,
+    weight_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight * mask, bias)`` whose backward prunes dY as ``cfg`` says."""
+    if x.shape[-1] != weight.shape[-1]:
+        raise NmgradError(f"input has {x.shape[-1]} features but the weight expects {weight.shape[-1]}")
+    if weight_mask is not None and weight_mask.shape != weight.shape:
+        raise NmgradError(f"weight mask shape {tuple(weight_mask.shape)} != weight shape {tuple(weight.shape)}")
+    return _SparseGradLinearFunction.apply(x, weight, bias, weight_mask, cfg, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d
+
+
+def sparse_grad_conv2d_fwd(x, w, b, conv: dict) -> torch.Tensor:
+    """The dense Conv2d: X (B, I, H, W) -> Y (B, C, H', W')."""
+    return F.conv2d(x, w, b, **conv)
+
+
+def sparse_grad_conv2d_bwd(dy, x, w, conv, cfg, gen, need_dx=True, need_dw=True, need_db=True):
+    """(dX, dW, db) of a Conv2d, dX and dW from pruned dY (:func:`.gemm.conv_grad_gemms`), db dense."""
+    dx, dw = conv_grad_gemms(dy, x, w, conv, cfg, gen, need_dx, need_dw)
+    db = dy.sum((0, 2, 3)) if need_db else None
+    return dx, dw, db
+
+
+class _SparseGradConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, conv, cfg, gen):
+        w = weight if mask is None else weight * mask
+        ctx.save_for_backward(x, w)
+        ctx.conv, ctx.cfg, ctx.gen = conv, cfg, gen
+        return sparse_grad_conv2d_fwd(x, w, bias, conv)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = sparse_grad_conv2d_bwd(dy, x, w, ctx.conv, ctx.cfg, ctx.gen, need_dx, need_dw, need_db)
+        return dx, dw, db, None, None, None, None
+
+
+def sparse_grad_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: SparseGradConfig,
+    generator: torch.Generator | None = None,
+    weight_mask: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` (zero padding given as ints) whose backward prunes dY as ``cfg`` says."""
+    if x.dim() != 4:
+        raise NmgradError(f"sparse-gradient Conv2d needs a 4-d input (B, C, H, W), got {x.dim()}-d")
+    if isinstance(padding, str):
+        raise NmgradError(f"padding '{padding}' is not supported by the sparse-gradient Conv2d: give ints")
+    if weight_mask is not None and weight_mask.shape != weight.shape:
+        raise NmgradError(f"weight mask shape {tuple(weight_mask.shape)} != weight shape {tuple(weight.shape)}")
+    conv = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation), "groups": groups}
+    return _SparseGradConv2dFunction.apply(x, weight, bias, weight_mask, conv, cfg, generator)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+def layer_seed(seed: int, name: str, offset: int = 0) -> int:
+    """A stable per-layer seed: from the config seed, the layer name (CRC32) and a rank offset."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) + int(offset) * 7_919_993) % (1 << 62)
+
+
+def weight_nm_mask(weight: torch.Tensor, pattern: str) -> torch.Tensor:
+    """Boolean-valued (weight dtype) mask keeping the N largest |W| per M consecutive in-features.
+
+    In-features are dim 1 onward flattened (I for Linear (F, I), I*kh*kw for Conv2d (C, I, kh, kw))."""
+    w2d = weight.detach().reshape(weight.shape[0], -1)
+    kept = prune(w2d, "greedy", pattern, dim=-1, backend="reference")
+    return (kept != 0).to(weight.dtype).reshape(weight.shape)
+
+
+class _SparseGradMixin:
+    """Per-layer generators (one per device, lazily seeded) and the weight mask."""
+
+    def _init_sparse(self, cfg: SparseGradConfig, name: str, seed_offset: int) -> None:
+        self.cfg = cfg
+        self.layer_name = name
+        self.seed = layer_seed(cfg.seed, name, seed_offset)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        mask = None if cfg.weight_pattern is None else weight_nm_mask(self.weight, cfg.weight_pattern)
+        # not persistent: the state_dict keeps the dense layer's keys
+        self.register_buffer("weight_mask", mask, persistent=False)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This layer's generator on ``device`` (created and seeded on first use)."""
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def refresh_weight_mask_(self) -> None:
+        """Recompute the N:M magnitude mask of the weight (no-op without a weight pattern)."""
+        if self.cfg.weight_pattern is not None:
+            self.weight_mask = weight_nm_mask(self.weight, self.cfg.weight_pattern)
+
+    def _gen_for(self, x: torch.Tensor) -> torch.Generator | None:
+        return self.generator(x.device) if self.cfg.prunes else None
+
+
+class SparseGradLinear(_SparseGradMixin, nn.Module):
+    """An ``nn.Linear`` (same parameters) whose backward prunes dY N:M; build with :meth:`from_dense`."""
+
+    def __init__(self, linear: nn.Linear, cfg: SparseGradConfig, name: str = "", seed_offset: int = 0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # (F, I), the same Parameter
+        self.bias = linear.bias
+        self._init_sparse(cfg, name, seed_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_grad_linear(x, self.weight, self.bias, self.cfg, self._gen_for(x), self.weight_mask)
+
+    def extra_repr(self) -> str:
+        dims = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return f"{dims}, {_describe(self.cfg)}"
+
+
+class SparseGradConv2d(_SparseGradMixin, nn.Module):
+    """An ``nn.Conv2d`` (same parameters) whose backward prunes dY N:M; zero padding only."""
+
+    def __init__(self, conv: nn.Conv2d, cfg: SparseGradConfig, name: str = "", seed_offset: int = 0):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise NmgradError(
+                f"layer '{name}' uses padding_mode='{conv.padding_mode}': only 'zeros' is supported,"
+                " leave it out with --layers"
+            )
+        padding = conv.padding
+        if isinstance(padding, str):
+            padding = _string_padding(padding, conv, name)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.conv = {
+            "stride": _pair(conv.stride),
+            "padding": _pair(padding),
+            "dilation": _pair(conv.dilation),
+            "groups": conv.groups,
+        }
+        self.weight = conv.weight  # (C, I/groups, kh, kw), the same Parameter
+        self.bias = conv.bias
+        self._init_sparse(cfg, name, seed_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_grad_conv2d(
+            x, self.weight, self.bias, self.cfg, self._gen_for(x), self.weight_mask, **self.conv
+        )
+
+    def extra_repr(self) -> str:
+        dims = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {self.conv}"
+        return f"{dims}, {_describe(self.cfg)}"
+
+
+def _string_padding(padding: str, conv: nn.Conv2d, name: str) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(_pair(conv.dilation), _pair(conv.kernel_size))]
+    if any(t % 2 for t in total):
+        raise NmgradError(
+            f"layer '{name}' uses padding='same' with an even kernel (asymmetric padding): not supported,"
+            " leave it out with --layers"
+        )
+    return (total[0] // 2, total[1] // 2)
+
+
+def _describe(cfg: SparseGradConfig) -> str:
+    text = f"grad={cfg.method} {cfg.pattern} on {','.join(cfg.grad_gemms) or 'none'}"
+    if cfg.weight_pattern:
+        text += f", weight={cfg.weight_pattern} every {cfg.weight_every}"
+    return text
+
+
+SPARSE_LAYERS = (SparseGradLinear, SparseGradConv2d)
+
+
+def _matches(name: str, layers: str | list[str] | tuple[str, ...]) -> bool:
+    globs = [g.strip() for g in layers.split(",")] if isinstance(layers, str) else list(layers)
+    return any(fnmatch.fnmatchcase(name, g) for g in globs if g)
+
+
+def sparsify_gradients_(
+    model: nn.Module,
+    method: str | SparseGradConfig,
+    pattern: str = "2:4",
+    layers: str | list[str] | tuple[str, ...] = "*",
+    grad_gemms: str | tuple[str, ...] = ("dx", "dw"),
+    weight_pattern: str | None = None,
+    weight_every: int = 100,
+    seed: int = 0,
+    seed_offset: int = 0,
+) -> list[str]:
+    """Replace, in place, every ``nn.Linear``/``nn.Conv2d`` whose qualified name matches ``layers``
+    (comma-separated fnmatch globs) by its sparse-gradient counterpart; return the replaced names.
+
+    ``method`` may be a :class:`SparseGradConfig`, which then overrides the keyword settings.
+    ``seed_offset`` (e.g. the distributed rank) gives each process its own draws.
+    """
+    cfg = method if isinstance(method, SparseGradConfig) else SparseGradConfig(
+        method=method,
+        pattern=pattern,
+        grad_gemms=grad_gemms,
+        weight_pattern=weight_pattern,
+        weight_every=weight_every,
+        seed=seed,
+    )
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+    chosen = [(n, m) for n, m in candidates if _matches(n, layers)]
+    if not chosen:
+        names = ", ".join(n for n, _ in candidates[:8]) or "none"
+        raise NmgradError(
+            f"no Linear or Conv2d layer matches --layers '{layers}': the model's layers are {names}"
+            f"{' ...' if len(candidates) > 8 else ''}; use a glob such as '*' or 'blocks.*.mlp.*'"
+        )
+    replaced = []
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, nn.Linear):
+            new = SparseGradLinear(module, cfg, name, seed_offset)
+        else:
+            new = SparseGradConv2d(module, cfg, name, seed_offset)
+        new.train(module.training)
+        parent.register_module(child, new)
+        replaced.append(name)
+    return replaced
+
+
+def sparse_grad_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of the sparse-gradient layers in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)]
+
+
+def refresh_weight_masks_(model: nn.Module) -> int:
+    """Recompute every sparse layer's weight mask; returns how many layers have one."""
+    count = 0
+    for _, module in sparse_grad_layers(model):
+        if module.cfg.weight_pattern is not None:
+            module.refresh_weight_mask_()
+            count += 1
+    return count
