@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import methods
+from . import evaluate, methods
 
 app = typer.Typer(
     name="nmgrad",
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("methods")(methods.methods)
+app.command("evaluate")(evaluate.evaluate)
 
 
 def _version(value: bool) -> None:
