@@ -395,7 +395,8 @@ def _evaluate_record(reader, rec: Record, file: str, methods, config: EvalConfig
     if bad:
         yield ErrorEntry(
             file, layer.name, rec.name,
-            f"layer {layer.name} record {rec.name}: {bad} of {g.numel()} gradient values are NaN/Inf; skipped",
+            f"{file}: layer {layer.name} record {rec.name}: {bad} of {g.numel()} gradient values are NaN/Inf;"
+            " record skipped, the rest evaluated",
         )
         return
     try:
@@ -517,8 +518,8 @@ def parse_threshold(expr: str) -> Threshold:
     method, metric = match["method"], match["metric"]
     if metric not in METRICS:
         raise NmgradError(f"--fail-if '{expr}': metric '{metric}' is unknown: choose one of {', '.join(METRICS)}")
-    if method != "*":
-        get_method(method)
+    if method != "*" and method not in METHODS:
+        raise NmgradError(f"--fail-if '{expr}': unknown method '{method}': choose one of {', '.join(METHODS)} or *")
     return Threshold(method, metric, match["op"], float(match["value"]))
 
 

@@ -90,14 +90,19 @@ class DumpReader:
         if attrs.get("schema") != SCHEMA_NAME:
             self._f.close()
             raise DumpError(f"{self.path} is an HDF5 file but not an nmgrad dump (no '{SCHEMA_NAME}' schema attribute)")
-        version = int(attrs.get("schema_version", -1))
+        try:
+            version = int(attrs.get("schema_version", -1))
+        except (TypeError, ValueError):
+            version = -1
         if version > SCHEMA_VERSION:
             raise DumpError(
                 f"{self.path} uses dump schema version {version}, newer than this nmgrad reads "
                 f"({SCHEMA_VERSION}): upgrade nmgrad (pip install -U nmgrad)"
             )
         if version < 1:
-            raise DumpError(f"{self.path} has an invalid schema_version {version}")
+            raise DumpError(
+                f"{self.path} has no valid schema_version attribute: it was not written by nmgrad, re-run the capture"
+            )
 
     def _scan(self) -> dict[str, LayerInfo]:
         layers = {}
