@@ -27,6 +27,39 @@ APPROX = 4
 
 
 @triton.jit
+def _rand4x(seed, offset):
+    """Four uniforms in [0, 1) per offset: Philox4x32-10 exactly as ``tl.rand4x``.
+
+    Written out here because ``tl.rand4x`` is jitted when triton is imported, so the interpreted
+    copy of this module could not call it; the stream is the same on both paths."""
+    c0 = offset.to(tl.uint32)
+    c1 = (offset >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    seed64 = tl.to_tensor(seed).to(tl.uint64)
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        _c0 = c0
+        _c2 = c2
+        c0 = tl.math.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
+        c2 = tl.math.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
+        c1 = tl.mul(_c2, 0xCD9E8D57, sanitize_overflow=False)
+        c3 = tl.mul(_c0, 0xD2511F53, sanitize_overflow=False)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return _to_uniform(c0), _to_uniform(c1), _to_uniform(c2), _to_uniform(c3)
+
+
+@triton.jit
+def _to_uniform(x):
+    """uint32 -> float32 in [0, 1) (as triton.language.random.uint_to_uniform_float)."""
+    x = x.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x * 4.6566127342e-10
+
+
+@triton.jit
 def _div(num, den):
     """num / den rounded to nearest (IEEE), 0 where den == 0 (the reference's safe_div)."""
     ok = den != 0
@@ -232,7 +265,7 @@ def _pick4(idx, y0, y1, y2, y3):
     return tl.where(idx == 0, y0, tl.where(idx == 1, y1, tl.where(idx == 2, y2, y3)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def prune_kernel(
     x_ptr,
     y_ptr,
@@ -273,9 +306,9 @@ def prune_kernel(
     k = r64[:, None] * G + g[None, :]  # (BR, BG)
     kmask = rmask[:, None] & (g < G)[None, :]
     if PHILOX:
-        u0, u1, u2, u3 = tl.rand4x(seed, k)
+        u0, u1, u2, u3 = _rand4x(seed, k)
     else:
-        u0 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
+        u0 = tl.full((BLOCK_R, BLOCK_G), 0.0, tl.float32)
         u1 = u0
         u2 = u0
         u3 = u0

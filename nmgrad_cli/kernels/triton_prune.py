@@ -194,7 +194,9 @@ def triton_cdiv(a: int, b: int) -> int:
 def _check_uniforms(uniforms: torch.Tensor, k: int, method: str, m: int, device) -> torch.Tensor:
     u_cols = n_uniforms(method, m)
     if uniforms.shape != (k, u_cols):
-        raise NmgradError(f"uniforms must have shape ({k}, {u_cols}) for {method} on this tensor, got {tuple(uniforms.shape)}")
+        raise NmgradError(
+            f"uniforms must have shape ({k}, {u_cols}) for {method} on this tensor, got {tuple(uniforms.shape)}"
+        )
     return uniforms.to(device=device, dtype=torch.float32).contiguous()
 
 
