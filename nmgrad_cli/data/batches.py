@@ -1,0 +1,62 @@
+"""Re-iterable batches and the infinite training stream built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import NmgradError
+
+
+class Batches:
+    """An iterable of ``(input, target)`` batches; each ``iter()`` is one epoch.
+
+    ``make_epoch(epoch, generator)`` yields the batches of one epoch; the generator is seeded with
+    ``seed + epoch`` so epoch ``e`` is the same whatever came before it. ``len()`` is batches per epoch.
+    """
+
+    def __init__(self, make_epoch: Callable[[int, torch.Generator], Iterator], n_batches: int, seed: int = 0):
+        self._make_epoch = make_epoch
+        self._n = n_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        return iter(self._make_epoch(self.epoch - 1, gen))
+
+
+@dataclass
+class Data:
+    """What a data factory returns: training batches, optional evaluation batches, and facts the
+    built-in models read (``n_classes``, ``in_shape``, ``vocab_size``, ``block_size``)."""
+
+    train: Iterable
+    eval: Iterable | None = None
+    info: dict = field(default_factory=dict)
+
+
+def cycle(batches: Iterable, what: str = "data") -> Iterator:
+    """Iterate ``batches`` epoch after epoch, forever.
+
+    Raises a one-line error if an epoch yields nothing (e.g. a generator that is already used up:
+    return a list, a ``DataLoader`` or another re-iterable instead).
+    """
+    total = 0
+    while True:
+        n = 0
+        for batch in batches:
+            n += 1
+            yield batch
+        total += n
+        if n == 0:
+            raise NmgradError(
+                f"{what} yielded no batches" + (f" after {total}" if total else "")
+                + ": return a re-iterable (a list or a DataLoader) of (input, target) batches, not a used-up iterator"
+            )
