@@ -81,11 +81,19 @@ def prune(
     Computes in float32 (float64 stays float64) and returns a tensor of ``x``'s shape and dtype.
     Random draws come from ``generator`` (or the global one), or from ``uniforms`` of shape
     (K, n_uniforms) with K the number of blocks, which makes a draw a deterministic function.
+    Without ``uniforms`` the fused and Triton backends make their random numbers in the kernel
+    from a seed drawn from ``generator``: reproducible, but not the reference backend's draw.
     ``backend``: ``reference`` (plain torch), ``fused`` (torch.compile, CPU, 1:2 and 2:4),
     ``triton`` (GPU kernels), or ``auto`` (the fastest available for this tensor).
     """
     meth, pat = resolve(method, pattern)
     blocks, view = to_blocks(x, pat.m, dim)
+    chosen = _choose_backend(backend, blocks, meth, pat)
+    if chosen == "fused" and uniforms is None:  # uniforms made inside the fused pass
+        from .kernels.cpu_fused import fused_sample_seeded
+
+        seed = torch.randint(0, 2**62, (), generator=generator, device=blocks.device)
+        return from_blocks(fused_sample_seeded(blocks, seed, meth.name, pat.n), view)
     u = uniforms if uniforms is not None else draw_uniforms(len(blocks), meth, pat, blocks.device, generator)
     if u.shape != (len(blocks), meth.n_uniforms(pat)):
         raise NmgradError(
@@ -93,7 +101,6 @@ def prune(
             f" on this tensor, got {tuple(u.shape)}"
         )
     u = u.to(blocks.dtype)
-    chosen = _choose_backend(backend, blocks, meth, pat)
     if chosen == "fused":
         from .kernels.cpu_fused import fused_sample
 

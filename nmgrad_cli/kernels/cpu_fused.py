@@ -3,6 +3,12 @@
 Written over the M columns of the (K, M) block tensor so that the compiler emits one loop over
 blocks with the block in registers; the eager reference needs a dozen passes over memory (a sort
 among them). Same function of the same uniforms as the reference up to float32 rounding.
+
+Uniforms are either given, or made inside the fused loop from a counter-based hash of
+(seed, block, j) (:func:`hash_uniforms`, the CPU analogue of in-kernel Philox on the GPU), which
+saves the separate pass of ``torch.rand``. The seed is drawn from the caller's generator, so draws
+stay reproducible; they differ from the reference backend's draws for the same generator state
+(same law, other random numbers).
 """
 
 from __future__ import annotations
@@ -58,8 +64,10 @@ def _mvue_cols(a: list[torch.Tensor], mag: list[torch.Tensor], n: int, u: torch.
     if n == 1:
         lam = s
     else:  # 2:4 closed form: the largest is kept exactly when it exceeds the other three
+        is_top = _rank_keep(mag, 1, larger_first=True)
         top = functools.reduce(torch.maximum, mag)
-        rest = s - top
+        # the other three summed directly: S - top would cancel catastrophically when top dominates
+        rest = functools.reduce(torch.add, [torch.where(t, 0.0, mi) for t, mi in zip(is_top, mag)])
         lam = torch.where(top > rest, rest, s * 0.5)
     p = [torch.clamp(_div(mi, lam), max=1.0) for mi in mag]
     nnz = functools.reduce(torch.add, [(mi > 0).to(torch.int32) for mi in mag])
@@ -121,15 +129,57 @@ def _fused(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tenso
     return torch.stack(out, -1)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for x < 2^32 held in int64, in two 16-bit halves so nothing overflows."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply, constants 0x7feb352d / 0x846ca68b)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_uniforms(seed: torch.Tensor, k: int, n_u: int, device=None) -> torch.Tensor:
+    """(k, n_u) float32 uniforms in [0, 1) with 24 random bits: u[b, j] = H(seed, b * n_u + j).
+
+    ``seed`` is a 0-d int64 tensor (a tensor, so compiled code does not specialise on it)."""
+    idx = torch.arange(k * n_u, device=device, dtype=torch.int64)
+    x = _lowbias32((idx ^ seed) & _M32)
+    x = _lowbias32(x ^ ((seed >> 32) & _M32))
+    return ((x >> 8).to(torch.float32) * (1.0 / (1 << 24))).view(k, n_u)
+
+
+def _fused_seeded(a: torch.Tensor, seed: torch.Tensor, method: str, n: int, n_u: int) -> torch.Tensor:
+    return _fused(a, hash_uniforms(seed, a.shape[0], n_u, a.device), method, n)
+
+
 @functools.cache
-def _compiled(method: str, n: int, m: int):
-    fn = functools.partial(_fused, method=method, n=n)
+def _compiled(method: str, n: int, m: int, seeded: bool):
+    if seeded:
+        n_u = {"greedy": 0, "random": m, "mvue": 1, "mvue12": m // 2, "approx-mvue": n}[method]
+        fn = functools.partial(_fused_seeded, method=method, n=n, n_u=n_u)
+    else:
+        fn = functools.partial(_fused, method=method, n=n)
     return torch.compile(fn, dynamic=True)
 
 
 def fused_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:
     """The method's draw on blocks ``a`` (K, M) with uniforms ``u`` (K, U), in one fused pass."""
-    return _compiled(method, n, a.shape[-1])(a, u)
+    return _compiled(method, n, a.shape[-1], False)(a, u)
+
+
+def fused_sample_seeded(a: torch.Tensor, seed: torch.Tensor, method: str, n: int) -> torch.Tensor:
+    """The draw with uniforms ``hash_uniforms(seed, K, U)`` made inside the fused pass."""
+    return _compiled(method, n, a.shape[-1], True)(a, seed)
 
 
 def eager_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:
