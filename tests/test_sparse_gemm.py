@@ -1,0 +1,151 @@
+"""The backward GEMMs on pruned dY: backend choice, dense fallbacks, and (on a GPU) the 2:4 sparse
+tensor-core path against a dense GEMM on the same pruned tensor."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from nmgrad_cli import prune
+from nmgrad_cli.errors import PatternError
+from nmgrad_cli.kernels import sparse_gemm
+from nmgrad_cli.methods import METHODS
+from nmgrad_cli.patterns import parse_pattern
+
+
+def uniforms_for(method: str, pattern: str, rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    pat = parse_pattern(pattern)
+    k = rows * -(-length // pat.m)
+    return torch.rand(k, METHODS[method].n_uniforms(pat), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "capability, cusparselt, backend, reason",
+    [
+        (None, True, "dense", "no CUDA"),
+        ((7, 5), True, "dense", "sm75 has no sparse tensor cores"),
+        ((8, 0), False, "cutlass", None),
+        ((8, 9), True, "cutlass", None),
+        ((9, 0), True, "cusparselt", None),
+        ((9, 0), False, "dense", "CUTLASS sparse runs only on sm8x"),
+        ((10, 0), True, "cusparselt", None),
+    ],
+)
+def test_pick_backend(capability, cusparselt, backend, reason):
+    got, why = sparse_gemm.pick_backend(capability, cusparselt)
+    assert got == backend
+    assert (why is None) if reason is None else (reason in why)
+
+
+@pytest.mark.parametrize(
+    "m, k, n, dtype, backend, pattern, expect",
+    [
+        (4096, 4096, 4096, torch.bfloat16, "cusparselt", "2:4", None),
+        (4096, 4096, 4096, torch.float16, "cutlass", "1:2", None),
+        (4096, 4096, 4096, torch.float32, "cusparselt", "2:4", "float16/bfloat16"),
+        (4096, 4096, 4096, torch.bfloat16, "cusparselt", "4:8", "not 2:4-compatible"),
+        (4104, 4096, 4096, torch.bfloat16, "cusparselt", "2:4", "multiple of 16"),
+        (4096, 4096, 4100, torch.bfloat16, "cusparselt", "2:4", "columns of 8"),
+        (4096, 4080, 4096, torch.bfloat16, "cutlass", "2:4", "K of 64"),
+        (4096, 4080, 4096, torch.bfloat16, "cusparselt", "2:4", None),  # 4080 = 16 * 255
+        (256, 256, 256, torch.bfloat16, "cusparselt", "2:4", "MIN_SPARSE_MNK"),
+        (4096, 4096, 4096, torch.bfloat16, "dense", "2:4", "backend 'dense'"),
+    ],
+)
+def test_dense_reason(m, k, n, dtype, backend, pattern, expect):
+    why = sparse_gemm.dense_reason(m, k, n, dtype, backend, pattern)
+    assert (why is None) if expect is None else (expect in why)
+
+
+@pytest.mark.parametrize("method, pattern", [("mvue", "2:4"), ("approx-mvue", "2:4"), ("mvue", "1:2"), ("mvue", "4:8")])
+def test_cpu_fallback_is_the_reference_function(method, pattern):
+    """Off CUDA: reference pruning + dense GEMM, exactly the plain-torch reference (odd shapes)."""
+    gen = torch.Generator().manual_seed(0)
+    dy, x, w = torch.randn(37, 22, generator=gen), torch.randn(37, 9, generator=gen), torch.randn(22, 9, generator=gen)
+    u_f = uniforms_for(method, pattern, 37, 22, seed=1)
+    u_t = uniforms_for(method, pattern, 22, 37, seed=2)
+    dx = sparse_gemm.grad_input(dy, w, method, pattern, uniforms=u_f)
+    dw = sparse_gemm.grad_weight(dy, x, method, pattern, uniforms=u_t)
+    assert torch.equal(dx, sparse_gemm.grad_input_reference(dy, w, method, pattern, u_f))
+    assert torch.equal(dw, sparse_gemm.grad_weight_reference(dy, x, method, pattern, u_t))
+    # and the references are what they say: prune along F for dX, along T (transposed) for dW
+    assert torch.equal(dx, prune(dy, method, pattern, dim=1, uniforms=u_f) @ w)
+    assert torch.equal(dw, prune(dy, method, pattern, dim=0, uniforms=u_t).t() @ x)
+
+
+def test_generator_draws_match_prune():
+    """With a generator, the draws are prune()'s: dX then dW from one generator equals prune twice."""
+    dy, x, w = torch.randn(16, 12), torch.randn(16, 5), torch.randn(12, 5)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    dx = sparse_gemm.grad_input(dy, w, "mvue", "2:4", generator=g1)
+    dw = sparse_gemm.grad_weight(dy, x, "mvue", "2:4", generator=g1)
+    assert torch.equal(dx, prune(dy, "mvue", "2:4", dim=1, generator=g2, backend="reference") @ w)
+    assert torch.equal(dw, prune(dy, "mvue", "2:4", dim=0, generator=g2, backend="reference").t() @ x)
+
+
+def test_fallback_reason_logged_once(caplog):
+    sparse_gemm._log_once.cache_clear()
+    dy, w = torch.randn(8, 8), torch.randn(8, 4)
+    with caplog.at_level(logging.INFO, logger="nmgrad_cli.kernels.sparse_gemm"):
+        for _ in range(3):
+            sparse_gemm.grad_input(dy, w, "mvue", "2:4")
+    records = [r for r in caplog.records if "not a CUDA tensor" in r.getMessage()]
+    assert len(records) == 1
+
+
+def test_undefined_pattern_is_an_error():
+    with pytest.raises(PatternError):
+        sparse_gemm.grad_input(torch.randn(8, 8), torch.randn(8, 4), "approx-mvue", "3:8")
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------
+
+
+def _sparse_backend_or_skip() -> str:
+    backend, why = sparse_gemm.pick_backend(torch.cuda.get_device_capability(), sparse_gemm._cusparselt_available())
+    if why is not None:
+        pytest.skip(why)
+    return backend
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["mvue", "approx-mvue", "greedy"])
+def test_sparse_gemms_equal_dense_on_pruned(method, dtype, caplog):
+    """The sparse tensor-core GEMMs equal the dense GEMM on the same pruned tensor (bf16 tolerance)."""
+    _sparse_backend_or_skip()
+    t, f, i = 512, 256, 384
+    gen = torch.Generator().manual_seed(3)
+    dy, x, w = (torch.randn(s, generator=gen) for s in ((t, f), (t, i), (f, i)))
+    u_f, u_t = uniforms_for(method, "2:4", t, f, 4), uniforms_for(method, "2:4", f, t, 5)
+    ref_dx = sparse_gemm.grad_input_reference(dy.double(), w.double(), method, "2:4", u_f.double())
+    ref_dw = sparse_gemm.grad_weight_reference(dy.double(), x.double(), method, "2:4", u_t.double())
+    dev = torch.device("cuda")
+    sparse_gemm._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="nmgrad_cli.kernels.sparse_gemm"):
+        dx = sparse_gemm.grad_input(dy.to(dev, dtype), w.to(dev, dtype), method, uniforms=u_f.to(dev), min_mnk=0)
+        dw = sparse_gemm.grad_weight(dy.to(dev, dtype), x.to(dev, dtype), method, uniforms=u_t.to(dev), min_mnk=0)
+    assert not [r for r in caplog.records if "dense GEMM" in r.getMessage()], "took the dense fallback"
+    assert dx.dtype == dtype and dx.shape == (t, i) and dw.shape == (f, i)
+    # the pruned operands differ from the reference's only by input rounding to dtype
+    assert rel_err(dx.cpu().double(), ref_dx) < 2e-2
+    assert rel_err(dw.cpu().double(), ref_dw) < 2e-2
+
+
+@requires_cuda
+def test_fp32_bf16_cast_and_dense_fallback(caplog):
+    _sparse_backend_or_skip()
+    dev = torch.device("cuda")
+    dy, w = torch.randn(512, 256, device=dev), torch.randn(256, 128, device=dev)
+    u = uniforms_for("mvue", "2:4", 512, 256).to(dev)
+    dense = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u, min_mnk=0)  # fp32: dense, logged
+    cast = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u, min_mnk=0, fp32="bf16")
+    assert dense.dtype == cast.dtype == torch.float32
+    assert rel_err(cast, dense) < 2e-2
