@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import evaluate, methods
+from . import evaluate, methods, train
 
 app = typer.Typer(
     name="nmgrad",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.command("methods")(methods.methods)
 app.command("evaluate")(evaluate.evaluate)
+app.command("train")(train.train)
 
 
 def _version(value: bool) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import NmgradError
+from ..errors import MethodError, NmgradError
+from ..methods import METHODS
 from ..patterns import Pattern, parse_pattern
 from ..prune import resolve
 
@@ -49,6 +50,8 @@ class SparseGradConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "grad_gemms", parse_gemms(self.grad_gemms))
         object.__setattr__(self, "pattern", str(parse_pattern(self.pattern)))
+        if self.method != DENSE and self.method not in METHODS:
+            raise MethodError(f"unknown method '{self.method}': choose one of {DENSE}, {', '.join(METHODS)}")
         if self.method != DENSE:
             resolve(self.method, self.pattern)  # unknown method / undefined for the pattern
         if self.weight_pattern is not None:

@@ -44,10 +44,20 @@ def grad_gemms(
     ``kernels.sparse_gemm`` calls on the same draws; everything else stays here.
     """
     dx = dw = None
+    # CUDA: Triton pruning + 2:4 sparse tensor-core GEMMs (dense GEMM fallback inside, logged once)
+    cuda = dy2d.is_cuda and cfg.backend in ("auto", "triton")
+    if cuda:
+        from ..kernels import sparse_gemm
     if need_dx:
-        dx = prune_dy(dy2d, cfg, "dx", -1, gen) @ w  # (T, I)
+        if cuda and cfg.prunes_gemm("dx"):
+            dx = sparse_gemm.grad_input(dy2d, w, cfg.method, cfg.pattern, generator=gen)  # (T, I)
+        else:
+            dx = prune_dy(dy2d, cfg, "dx", -1, gen) @ w  # (T, I)
     if need_dw:
-        dw = prune_dy(dy2d, cfg, "dw", 0, gen).t() @ x2d  # (F, I)
+        if cuda and cfg.prunes_gemm("dw"):
+            dw = sparse_gemm.grad_weight(dy2d, x2d, cfg.method, cfg.pattern, generator=gen)  # (F, I)
+        else:
+            dw = prune_dy(dy2d, cfg, "dw", 0, gen).t() @ x2d  # (F, I)
     return dx, dw
 
 

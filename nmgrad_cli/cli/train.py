@@ -1,0 +1,150 @@
+"""`nmgrad train`: a short training run with N:M-sparse neural gradients, or several compared.
+
+Exit codes: 0 done; 1 a run diverged (NaN/Inf loss; its metrics.jsonl is kept); 2 bad input.
+Works under ``torchrun --nproc-per-node P -m nmgrad_cli train ...``: rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..train import trainer as lib
+from ..train.distributed import dist_info
+from ..train.plot import plot_available
+from .common import check_new_file, console, err_console, fail, user_errors, write_json
+
+
+def train(
+    model: str = typer.Option("mlp", "--model", help="mlp, cnn, gpt, or package.module:factory (an nn.Module)."),
+    data: str = typer.Option(
+        None, "--data", help="digits, text, or package.module:factory (default: the model's own data)."
+    ),
+    loss: str = typer.Option(None, "--loss", help="Loss name or package.module:fn (default: cross-entropy)."),
+    method: str = typer.Option("mvue", "--method", "-m", help="Gradient pruning method (`nmgrad methods`) or dense."),
+    pattern: str = typer.Option("2:4", "--pattern", "-p", help="N:M pattern of the pruned gradients, e.g. 2:4 or 1:2."),
+    compare: str = typer.Option(
+        None, "--compare", help="Comma-separated methods to run from the same seed and init, e.g. dense,greedy,mvue."
+    ),
+    grad_gemms: str = typer.Option("dx,dw", "--grad-gemms", help="Backward GEMMs on pruned dY: dx, dw, dx,dw or none."),
+    weight_pattern: str = typer.Option(
+        None, "--weight-pattern", help="Also N:M-prune the weights in the forward (magnitude mask), e.g. 2:4."
+    ),
+    weight_every: int = typer.Option(100, "--weight-every", help="Recompute the weight masks every K steps."),
+    layers: str = typer.Option("*", "--layers", help="Globs of the Linear/Conv2d layer names to sparsify."),
+    steps: int = typer.Option(200, "--steps", "-n", help="Optimizer steps."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size (default: the task's)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the task's)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the weights, the data order and the pruning draws."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Run folder for metrics.jsonl, config.json, summary.json, loss.png "
+        "(default: runs/MODEL-TIMESTAMP)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Write into an existing --out (overwrites the run files only)."),
+    json_out: Path = typer.Option(None, "--json", help="Write the final table as JSON to FILE, or '-' for stdout."),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Do not write loss.png."),
+) -> None:
+    """Train a model with N:M-pruned neural gradients; --compare runs several methods side by side."""
+    with user_errors():
+        info = dist_info()
+        cfg = lib.TrainConfig(
+            model=model, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
+            layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
+            batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, device=device,
+        )
+        methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
+        if out is None:
+            out = Path("runs") / f"{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_new_file(json_out, force)
+        # with --json - stdout carries only the JSON: tables and progress go to stderr
+        shown = err_console if json_out is not None and str(json_out) == "-" else console
+        quiet = not info.is_main
+        with _progress(shown, quiet) as hooks:
+            if methods is not None:
+                summaries = lib.compare(cfg, methods, out, force=force, hooks=hooks, plot=not no_plot)
+            else:
+                summaries = [lib.train(cfg, out, force=force, hooks=hooks, plot=not no_plot)]
+        if quiet:
+            return
+        render(summaries, cfg, shown)
+        if not no_plot and not plot_available():
+            shown.print("note: matplotlib is not installed, no loss.png (pip install 'nmgrad[plot]')")
+        shown.print(f"run files in {out}/", highlight=False)
+        write_json(json_out, {"config": asdict(cfg), "runs": [asdict(s) for s in summaries]})
+        diverged = [s for s in summaries if s.diverged]
+        if diverged:
+            raise fail("; ".join(f"{s.label}: {s.diverged}" for s in diverged), 1)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+class _progress:
+    """A rich progress bar per run (loss, accuracy, steps/s), fed by the trainer's hooks."""
+
+    def __init__(self, console: Console, quiet: bool):
+        self.quiet = quiet
+        self.bar = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} steps/s"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=quiet,
+        )
+        self.task = None
+
+    def __enter__(self) -> lib.Hooks:
+        self.bar.__enter__()
+        return lib.Hooks(start=self._start, step=self._step)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def _start(self, label: str, total: int) -> None:
+        self.task = self.bar.add_task(label, total=total, loss="-", acc="-", speed="-")
+
+    def _step(self, _label: str, rec: dict) -> None:
+        acc = "-" if rec["acc"] is None else f"{rec['acc']:.3f}"
+        self.bar.update(
+            self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", acc=acc, speed=f"{rec['steps_per_s']:.1f}"
+        )
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render(summaries: list[lib.RunSummary], cfg: lib.TrainConfig, console: Console) -> None:
+    """The final table: one row per run."""
+    lm = any(s.kind == "language-model" for s in summaries)
+    table = Table(title=f"nmgrad train · {cfg.model} · {cfg.steps} steps · seed {cfg.seed}")
+    table.add_column("run", style="bold", no_wrap=True)
+    table.add_column("steps", justify="right")
+    table.add_column("final train loss", justify="right")
+    table.add_column("eval loss", justify="right")
+    table.add_column("eval acc" if not lm else "eval token acc", justify="right")
+    if lm:
+        table.add_column("eval ppl", justify="right")
+    table.add_column("wall s", justify="right")
+    table.add_column("steps/s", justify="right")
+    table.add_column("status")
+    for s in summaries:
+        row = [s.label, str(s.steps_done), _fmt(s.final_train_loss), _fmt(s.eval_loss), _fmt(s.eval_acc)]
+        if lm:
+            row.append(_fmt(s.eval_ppl, 2))
+        status = "[red]diverged[/]" if s.diverged else "ok"
+        row += [f"{s.wall_s:.1f}", f"{s.steps_per_s:.2f}", status]
+        table.add_row(*row)
+    console.print(table)

@@ -1,0 +1,471 @@
+"""A small trainer: one task, one gradient-pruning setting, N steps; and ``compare`` over methods.
+
+``train(cfg, out)`` builds the task (``nmgrad_cli.models.build_task``), swaps in sparse-gradient
+layers unless the method is ``dense``, trains ``cfg.steps`` AdamW steps with the task's fixed lr
+schedule (linear warm-up over 5% of the steps, cosine decay to 10%), evaluates on the held-out
+data, and writes (rank 0 only)::
+
+    out/config.json     the TrainConfig and what it resolved to
+    out/metrics.jsonl   one line per step {"step", "loss", "acc", "lr", "steps_per_s", "time_s"}
+                        and per evaluation {"step", "eval_loss", "eval_acc", "eval_ppl"}
+    out/summary.json    final numbers (see RunSummary)
+    out/loss.png        loss curves, when matplotlib is installed
+
+A non-finite loss stops the run with :class:`TrainingDiverged` after writing what it has.
+``compare(cfg, methods, out)`` runs every method from the same seed (same initial weights, same
+data order) into ``out/<method>/`` and writes ``out/summary.json`` and one plot of all curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import NmgradError, OutputExistsError
+from ..models import build_task, split_batch, to_device
+from .config import DENSE, SparseGradConfig, parse_gemms
+from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
+from .plot import plot_loss_curves
+from .sparse_grad import refresh_weight_masks_, sparsify_gradients_
+
+DATA_SEED_STRIDE = 1000
+"""Rank r reads the data stream of seed ``seed + r * DATA_SEED_STRIDE`` (its own shard/order)."""
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    lr: float
+    """Peak learning rate of AdamW."""
+    batch_size: int
+    """Samples (classification) or sequences (language model) per step and rank."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+
+TASK_DEFAULTS: dict[str, TaskDefaults] = {
+    "mlp": TaskDefaults(lr=2e-3, batch_size=64),
+    "cnn": TaskDefaults(lr=3e-3, batch_size=64),
+    "gpt": TaskDefaults(lr=2e-3, batch_size=16),
+}
+CUSTOM_DEFAULTS = TaskDefaults(lr=1e-3, batch_size=32)
+"""For ``package.module:factory`` models."""
+
+
+class TrainingDiverged(NmgradError):
+    """The loss became NaN or Inf; what was written so far is kept."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Every field maps onto an ``nmgrad train`` option; written to config.json."""
+
+    model: str = "mlp"
+    """Built-in model (mlp, cnn, gpt) or ``package.module:factory``."""
+    data: str | None = None
+    """Built-in data (digits, text) or ``package.module:factory``; None: the model's default."""
+    loss: str | None = None
+    """Loss name or ``package.module:fn``; None: cross-entropy."""
+    method: str = "mvue"
+    """Gradient pruning method (``nmgrad methods``) or ``dense``."""
+    pattern: str = "2:4"
+    """N:M pattern of the pruned neural gradients."""
+    grad_gemms: tuple[str, ...] = ("dx", "dw")
+    """Backward GEMMs that get a pruned dY (dx: dX = dY W, dw: dW = dY^T X)."""
+    layers: str = "*"
+    """Comma-separated globs of the Linear/Conv2d layer names to sparsify."""
+    weight_pattern: str | None = None
+    """Optional N:M magnitude pattern of the weights in the forward (e.g. 2:4)."""
+    weight_every: int = 100
+    """Recompute the weight masks every this many steps."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int | None = None
+    """Per-rank batch size; None: the task's default (TASK_DEFAULTS)."""
+    lr: float | None = None
+    """Peak learning rate; None: the task's default."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    seed: int = 0
+    """Seeds the initial weights, the data order and the pruning draws."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    backend: str = "auto"
+    """prune() backend for the gradient pruning (auto, reference, fused, triton)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grad_gemms", parse_gemms(self.grad_gemms))
+        if self.steps < 1:
+            raise NmgradError(f"--steps must be >= 1, got {self.steps}")
+        if self.eval_every < 0:
+            raise NmgradError(f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NmgradError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise NmgradError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.sparse_config()  # validates method, pattern, weight pattern
+
+    @property
+    def defaults(self) -> TaskDefaults:
+        return TASK_DEFAULTS.get(self.model, CUSTOM_DEFAULTS)
+
+    def sparse_config(self) -> SparseGradConfig:
+        return SparseGradConfig(
+            method=self.method,
+            pattern=self.pattern,
+            grad_gemms=self.grad_gemms,
+            weight_pattern=self.weight_pattern,
+            weight_every=self.weight_every,
+            seed=self.seed,
+            backend=self.backend,
+        )
+
+    @property
+    def label(self) -> str:
+        """How the run is named in tables and plots: ``mvue 2:4`` or ``dense``."""
+        text = self.method if self.method == DENSE else f"{self.method} {self.pattern}"
+        return text + (f" +W{self.weight_pattern}" if self.weight_pattern else "")
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over the first 5% of the steps (at least 1), then cosine decay to peak/10."""
+    warm = max(1, round(0.05 * steps))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class RunSummary:
+    """The outcome of one run (summary.json; a row of the final table)."""
+
+    label: str
+    method: str
+    pattern: str
+    steps_done: int
+    final_train_loss: float | None
+    """Mean train loss over the last max(1, min(20, steps // 10)) steps."""
+    final_train_acc: float | None
+    eval_loss: float | None
+    eval_acc: float | None
+    """Accuracy (classification) or next-token accuracy (language model) on the held-out data."""
+    eval_ppl: float | None
+    """exp(eval_loss) for a language model."""
+    wall_s: float
+    steps_per_s: float
+    diverged: str | None = None
+    """None, or the message of the non-finite loss that stopped the run."""
+    kind: str = ""
+    layers: list[str] = field(default_factory=list)
+    """The layers that got sparse gradients."""
+    init_checksum: str = ""
+    """CRC32 of the initial weights: equal across the runs of a compare."""
+    world_size: int = 1
+    out: str | None = None
+
+
+@dataclass
+class Hooks:
+    """Optional callbacks for progress display (the CLI renders them; the library prints nothing)."""
+
+    start: Callable[[str, int], None] | None = None
+    """(label, total steps) at the start of a run."""
+    step: Callable[[str, dict], None] | None = None
+    """(label, train record) after every step."""
+    eval: Callable[[str, dict], None] | None = None
+    """(label, eval record) after every evaluation."""
+    end: Callable[[RunSummary], None] | None = None
+
+
+def _call(fn, *args) -> None:
+    if fn is not None:
+        fn(*args)
+
+
+def prepare_out(out: Path | None, force: bool) -> None:
+    """Refuse an existing non-empty ``out`` without ``force`` (files are overwritten, never deleted)."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file: give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(
+            f"--out {out} exists: pass --force to overwrite its run files, or choose another folder"
+        )
+
+
+def _checksum(model: nn.Module) -> str:
+    crc = 0
+    for t in model.state_dict().values():
+        crc = zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes(), crc)
+    return f"{crc:08x}"
+
+
+def _accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[float, int] | None:
+    """(number correct, count) when output are logits over the last dim for integer targets."""
+    if target.dtype in (torch.int64, torch.int32) and output.dim() == target.dim() + 1:
+        return float((output.argmax(-1) == target).sum()), target.numel()
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, loss_fn, device: torch.device) -> dict:
+    """Mean loss (weighted by targets per batch) and accuracy over held-out ``batches``."""
+    was_training = model.training
+    model.eval()
+    total, n, correct, counted = 0.0, 0, 0.0, 0
+    for batch in batches:
+        x, y = to_device(split_batch(batch), device)
+        out = model(x)
+        k = y.numel() if isinstance(y, torch.Tensor) else 1
+        total += float(loss_fn(out, y)) * k
+        n += k
+        acc = _accuracy(out, y) if isinstance(y, torch.Tensor) else None
+        if acc is not None:
+            correct, counted = correct + acc[0], counted + acc[1]
+    model.train(was_training)
+    if n == 0:
+        return {"eval_loss": None, "eval_acc": None}
+    return {"eval_loss": total / n, "eval_acc": correct / counted if counted else None}
+
+
+class _Writer:
+    """metrics.jsonl, line by line and flushed, on rank 0 only."""
+
+    def __init__(self, out: Path | None):
+        self.file = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = (out / "metrics.jsonl").open("w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _write_json(path: Path, payload) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path | str | None = None,
+    force: bool = False,
+    hooks: Hooks | None = None,
+    plot: bool = True,
+) -> RunSummary:
+    """Train once as ``cfg`` says; write the run files into ``out`` (rank 0; None: write nothing).
+
+    Raises :class:`TrainingDiverged` on a NaN/Inf loss, after writing metrics and summary.
+    """
+    out = Path(out) if out is not None else None
+    info = dist_info()
+    prepare_out(out, force)
+    device = resolve_device(cfg.device, info)
+    with process_group(info, device):
+        summary = _run(cfg, out if info.is_main else None, hooks or Hooks(), info, device)
+    if out is not None and info.is_main and plot:
+        plot_loss_curves({summary.label: read_curves(out)}, out / "loss.png", title=_title(cfg))
+    if summary.diverged:
+        raise TrainingDiverged(summary.diverged)
+    return summary
+
+
+def _title(cfg: TrainConfig) -> str:
+    return f"{cfg.model} · {cfg.steps} steps · seed {cfg.seed}"
+
+
+def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, device: torch.device) -> RunSummary:
+    d = cfg.defaults
+    lr = cfg.lr or d.lr
+    batch_size = cfg.batch_size or d.batch_size
+    # each rank its own data order; DDP broadcasts rank 0's initial weights (= the 1-process run's)
+    seed = cfg.seed + info.rank * DATA_SEED_STRIDE
+    task = build_task(cfg.model, cfg.data, cfg.loss, seed=seed, batch_size=batch_size)
+    model = task.model.to(device)
+    checksum = _checksum(model)
+    layers: list[str] = []
+    scfg = cfg.sparse_config()
+    if scfg.prunes or scfg.weight_pattern is not None:
+        layers = sparsify_gradients_(model, scfg, layers=cfg.layers, seed_offset=info.rank)
+    net = model
+    if info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d.weight_decay)
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
+        resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
+        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
+    writer = _Writer(out)
+    _call(hooks.start, cfg.label, cfg.steps)
+
+    recent: list[tuple[float, float | None]] = []
+    keep = max(1, min(20, cfg.steps // 10))
+    last_eval: dict = {"eval_loss": None, "eval_acc": None}
+    diverged = None
+    step = 0
+    t_train = 0.0
+    t_start = time.perf_counter()
+    try:
+        net.train()
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            cur_lr = lr_at(step, cfg.steps, lr)
+            for group in opt.param_groups:
+                group["lr"] = cur_lr
+            x, y = to_device(split_batch(next(task.train_batches)), device)
+            output = net(x)
+            loss = task.loss_fn(output, y)
+            acc = _accuracy(output.detach(), y) if isinstance(y, torch.Tensor) else None
+            loss_sum, correct, counted, n = all_reduce_sum(
+                [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
+            )
+            loss_val = loss_sum / n
+            if not math.isfinite(loss_val):
+                diverged = (
+                    f"loss became {loss_val} at step {step}: training diverged; lower --lr"
+                    f" (was {lr:g}); metrics so far are kept"
+                )
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if d.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
+            opt.step()
+            if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
+                refresh_weight_masks_(model)
+            t_train += time.perf_counter() - t0
+            acc_val = correct / counted if counted else None
+            record = {
+                "step": step + 1,
+                "loss": loss_val,
+                "acc": acc_val,
+                "lr": cur_lr,
+                "steps_per_s": (step + 1) / t_train,
+                "time_s": time.perf_counter() - t_start,
+            }
+            writer.write(record)
+            _call(hooks.step, cfg.label, record)
+            recent = (recent + [(loss_val, acc_val)])[-keep:]
+            is_last = step + 1 == cfg.steps
+            if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                last_eval = _eval_record(model, task, device, step + 1, info)
+                writer.write(last_eval)
+                _call(hooks.eval, cfg.label, last_eval)
+        steps_done = step + (0 if diverged else 1)
+    finally:
+        writer.close()
+    accs = [a for _, a in recent if a is not None]
+    summary = RunSummary(
+        label=cfg.label,
+        method=cfg.method,
+        pattern=cfg.pattern,
+        steps_done=steps_done,
+        final_train_loss=sum(v for v, _ in recent) / len(recent) if recent else None,
+        final_train_acc=sum(accs) / len(accs) if accs else None,
+        eval_loss=_finite(last_eval.get("eval_loss")),
+        eval_acc=last_eval.get("eval_acc"),
+        eval_ppl=last_eval.get("eval_ppl"),
+        wall_s=time.perf_counter() - t_start,
+        steps_per_s=steps_done / t_train if t_train else 0.0,
+        diverged=diverged,
+        kind=task.kind,
+        layers=layers,
+        init_checksum=checksum,
+        world_size=info.world_size,
+        out=str(out) if out is not None else None,
+    )
+    if out is not None:
+        _write_json(out / "summary.json", asdict(summary))
+    _call(hooks.end, summary)
+    return summary
+
+
+def _eval_record(model: nn.Module, task, device: torch.device, step: int, info: DistInfo) -> dict:
+    """Evaluate on every rank (the held-out data is the same everywhere; no collective needed)."""
+    ev = evaluate(model, task.eval_batches, task.loss_fn, device)
+    record = {"step": step, **ev, "eval_ppl": None}
+    if task.kind == "language-model" and ev["eval_loss"] is not None and ev["eval_loss"] < 50:
+        record["eval_ppl"] = math.exp(ev["eval_loss"])
+    return record
+
+
+def read_curves(out: Path) -> dict:
+    """Train and eval loss curves from ``out/metrics.jsonl`` (for plots)."""
+    curves = {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return curves
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            curves["step"].append(rec["step"])
+            curves["loss"].append(rec["loss"])
+        elif rec.get("eval_loss") is not None:
+            curves["eval_step"].append(rec["step"])
+            curves["eval_loss"].append(rec["eval_loss"])
+    return curves
+
+
+def _safe_dirname(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")
+
+
+def compare(
+    cfg: TrainConfig,
+    methods: Sequence[str],
+    out: Path | str | None = None,
+    force: bool = False,
+    hooks: Hooks | None = None,
+    plot: bool = True,
+) -> list[RunSummary]:
+    """Run ``cfg`` once per method (same seed: same initial weights, data order) into ``out/<method>/``.
+
+    Every method is validated before the first run. A diverged run is recorded in its summary
+    (``diverged``) and the others still run; raise on it yourself if you need to.
+    """
+    if not methods:
+        raise NmgradError("--compare needs at least one method, e.g. dense,greedy,mvue")
+    if len(set(methods)) != len(methods):
+        raise NmgradError(f"--compare lists a method twice: {','.join(methods)}")
+    configs = [dataclasses.replace(cfg, method=m) for m in methods]  # validates each
+    out = Path(out) if out is not None else None
+    info = dist_info()
+    prepare_out(out, force)
+    device = resolve_device(cfg.device, info)
+    summaries = []
+    with process_group(info, device):
+        for c in configs:
+            sub = out / _safe_dirname(c.method) if out is not None and info.is_main else None
+            summaries.append(_run(c, sub, hooks or Hooks(), info, device))
+    if out is not None and info.is_main:
+        _write_json(out / "summary.json", [asdict(s) for s in summaries])
+        if plot:
+            curves = {s.label: read_curves(out / _safe_dirname(s.method)) for s in summaries}
+            plot_loss_curves(curves, out / "loss.png", title=_title(cfg))
+    return summaries
