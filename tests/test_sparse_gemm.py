@@ -149,3 +149,22 @@ def test_fp32_bf16_cast_and_dense_fallback(caplog):
     cast = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u, min_mnk=0, fp32="bf16")
     assert dense.dtype == cast.dtype == torch.float32
     assert rel_err(cast, dense) < 2e-2
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_seam_on_cuda_is_prune_of_the_same_draws(dtype):
+    """train.gemm.grad_gemms on CUDA (sparse_gemm) = prune() + dense GEMM on the same generator draws."""
+    from nmgrad_cli.train.config import SparseGradConfig
+    from nmgrad_cli.train.gemm import grad_gemms
+
+    dev = torch.device("cuda")
+    cfg = SparseGradConfig(method="mvue", pattern="2:4")
+    gen = torch.Generator().manual_seed(0)
+    dy, x, w = (torch.randn(s, generator=gen).to(dev, dtype) for s in ((256, 128), (256, 64), (128, 64)))
+    dx, dw = grad_gemms(dy, x, w, cfg, torch.Generator(dev).manual_seed(5))
+    g = torch.Generator(dev).manual_seed(5)
+    ref_dx = prune(dy, "mvue", "2:4", dim=-1, generator=g) @ w
+    ref_dw = prune(dy, "mvue", "2:4", dim=0, generator=g).t() @ x
+    assert rel_err(dx, ref_dx) < (1e-6 if dtype == torch.float32 else 2e-2)
+    assert rel_err(dw, ref_dw) < (1e-6 if dtype == torch.float32 else 2e-2)
