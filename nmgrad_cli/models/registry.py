@@ -81,7 +81,9 @@ class Task:
     """The resolved ``model``/``data``/``loss`` names, for run metadata."""
 
 
-def _data(data: str, batch_size: int | None, seed: int, data_dir: str | os.PathLike | None) -> Data:
+def _data(
+    data: str, batch_size: int | None, seed: int, data_dir: str | os.PathLike | None, rank: int, world_size: int
+) -> Data:
     if batch_size is not None and batch_size < 1:
         raise NmgradError(f"--batch-size must be >= 1, got {batch_size}")
     if data in DATASETS:
@@ -91,7 +93,8 @@ def _data(data: str, batch_size: int | None, seed: int, data_dir: str | os.PathL
         raise ImportSpecError(
             f"--data '{data}' is neither a built-in data set ({', '.join(DATASETS)}) nor package.module:factory"
         )
-    offered = {"seed": seed} | ({"batch_size": batch_size} if batch_size is not None else {})
+    offered = {"seed": seed, "rank": rank, "world_size": world_size}
+    offered |= {"batch_size": batch_size} if batch_size is not None else {}
     out = call_factory(load_object(data, "--data"), data, "--data", offered)
     if isinstance(out, Data):
         return out
@@ -122,6 +125,9 @@ def build_task(
     seed: int = 0,
     batch_size: int | None = None,
     data_dir: str | os.PathLike | None = None,
+    data_seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Task:
     """Resolve ``--model``, ``--data`` and ``--loss`` into a :class:`Task` on the CPU.
 
@@ -129,11 +135,13 @@ def build_task(
       ``nn.Module``; the factory gets those of the data's ``info`` keywords it accepts.
     - ``data``: None (the built-in task's data), a built-in name (:data:`DATASETS`) or
       ``package.module:factory`` returning a :class:`~nmgrad_cli.data.Data` or a re-iterable of
-      ``(input, target)`` batches; the factory gets ``batch_size``/``seed`` if it accepts them.
+      ``(input, target)`` batches; the factory gets ``batch_size``, ``seed`` (= ``data_seed``),
+      ``rank`` and ``world_size`` if it accepts them.
     - ``loss``: None (cross-entropy over the last dim), a name in :data:`LOSSES`, or
       ``package.module:fn`` (``fn(output, target) -> scalar``; an ``nn.Module`` class is instantiated).
 
-    ``torch.manual_seed(seed)`` is called before the model is built, so weights are reproducible.
+    ``torch.manual_seed(seed)`` is called before the model is built, so weights are reproducible;
+    the data order follows ``data_seed`` (default ``seed``; give each rank its own under DDP).
     """
     builtin = TASKS.get(model)
     if builtin is None and not is_spec(model):
@@ -146,7 +154,7 @@ def build_task(
                 f"--model {model} needs --data: a built-in data set ({', '.join(DATASETS)}) or package.module:factory"
             )
         data = builtin.data
-    d = _data(data, batch_size, seed, data_dir)
+    d = _data(data, batch_size, seed if data_seed is None else data_seed, data_dir, rank, world_size)
     torch.manual_seed(seed)
     if builtin is not None:
         info = {k: v for k, v in d.info.items() if k != "vocab"}

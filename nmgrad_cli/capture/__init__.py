@@ -1,0 +1,31 @@
+"""Capture the neural gradients dL/dY of a model's layers during real training, streamed to HDF5.
+
+Library use (no CLI needed)::
+
+    from nmgrad_cli.capture import CaptureConfig, run_capture
+    result = run_capture(CaptureConfig(model="gpt", steps=20, out="g.h5"))
+
+Hooking semantics: :mod:`.hooks`; what the file holds after an interrupt and under torchrun:
+:mod:`.run`; the file layout: docs/dump-format.md.
+"""
+
+from .config import MODULE_TYPES, CaptureConfig, parse_module_types
+from .hooks import GradRecorder, Target, dy_axes, select_layers
+from .run import CaptureProgress, CaptureResult, output_path, partial_path, run_capture
+from .stream import StreamWriter
+
+__all__ = [
+    "MODULE_TYPES",
+    "CaptureConfig",
+    "CaptureProgress",
+    "CaptureResult",
+    "GradRecorder",
+    "StreamWriter",
+    "Target",
+    "dy_axes",
+    "output_path",
+    "parse_module_types",
+    "partial_path",
+    "run_capture",
+    "select_layers",
+]
