@@ -299,31 +299,40 @@ def gemm_error(
     }
 
 
-def _gemm_operands(reader: DumpReader, rec: Record, g2: torch.Tensor) -> tuple[dict, str | None]:
-    """{"features": W (F, I), "tokens": X (T, I)} for the record when the dump holds them, else a note."""
+def _gemm_operands(
+    reader: DumpReader, rec: Record, g: torch.Tensor, axes: tuple[str, ...]
+) -> tuple[dict, str | None]:
+    """{"features": W (F, I), "tokens": X (T, I)} for the axes whose operand the dump holds, else a note.
+
+    Only Linear-like layers: dY's feature axis last, W of shape (F, I), X of shape (*token dims, I);
+    a Conv2d's GEMMs act on the unfolded input, which is not computed here."""
     layer = rec.layer
-    has_x = rec.name in layer.records.get("input", [])
-    has_w = rec.name in layer.records.get("weight", [])
-    if not has_x and not has_w:
+    kinds = {"features": "weight", "tokens": "input"}
+    present = [a for a in axes if rec.name in layer.records.get(kinds[a], [])]
+    if not present:
         return {}, None
-    if layer.module_type != "Linear":
-        return {}, f"layer {layer.name} ({layer.module_type}): GEMM-level errors skipped, computed for Linear only"
-    t, f = g2.shape
+    if layer.feature_axis not in (-1, g.dim() - 1):
+        return {}, (
+            f"layer {layer.name} ({layer.module_type}): GEMM-level errors skipped, they are computed for "
+            "Linear-like layers only (feature axis last, 2-D weight)"
+        )
+    f = g.shape[-1]
     out = {}
-    if has_w:
-        w = reader.load(layer.key, "weight", rec.name)
-        if w.dim() != 2 or w.shape[0] != f:
-            return {}, f"layer {layer.name}: weight of shape {tuple(w.shape)} does not match dY's {f} features"
-        out["features"] = w
-    if has_x:
-        x = reader.load(layer.key, "input", rec.name)
-        x2 = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-        if x2.shape[0] != t:
-            return {}, f"layer {layer.name}: input of shape {tuple(x.shape)} does not match dY's {t} tokens"
-        out["tokens"] = x2
-    bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        return {}, f"layer {layer.name}: non-finite {'/'.join('weight' if k == 'features' else 'input' for k in bad)}"
+    for axis in present:
+        v = reader.load(layer.key, kinds[axis], rec.name)
+        if axis == "features":
+            if v.dim() != 2 or v.shape[0] != f:
+                return {}, f"layer {layer.name}: weight of shape {tuple(v.shape)} is not (F={f}, I); GEMM skipped"
+            out[axis] = v
+        else:
+            if v.dim() != g.dim() or v.shape[:-1] != g.shape[:-1]:
+                return {}, (
+                    f"layer {layer.name}: input of shape {tuple(v.shape)} does not have dY's token dims "
+                    f"{tuple(g.shape[:-1])}; GEMM skipped"
+                )
+            out[axis] = v.reshape(-1, v.shape[-1])
+        if not bool(torch.isfinite(v).all()):
+            return {}, f"layer {layer.name}: the stored {kinds[axis]} has NaN/Inf values; GEMM skipped"
     return out, None
 
 
@@ -408,7 +417,7 @@ def _evaluate_record(reader, rec: Record, file: str, methods, config: EvalConfig
         yield ErrorEntry(file, layer.name, rec.name, f"layer {layer.name} record {rec.name}: empty gradient")
         return
     zero = not bool(g2.any())
-    operands, gemm_note = ({}, None) if config.samples == 0 else _gemm_operands(reader, rec, g2)
+    operands, gemm_note = ({}, None) if config.samples == 0 else _gemm_operands(reader, rec, g, config.axes)
     if gemm_note and gemm_note not in gemm_notes:
         gemm_notes.add(gemm_note)
         yield gemm_note

@@ -6,8 +6,10 @@ fired (the tables are still printed and the outputs written); 2 bad input (one-l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import enum
+import sys
 from pathlib import Path
 
 import typer
@@ -17,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import evaluate as lib
+from ..errors import NmgradError
 from ..evaluate import EvalConfig, EvalReport
 from .common import check_new_file, console, err_console, user_errors, write_json
 
@@ -49,7 +52,7 @@ def evaluate(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo draws."),
     json_out: Path = typer.Option(None, "--json", help="Write the full results as JSON to FILE, or '-' for stdout."),
-    csv_out: Path = typer.Option(None, "--csv", help="Write per-layer and summary rows as CSV to FILE."),
+    csv_out: Path = typer.Option(None, "--csv", help="Write per-layer and summary rows as CSV to FILE, or '-'."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--csv files."),
     mc_check: bool = typer.Option(False, "--mc-check", help="Also Monte-Carlo mse/bias/variance (cross-check)."),
     fail_if: list[str] = typer.Option(
@@ -57,7 +60,11 @@ def evaluate(
         "'*.angle>=30' (repeatable; METRIC: mse|bias|variance|angle; OP: > >= < <=)."
     ),
 ) -> None:
-    """Evaluate pruning methods on captured neural gradients: exact mse/bias/variance, MC angle."""
+    """Evaluate pruning methods on captured neural gradients: exact mse/bias/variance, MC angle.
+
+    Exit status: 0 ok; 1 a record had NaN/Inf values (reported, the rest evaluated) or a --fail-if
+    threshold fired; 2 bad input.
+    """
     with user_errors():
         names = None
         if methods is not None:
@@ -69,10 +76,13 @@ def evaluate(
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:
             lib.check_threshold_applies(t, config)
+        to_stdout = [p for p in (json_out, csv_out) if p is not None and str(p) == "-"]
+        if len(to_stdout) > 1:
+            raise NmgradError("--json - and --csv - both ask for stdout: send one of them to a file")
         check_new_file(json_out, force)
         check_new_file(csv_out, force)
-        # with --json - stdout carries only the JSON: tables and progress go to stderr
-        out = err_console if json_out is not None and str(json_out) == "-" else console
+        # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
+        out = err_console if to_stdout else console
         report = _run(dumps, config)
         render(report, out)
         write_json(json_out, report.to_dict())
@@ -187,7 +197,8 @@ def write_csv(path: Path, report: EvalReport) -> None:
             "gemm_err_se": g.get("err_se", ""),
         }
 
-    with open(path, "w", newline="") as fh:
+    with contextlib.ExitStack() as stack:
+        fh = sys.stdout if str(path) == "-" else stack.enter_context(open(path, "w", newline=""))
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
         for row in report.layers:

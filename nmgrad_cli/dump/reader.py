@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -78,7 +79,7 @@ class DumpReader:
         try:
             self._validate()
             self.layers = self._scan()
-        except (OSError, KeyError, RuntimeError) as exc:
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:  # ValueError: bad JSON attrs
             self._f.close()
             raise DumpError(f"{self.path} is truncated or corrupt ({exc}): re-run the capture") from None
         except Exception:
@@ -127,7 +128,8 @@ class DumpReader:
     @property
     def attrs(self) -> dict:
         out = {k: (v.item() if hasattr(v, "item") else v) for k, v in self._f.attrs.items()}
-        out["run"] = json.loads(out.get("run", "{}"))
+        with contextlib.suppress(ValueError):  # a hand-edited file: keep the raw text rather than fail
+            out["run"] = json.loads(out.get("run", "{}"))
         return out
 
     def select(self, pattern: str | None = None) -> list[LayerInfo]:
