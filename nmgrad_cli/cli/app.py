@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import evaluate, methods, train
+from . import capture, evaluate, inspect, methods, train
 
 app = typer.Typer(
     name="nmgrad",
@@ -17,6 +17,8 @@ app = typer.Typer(
 app.command("methods")(methods.methods)
 app.command("evaluate")(evaluate.evaluate)
 app.command("train")(train.train)
+app.command("capture")(capture.capture)
+app.command("inspect")(inspect.inspect)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,47 @@
+"""`nmgrad inspect`: what a dump holds (layers, shapes, steps, dtypes, sizes, run metadata)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.tree import Tree
+
+from ..capture.summary import summarize
+from .common import console, user_errors, write_json
+
+
+def inspect(
+    dump: Path = typer.Argument(..., help="A dump written by `nmgrad capture` (.h5).", show_default=False),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+) -> None:
+    """Show a dump's layers, shapes, steps, dtypes, sizes and run metadata."""
+    with user_errors():
+        info = summarize(dump)
+    if json_out:
+        write_json(Path("-"), info)
+        return
+    head = Tree(f"[bold]{info['path']}[/]  {info['file_bytes'] / 1e6:.2f} MB on disk")
+    status = "complete" if info["complete"] else ("interrupted" if info["interrupted"] else "not closed cleanly")
+    if info.get("interrupt_reason"):
+        status += f" ({info['interrupt_reason']})"
+    head.add(f"status: {status}; steps completed: {info['steps_completed']}")
+    head.add(f"schema {info['schema']} v{info['schema_version']}, nmgrad {info['nmgrad_version']}, "
+             f"torch {info['torch_version']}, created {info['created']}")
+    run = head.add("run")
+    for k, v in info["run"].items():
+        run.add(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}")
+    console.print(head, highlight=False)
+    table = Table(title=f"{len(info['layers'])} layers", title_justify="left")
+    for col in ("layer", "type", "dY shape", "F", "T", "dtype", "steps", "calls", "records", "MB", "inputs"):
+        table.add_column(col, justify="right" if col in ("F", "T", "steps", "calls", "records", "MB") else "left")
+    for li in info["layers"]:
+        table.add_row(
+            li["name"], li["module_type"], " | ".join(str(tuple(s)) for s in li["grad_shapes"]),
+            str(li["features"]), str(li["tokens"]), ",".join(li["dtypes"]), str(len(li["steps"])),
+            str(li["calls_per_step"]), str(li["records"]["grad"]), f"{li['bytes'] / 1e6:.2f}",
+            "X,W" if li["records"]["input"] and li["records"]["weight"] else ("W" if li["records"]["weight"] else "-"),
+        )
+    console.print(table)
