@@ -367,7 +367,13 @@ def iter_evaluate(
     Only one record (plus its input and weight) is in memory at a time."""
     methods, notes = config.resolve_methods()
     yield from notes
-    opened = _open_all(paths, config)
+    first: dict[Path, str | Path] = {}
+    for p in paths:
+        first.setdefault(Path(p).resolve(), p)
+    unique = list(first.values())
+    if len(unique) < len(paths):
+        yield "a dump given more than once is evaluated once"
+    opened = _open_all(unique, config)
     try:
         total = sum(len(li.records.get("grad", [])) for _, sel in opened for li in sel)
         done = 0

@@ -87,6 +87,14 @@ def test_json_and_csv_files_and_no_overwrite_without_force(dump, tmp_path):
     assert r.exit_code == 0 and js.read_text() != "keep" and cs.read_text() != "keep"
 
 
+def test_csv_to_stdout(dump):
+    r = run(dump, "--samples", "0", "--methods", "mvue", "--csv", "-")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert [(row["level"], row["layer"]) for row in rows] == [("layer", "0"), ("layer", "2"), ("summary", "")]
+    assert "summary over layers" in r.stderr
+
+
 def test_several_dumps_layer_glob_and_skipped_method_notes(dump, tmp_path):
     other = tmp_path / "copy.h5"
     shutil.copy(dump, other)
@@ -143,6 +151,7 @@ def test_fail_if_malformed_is_a_user_error(dump, expr, match):
         (["--methods", ","], "no method given"),
         (["--samples", "-1"], "--samples -1 is invalid"),
         (["--layers", "enc.*"], "no layer matches --layers 'enc.*'"),
+        (["--json", "-", "--csv", "-"], "both ask for stdout"),
     ],
 )
 def test_bad_options(dump, args, match):

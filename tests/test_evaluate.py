@@ -292,8 +292,9 @@ def test_mc_check_agrees_with_exact(dump):
 
 def test_progress_callback_counts_grad_records(dump):
     calls = []
-    evaluate([dump, dump], EvalConfig(methods=("greedy",), samples=0), progress=lambda *a: calls.append(a))
-    assert calls[0] == (0, 8, "") and calls[-1][:2] == (8, 8) and len(calls) == 9
+    evaluate([dump], EvalConfig(methods=("greedy",), samples=0), progress=lambda *a: calls.append(a))
+    assert calls[0] == (0, 4, "") and calls[-1][:2] == (4, 4) and len(calls) == 5
+    assert [c[2] for c in calls[1:]] == ["0", "0", "2", "2"]
 
 
 # --- odd inputs ------------------------------------------------------------------------------------
@@ -359,7 +360,9 @@ def test_several_files_and_incomplete_note(tmp_path, dump, steps):
         w.add_layer("2", "Linear", -1, [0, 1])
         w.write("2", "grad", 0, 0, steps[0]["2"]["grad"])
         raise RuntimeError("killed")
-    rep = evaluate([dump, part], EvalConfig(methods=("greedy",), samples=0))
+    rep = evaluate([dump, part, dump], EvalConfig(methods=("greedy",), samples=0))
+    assert [f["path"] for f in rep.files] == [str(dump), str(part)]
+    assert any("more than once" in n for n in rep.notes)
     assert {(r["file"], r["layer"]) for r in rep.layers} == {(str(dump), "0"), (str(dump), "2"), (str(part), "2")}
     assert any("incomplete" in n and "part.h5" in n for n in rep.notes)
     s = rep.summary[0]
