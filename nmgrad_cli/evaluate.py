@@ -8,7 +8,7 @@ backward GEMM that consumes the pruned dY (MATH.md):
 - ``tokens``:   blocks along T (dim 0),  for the weight gradient dW = dY^T X  (F, T) @ (T, I)
 
 For each method :func:`nmgrad_cli.metrics.evaluate_tensor` gives exact mse/bias/variance and the
-Monte-Carlo angle. When the dump also holds the layer's input X and weight W (a Linear layer), the
+Monte-Carlo angle. When the dump also holds the layer's input X and weight W (Linear-like layers), the
 relative GEMM errors E||dX^ - dX||^2 / ||dX||^2 (features) and E||dW^ - dW||^2 / ||dW||^2 (tokens)
 are estimated from ``samples`` draws.
 
@@ -69,7 +69,7 @@ class EvalConfig:
     samples: int = 16
     """Monte-Carlo draws per (record, method, axis) for the angle and the GEMM errors; 0 = neither."""
     seed: int = 0
-    """Seed of the Monte-Carlo draws; each (file, layer, record, axis, method) gets its own stream
+    """Seed of the Monte-Carlo draws; each (file name, layer, record, axis, method) gets its own stream
     derived from it, so a result does not depend on which other layers or methods are evaluated."""
     mc_check: bool = False
     """Also estimate mse/bias/variance by Monte Carlo, as a cross-check of the exact values."""
@@ -226,12 +226,6 @@ class EvalReport:
     """One row per (file, layer, axis, method): file, layer, module_type, axis, method + :meth:`_Acc.row`."""
     summary: list[dict]
     """One row per (axis, method) over every layer of every file, weighted by ||g||^2."""
-
-    def summary_value(self, method: str, metric: str, axis: str) -> float | None:
-        for row in self.summary:
-            if row["method"] == method and row["axis"] == axis:
-                return row[metric]
-        return None
 
     def to_dict(self) -> dict:
         return {
@@ -429,7 +423,7 @@ def _evaluate_record(reader, rec: Record, file: str, methods, config: EvalConfig
         yield gemm_note
     for axis in config.axes:
         for method in methods:
-            parts = (file, layer.key, rec.name, axis, method)
+            parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
             gen = torch.Generator().manual_seed(_stream_seed(config.seed, *parts))
             m = evaluate_tensor(g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check)
             gemm = None
