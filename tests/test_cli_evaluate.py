@@ -152,6 +152,8 @@ def test_fail_if_malformed_is_a_user_error(dump, expr, match):
         (["--samples", "-1"], "--samples -1 is invalid"),
         (["--layers", "enc.*"], "no layer matches --layers 'enc.*'"),
         (["--json", "-", "--csv", "-"], "both ask for stdout"),
+        (["--json", ".", "--force"], "is a directory"),
+        (["--csv", "no/such/folder/x.csv"], "folder no/such/folder does not exist"),
     ],
 )
 def test_bad_options(dump, args, match):

@@ -37,6 +37,8 @@ def check_new_file(path: Path | None, force: bool) -> None:
     """Refuse an existing output file unless ``force`` (``-`` means stdout)."""
     if path is None or str(path) == "-":
         return
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a directory: give a file path for the output")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists: pass --force to overwrite it, or choose another path")
     if not path.parent.exists():

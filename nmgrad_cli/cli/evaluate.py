@@ -85,9 +85,12 @@ def evaluate(
         out = err_console if to_stdout else console
         report = _run(dumps, config)
         render(report, out)
-        write_json(json_out, report.to_dict())
-        if csv_out is not None:
-            write_csv(csv_out, report)
+        try:
+            write_json(json_out, report.to_dict())
+            if csv_out is not None:
+                write_csv(csv_out, report)
+        except OSError as exc:  # e.g. a read-only folder, a full disk
+            raise NmgradError(f"cannot write {exc.filename or 'the output'}: {exc.strerror}") from None
         fired = lib.violations(report, thresholds)
     code = 0
     for entry in report.errors:
