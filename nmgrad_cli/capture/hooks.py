@@ -63,36 +63,32 @@ def select_layers(
     targets: list[Target] = []
     skipped: list[tuple[str, str]] = []
     handled: set[int] = set()
-    seen: list[str] = []
+    seen: list[str] = []  # every layer of the selected types, for the error message
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
-            prefix = f"{name}." if name else ""
             handled.add(id(m.out_proj))
+            if "Linear" not in module_types:
+                continue
+            prefix = f"{name}." if name else ""
             proj = [f"{prefix}in_proj"] if m.in_proj_weight is not None else [f"{prefix}{p}_proj" for p in "qkv"]
-            for p in proj:
-                seen.append(p)
-                if "Linear" in module_types and _match(p, globs):
-                    skipped.append((p, "bare parameter inside F.multi_head_attention_forward, not an nn.Linear"))
+            skipped += [(p, "bare parameter inside F.multi_head_attention_forward, not an nn.Linear") for p in proj
+                        if _match(p, globs)]
             op = f"{prefix}out_proj"
             seen.append(op)
-            if "Linear" in module_types and _match(op, globs):
+            if _match(op, globs):
                 targets.append(Target(op, m, "Linear", m.out_proj.weight, via_mha=True))
             continue
-        if id(m) in handled:
-            continue
         kind = next((t for t in module_types if isinstance(m, TYPES[t])), None)
-        if kind is None and isinstance(m, tuple(TYPES.values())):
-            seen.append(name)
-        if kind is None:
+        if kind is None or id(m) in handled:
             continue
         seen.append(name)
         if _match(name, globs):
             targets.append(Target(name, m, kind, m.weight))
     if not targets:
-        shown = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
         what = "/".join(module_types)
         if not seen:
-            raise NmgradError(f"the model has no {what} layers to capture: try --module-types Linear,Conv1d,Conv2d")
+            raise NmgradError(f"the model has no {what} layers to capture: check --module-types (Linear,Conv1d,Conv2d)")
+        shown = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
         raise NmgradError(f"no {what} layer matches --layers '{layers}': the model has {shown}")
     return targets, skipped
 

@@ -71,17 +71,21 @@ def capture(
             TextColumn("{task.fields[rec]}"), TimeElapsedColumn(),
             console=err_console, disable=quiet, transient=False,
         )
-        with bar:
-            task = bar.add_task("steps", total=config.warmup + config.steps, rec="")
+        task = bar.add_task("steps", total=config.warmup + config.steps, rec="")
 
-            def show(p: CaptureProgress) -> None:
-                rec = (
-                    f"recorded {p.recorded}/{p.total_recorded}, {p.bytes_recorded / 1e6:.1f} MB "
-                    f"({p.bytes_written / 1e6:.1f} written)"
-                )
-                bar.update(task, completed=p.step, rec=rec)
+        def show(p: CaptureProgress) -> None:
+            if not bar.live.is_started:  # started at the first step, so setup errors print one line
+                bar.start()
+            rec = (
+                f"recorded {p.recorded}/{p.total_recorded}, {p.bytes_recorded / 1e6:.1f} MB "
+                f"({p.bytes_written / 1e6:.1f} written)"
+            )
+            bar.update(task, completed=p.step, rec=rec)
 
+        try:
             result = run_capture(config, progress=show)
+        finally:
+            bar.stop()
     prefix = f"rank {result.rank}: " if result.world_size > 1 else ""
     for name, why in result.skipped:
         err_console.print(f"[yellow]warning:[/] {prefix}{name} skipped: {why}", highlight=False)

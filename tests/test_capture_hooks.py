@@ -1,0 +1,211 @@
+"""Recorded dY against torch.autograd.grad of the same graph w.r.t. each layer's output (exact)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nmgrad_cli.capture import GradRecorder, dy_axes, select_layers
+from nmgrad_cli.errors import NmgradError
+
+
+def record(model: nn.Module, x: torch.Tensor, layers=None, types=("Linear", "Conv1d", "Conv2d"), inputs=False):
+    """{(name, kind, call): tensor} from one backward of sum(model(x)**2) with the recorder on."""
+    targets, _ = select_layers(model, layers, types)
+    got = {}
+    rec = GradRecorder(targets, lambda i, kind, call, t: got.__setitem__((targets[i].name, kind, call), t), inputs)
+    with rec:
+        rec.start_step()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        rec.stop_step()
+    return got
+
+
+def reference(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict:
+    """{(name, call): dL/dY} by torch.autograd.grad w.r.t. the outputs kept by plain forward hooks."""
+    outputs: dict = {}
+    mods = dict(model.named_modules())
+    handles = [
+        mods[n].register_forward_hook(lambda _m, _i, y, n=n: outputs.setdefault(n, []).append(y)) for n in names
+    ]
+    loss = model(x).pow(2).sum()
+    for h in handles:
+        h.remove()
+    keys = [(n, c) for n in names for c in range(len(outputs.get(n, [])))]
+    grads = torch.autograd.grad(loss, [outputs[n][c] for n, c in keys])
+    return dict(zip(keys, grads))
+
+
+def no_inplace(model: nn.Module) -> nn.Module:
+    """The same model (same weights) with every ReLU out of place: the graph autograd.grad can read."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return ref
+
+
+def assert_exact(model: nn.Module, x: torch.Tensor, ref_model: nn.Module | None = None) -> dict:
+    got = record(model, x)
+    names = sorted({n for n, kind, _ in got if kind == "grad"})
+    ref = reference(ref_model or model, x, names)
+    assert set(ref) == {(n, c) for n, kind, c in got if kind == "grad"}
+    for (n, c), g in ref.items():
+        assert got[(n, "grad", c)].dtype == g.dtype
+        assert torch.equal(got[(n, "grad", c)], g), n
+    return got
+
+
+def test_linear_conv1d_conv2d_exact():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c2 = nn.Conv2d(3, 4, 3, padding=1)
+            self.c1 = nn.Conv1d(4, 5, 3)
+            self.lin = nn.Linear(4, 6)
+
+        def forward(self, x):  # x (B, 3, 6, 6)
+            y = torch.tanh(self.c2(x)).mean(-1)  # (B, 4, 6)
+            y = torch.sin(self.c1(y))  # (B, 5, 4)
+            return self.lin(y)  # (B, 5, 6)
+
+    model = Net()
+    got = assert_exact(model, torch.randn(2, 3, 6, 6))
+    assert {n for n, *_ in got} == {"c2", "c1", "lin"}
+    assert got[("c2", "grad", 0)].shape == (2, 4, 6, 6) and got[("c1", "grad", 0)].shape == (2, 5, 4)
+
+
+def test_inplace_relu_after_layer_gets_the_pre_relu_gradient():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)
+    )
+    x = torch.randn(5, 8)
+    got = assert_exact(model, x, no_inplace(model))
+    # the gradient w.r.t. the post-ReLU tensor differs from dY wherever the ReLU cut: not what we store
+    assert (got[("0", "grad", 0)] != 0).sum() > 0
+
+
+def test_inplace_relu_in_resnet_blocks_with_batchnorm():
+    from nmgrad_cli.models import cnn
+
+    torch.manual_seed(2)
+    model = cnn()
+    x = torch.rand(4, 1, 8, 8)
+    got = assert_exact(model, x, no_inplace(model))
+    assert len({n for n, *_ in got}) == 7
+
+
+def test_module_called_twice_records_each_call():
+    torch.manual_seed(3)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    model = Shared()
+    got = assert_exact(model, torch.randn(3, 6))
+    assert sorted(c for n, kind, c in got) == [0, 1]
+    assert not torch.equal(got[("lin", "grad", 0)], got[("lin", "grad", 1)])
+
+
+def test_with_inputs_stores_x_and_the_weight_used():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    got = record(model, x, inputs=True)
+    assert torch.equal(got[("0", "input", 0)], x)
+    assert torch.equal(got[("0", "weight", 0)], model[0].weight)
+    # dW = dY^T X: what autograd accumulated into the weight
+    g, x1 = got[("2", "grad", 0)], got[("2", "input", 0)]
+    torch.testing.assert_close(g.T @ x1, model[2].weight.grad)
+
+
+def test_multihead_attention_out_proj_is_captured_and_in_proj_reported():
+    from tests.user_models import Encoder
+
+    torch.manual_seed(5)
+    model = Encoder().train()
+    targets, skipped = select_layers(model, None, ("Linear",))
+    names = [t.name for t in targets]
+    assert "encoder.layers.0.self_attn.out_proj" in names and "encoder.layers.1.linear2" in names
+    assert [n for n, _ in skipped] == ["encoder.layers.0.self_attn.in_proj", "encoder.layers.1.self_attn.in_proj"]
+    x = torch.randint(0, 17, (3, 6))
+    got = record(model, x, types=("Linear",))
+    # reference: autograd.grad w.r.t. the attention module's output, which is out_proj's output
+    outs = {}
+    mhas = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    hs = [m.register_forward_hook(lambda _m, _i, y, n=n: outs.__setitem__(n, y[0])) for n, m in mhas.items()]
+    model.zero_grad()
+    loss = model(x).pow(2).sum()
+    for h in hs:
+        h.remove()
+    refs = torch.autograd.grad(loss, list(outs.values()), retain_graph=True)
+    for n, r in zip(outs, refs):
+        assert torch.equal(got[(f"{n}.out_proj", "grad", 0)], r)
+    loss.backward()
+    for n, m in mhas.items():  # and it is the dY behind out_proj's bias gradient
+        torch.testing.assert_close(got[(f"{n}.out_proj", "grad", 0)].sum((0, 1)), m.out_proj.bias.grad)
+
+
+def test_bf16_autocast_gradients_keep_their_dtype():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    x = torch.randn(4, 8)
+    targets, _ = select_layers(model, None, ("Linear",))
+    got = {}
+    rec = GradRecorder(targets, lambda i, kind, call, t: got.__setitem__(targets[i].name, t))
+    with rec:
+        rec.start_step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().pow(2).sum().backward()
+    assert got["0"].dtype == torch.bfloat16 and got["2"].dtype == torch.bfloat16
+    outputs = []
+    ref_model = no_inplace(model)
+    hs = [ref_model[i].register_forward_hook(lambda _m, _i, y: outputs.append(y)) for i in (0, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ref_model(x)
+    for h in hs:
+        h.remove()
+    ref = torch.autograd.grad(out.float().pow(2).sum(), outputs)
+    assert torch.equal(got["0"], ref[0]) and torch.equal(got["2"], ref[1])
+
+
+def test_recorder_off_records_nothing():
+    model = nn.Sequential(nn.Linear(3, 3))
+    targets, _ = select_layers(model, None, ("Linear",))
+    got = []
+    with GradRecorder(targets, lambda *a: got.append(a)):
+        model(torch.randn(2, 3)).sum().backward()
+    assert got == []
+
+
+def test_select_layers_globs_types_and_errors():
+    from nmgrad_cli.models import gpt
+
+    model = gpt(vocab_size=11, block_size=8)
+    targets, _ = select_layers(model, "blocks.0.attn.*,lm_head", ("Linear",))
+    assert [t.name for t in targets] == [f"blocks.0.attn.{p}" for p in ("q", "k", "v", "proj")] + ["lm_head"]
+    with pytest.raises(NmgradError, match=r"no Linear layer matches --layers 'nope\*': the model has blocks.0.attn.q"):
+        select_layers(model, "nope*", ("Linear",))
+    with pytest.raises(NmgradError, match="has no Conv2d layers"):
+        select_layers(model, None, ("Conv2d",))
+
+
+@pytest.mark.parametrize(
+    ("kind", "ndim", "axes"),
+    [("Linear", 2, (-1, (0,))), ("Linear", 3, (-1, (0, 1))), ("Conv1d", 3, (1, (0, 2))), ("Conv2d", 4, (1, (0, 2, 3)))],
+)
+def test_dy_axes(kind, ndim, axes):
+    assert dy_axes(kind, ndim) == axes

@@ -1,0 +1,70 @@
+"""Models, data and losses that the tests load through the ``package.module:attr`` import path.
+
+``encoder`` is torch's own ``nn.TransformerEncoder`` (nobody here wrote it): MultiheadAttention with a
+packed in_proj parameter and an out_proj that the module never calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB, DIM, SEQ = 17, 16, 6
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        layer = nn.TransformerEncoderLayer(DIM, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(idx)))  # (B, T, VOCAB)
+
+
+def encoder() -> nn.Module:
+    return Encoder()
+
+
+def tokens(batch_size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed list of (ids, next ids) batches: predict (token + 1) mod VOCAB."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(8):
+        x = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
+        out.append((x, (x + 1) % VOCAB))
+    return out
+
+
+def raising_factory() -> nn.Module:
+    raise ValueError("bad hyper-parameter: width must be even\nsecond line")
+
+
+def not_a_module() -> int:
+    return 3
+
+
+def one_shot_data():
+    """A generator: used up after one epoch (the capture must say so instead of looping)."""
+    yield torch.zeros(2, SEQ, dtype=torch.long), torch.zeros(2, SEQ, dtype=torch.long)
+
+
+def no_layers() -> nn.Module:
+    return nn.Sequential(nn.Embedding(VOCAB, DIM))
+
+
+def vector_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return output.sum(-1).flatten()
+
+
+def triple_batches(batch_size: int = 4, seed: int = 0):
+    return [(torch.zeros(2, SEQ, dtype=torch.long),) * 3]
+
+
+def wrong_shape_batches(batch_size: int = 4, seed: int = 0):
+    return [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))]
+
+
+NOT_CALLABLE = 5
