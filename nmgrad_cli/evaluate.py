@@ -259,38 +259,54 @@ def _stream_seed(seed: int, *parts: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32("\x1f".join(parts).encode())) % (1 << 63)
 
 
-def gemm_error(
-    g: torch.Tensor, other: torch.Tensor, method: str, pattern: str, axis: str, samples: int, generator=None
-) -> dict:
+class GemmError:
     """Monte-Carlo relative error of the backward GEMM fed with pruned g (MATH.md):
 
     - axis ``features``: dX = g @ W with ``other`` = W (F, I), blocks along F;
     - axis ``tokens``:   dW = g^T @ X with ``other`` = X (T, I), blocks along T.
 
-    Returns err = mean_s ||G^_s - G||^2 / ||G||^2 with its standard error (and the absolute values).
+    :meth:`add` takes one draw g^ (T, F); :meth:`result` gives err = mean_s ||G^_s - G||^2 / ||G||^2
+    with its standard error (and the absolute values). Computed in float32 (float64 for float64 input)
+    as (g^ - g) @ W, one GEMM per draw.
     """
-    dim = AXIS_DIM[axis]
-    cdt = torch.float64 if torch.float64 in (g.dtype, other.dtype) else torch.float32
-    g32, o32 = g.to(cdt), other.to(cdt)
-    exact = g32 @ o32 if axis == "features" else g32.T @ o32
-    norm2 = float(torch.sum(exact.double() ** 2))
-    errs = []
+
+    def __init__(self, g: torch.Tensor, other: torch.Tensor, axis: str):
+        self.axis = axis
+        self.cdt = torch.float64 if torch.float64 in (g.dtype, other.dtype) else torch.float32
+        self.g, self.other = g.to(self.cdt), other.to(self.cdt)
+        self.norm2 = float(torch.sum(self._gemm(self.g).double() ** 2))
+        self.errs: list[float] = []
+
+    def _gemm(self, a: torch.Tensor) -> torch.Tensor:
+        return a @ self.other if self.axis == "features" else a.T @ self.other
+
+    def add(self, draw: torch.Tensor) -> None:
+        self.errs.append(float(torch.sum(self._gemm(draw.to(self.cdt) - self.g).double() ** 2)))
+
+    def result(self) -> dict:
+        n = len(self.errs)
+        e = torch.tensor(self.errs, dtype=torch.float64)
+        err_abs = e.mean().item() if n else 0.0  # no draws: g is all zero, so is the error
+        err_abs_se = e.std(unbiased=True).item() / math.sqrt(n) if n > 1 else (0.0 if n == 0 else None)
+        rel = (lambda x: x / self.norm2) if self.norm2 > 0 else (lambda x: 0.0)
+        return {
+            "target": GEMM_OF_AXIS[self.axis],
+            "err": rel(err_abs),
+            "err_se": None if err_abs_se is None else rel(err_abs_se),
+            "err_abs": err_abs,
+            "err_abs_se": err_abs_se,
+            "norm2": self.norm2,
+        }
+
+
+def gemm_error(
+    g: torch.Tensor, other: torch.Tensor, method: str, pattern: str, axis: str, samples: int, generator=None
+) -> dict:
+    """:class:`GemmError` of ``samples`` draws of ``method`` on g (T, F) along ``axis``."""
+    acc = GemmError(g, other, axis)
     for _ in range(samples):
-        diff = prune(g32, method, pattern, dim, generator) - g32
-        d = diff @ o32 if axis == "features" else diff.T @ o32
-        errs.append(float(torch.sum(d.double() ** 2)))
-    e = torch.tensor(errs, dtype=torch.float64)
-    err_abs = e.mean().item()
-    err_abs_se = e.std(unbiased=True).item() / math.sqrt(samples) if samples > 1 else math.nan
-    rel = (lambda x: x / norm2) if norm2 > 0 else (lambda x: 0.0)
-    return {
-        "target": GEMM_OF_AXIS[axis],
-        "err": rel(err_abs),
-        "err_se": None if math.isnan(err_abs_se) else rel(err_abs_se),
-        "err_abs": err_abs,
-        "err_abs_se": None if math.isnan(err_abs_se) else err_abs_se,
-        "norm2": norm2,
-    }
+        acc.add(prune(g, method, pattern, AXIS_DIM[axis], generator))
+    return acc.result()
 
 
 def _gemm_operands(
@@ -425,11 +441,13 @@ def _evaluate_record(reader, rec: Record, file: str, methods, config: EvalConfig
         for method in methods:
             parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
             gen = torch.Generator().manual_seed(_stream_seed(config.seed, *parts))
-            m = evaluate_tensor(g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check)
-            gemm = None
-            if axis in operands:
-                ggen = torch.Generator().manual_seed(_stream_seed(config.seed, "gemm", *parts))
-                gemm = gemm_error(g2, operands[axis], method, config.pattern, axis, config.samples, ggen)
+            # the GEMM errors reuse the draws of the angle: half the pruning work
+            acc = GemmError(g2, operands[axis], axis) if axis in operands else None
+            m = evaluate_tensor(
+                g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
+                on_sample=acc.add if acc is not None else None,
+            )
+            gemm = acc.result() if acc is not None else None
             yield RecordResult(
                 file, layer.name, rec.name, rec.step, axis, method, tuple(g2.shape), m.to_dict(), gemm,
                 "all-zero gradient" if zero else None,

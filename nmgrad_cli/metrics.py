@@ -12,6 +12,7 @@ E[g^_i^2] = p_i v_i^2), accumulated in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,9 +62,11 @@ def evaluate_tensor(
     samples: int = 16,
     generator: torch.Generator | None = None,
     mc_check: bool = False,
+    on_sample: Callable[[torch.Tensor], None] | None = None,
 ) -> Metrics:
     """Exact mse/bias/variance of ``method`` on ``g`` along ``dim``, plus the Monte-Carlo angle
-    from ``samples`` draws (and Monte-Carlo mse/bias/variance when ``mc_check``)."""
+    from ``samples`` draws (and Monte-Carlo mse/bias/variance when ``mc_check``). ``on_sample``
+    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws."""
     meth, pat = resolve(method, pattern)
     bias, var, norm2 = exact_moments(g, meth, pat, dim)
     if norm2 == 0.0:  # all-zero gradient: every method returns zeros exactly
@@ -72,14 +75,14 @@ def evaluate_tensor(
         mse=(bias + var) / norm2, bias=bias / norm2, variance=var / norm2, norm2=norm2, mse_abs=bias + var
     )
     if samples > 0:
-        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check)
+        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample)
         metrics.angle, metrics.angle_se, metrics.samples = mc["angle"], mc["angle_se"], samples
         if mc_check:
             metrics.mc_mse, metrics.mc_bias, metrics.mc_variance = mc["mse"], mc["bias"], mc["variance"]
     return metrics
 
 
-def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=False) -> dict:
+def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None) -> dict:
     """Angle (degrees, mean and standard error) over ``samples`` draws; with ``moments`` also
     Monte-Carlo mse, bias (of the sample mean, which carries variance/samples on top) and
     variance (unbiased per-element sample variance), all relative to ||g||^2."""
@@ -90,7 +93,10 @@ def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=
     total2 = torch.zeros_like(g64) if moments else None
     err2 = 0.0
     for _ in range(samples):
-        est = prune(g, method, pattern, dim, generator).detach().to(torch.float64).flatten()
+        draw = prune(g, method, pattern, dim, generator)
+        if on_sample is not None:
+            on_sample(draw)
+        est = draw.detach().to(torch.float64).flatten()
         denom = math.sqrt(torch.dot(est, est).item() * norm2)
         cos = torch.dot(est, g64).item() / denom if denom > 0 else 0.0
         angles.append(math.degrees(math.acos(max(-1.0, min(1.0, cos)))))

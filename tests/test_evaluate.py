@@ -312,6 +312,8 @@ def test_nan_inf_record_is_reported_and_the_rest_evaluated(tmp_path, steps):
         w.write("nan", "grad", 0, 0, bad)
         w.write("nan", "grad", 1, 0, torch.randn(6, 8))
         w.write("zero", "grad", 0, 0, torch.zeros(5, 8))
+        w.write("zero", "input", 0, 0, torch.randn(5, 3))
+        w.write("zero", "weight", 0, 0, torch.randn(8, 3))
     rep = evaluate([path], EvalConfig(axis="both", samples=4))
     (err,) = rep.errors
     assert err.layer == "nan" and err.record == "s0000000c000"
@@ -321,6 +323,7 @@ def test_nan_inf_record_is_reported_and_the_rest_evaluated(tmp_path, steps):
     zero = rows(rep, layer="zero")
     assert all(r["mse"] == r["bias"] == r["variance"] == r["norm2"] == 0.0 for r in zero)
     assert all(r["angle"] is None for r in zero)  # no angle of a zero vector: not 0, not NaN
+    assert all(r["gemm"]["err"] == 0.0 and r["gemm"]["norm2"] == 0.0 for r in zero)
     assert any("all-zero" in n and "zero" in n for n in rep.notes)
     assert all(r.note == "all-zero gradient" for r in rep.records if r.layer == "zero")
     json.dumps(rep.to_dict(), allow_nan=False)  # no NaN anywhere
