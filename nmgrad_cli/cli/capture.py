@@ -88,11 +88,11 @@ def capture(
             bar.stop()
     prefix = f"rank {result.rank}: " if result.world_size > 1 else ""
     for name, why in result.skipped:
-        err_console.print(f"[yellow]warning:[/] {prefix}{name} skipped: {why}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {prefix}{name} skipped: {why}", highlight=False, soft_wrap=True)
     if result.silent:
         err_console.print(
             f"[yellow]warning:[/] {prefix}no gradient reached {', '.join(result.silent)} (unused or frozen)",
-            highlight=False,
+            highlight=False, soft_wrap=True,
         )
     how = {"done": "complete", "max-bytes": "complete, stopped at --max-bytes"}.get(result.stopped)
     status = how or f"interrupted ({result.stopped})"
@@ -100,7 +100,7 @@ def capture(
         f"{prefix}wrote {result.path}: {len(result.layers)} layers, {result.steps_recorded} recorded steps "
         f"of {result.steps_run}, {result.bytes_recorded / 1e6:.1f} MB of tensors, "
         f"{result.file_bytes / 1e6:.1f} MB on disk, {status}",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
     if result.interrupted:
         raise typer.Exit(130)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.tree import Tree
 
@@ -33,7 +35,7 @@ def inspect(
     run = head.add("run")
     for k, v in info["run"].items():
         run.add(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}")
-    console.print(head, highlight=False)
+    _print(head)
     table = Table(title=f"{len(info['layers'])} layers", title_justify="left")
     for col in ("layer", "type", "dY shape", "F", "T", "dtype", "steps", "calls", "records", "MB", "inputs"):
         table.add_column(col, justify="right" if col in ("F", "T", "steps", "calls", "records", "MB") else "left")
@@ -44,4 +46,13 @@ def inspect(
             str(li["calls_per_step"]), str(li["records"]["grad"]), f"{li['bytes'] / 1e6:.2f}",
             "X,W" if li["records"]["input"] and li["records"]["weight"] else ("W" if li["records"]["weight"] else "-"),
         )
-    console.print(table)
+    _print(table)
+
+
+def _print(renderable: RenderableType) -> None:
+    """On a terminal as usual; into a pipe or file at the natural width, so nothing is cut or wrapped."""
+    if console.is_terminal:
+        console.print(renderable, highlight=False)
+        return
+    natural = Measurement.get(console, console.options.update_width(1000), renderable).maximum
+    Console(file=console.file, width=max(natural, 80), color_system=None, highlight=False).print(renderable)

@@ -148,6 +148,7 @@ def build_task(
         raise ImportSpecError(
             f"--model '{model}' is neither a built-in model ({', '.join(TASKS)}) nor package.module:factory"
         )
+    factory = load_object(model, "--model") if builtin is None else None
     if data is None:
         if builtin is None:
             raise ImportSpecError(
@@ -160,7 +161,7 @@ def build_task(
         info = {k: v for k, v in d.info.items() if k != "vocab"}
         net = builtin.model(**info)
     else:
-        net = call_factory(load_object(model, "--model"), model, "--model", d.info)
+        net = call_factory(factory, model, "--model", d.info)
         if not isinstance(net, nn.Module):
             raise ImportSpecError(f"--model {model} returned a {type(net).__name__}, not a torch.nn.Module")
     loss = loss or (builtin.loss if builtin is not None else "cross_entropy")

@@ -1,0 +1,111 @@
+"""`nmgrad capture` through typer's CliRunner: the happy path and every bad input (one line, no traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nmgrad_cli.cli.app import app
+from nmgrad_cli.cli.capture import parse_bytes
+from nmgrad_cli.dump import DumpReader
+from nmgrad_cli.errors import NmgradError
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, ["capture", *map(str, args)])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def assert_user_error(result, match: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and match in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # so tests.user_models is importable like a user's own module
+
+
+def test_capture_then_inspect_and_force(tmp_path):
+    out = tmp_path / "m.h5"
+    r = run("--model", "mlp", "--steps", "2", "--layers", "fc1,fc3", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "2 layers, 2 recorded steps of 2" in " ".join(r.stdout.split()) and "complete" in r.stdout
+    with DumpReader(out) as d:
+        assert [li.name for li in d.layers.values()] == ["fc1", "fc3"]
+    assert_user_error(run("--model", "mlp", "--steps", "1", "--out", out), "exists: pass --force")
+    r = run("--model", "mlp", "--steps", "1", "--out", out, "--force", "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_in_proj_skip_is_reported(tmp_path):
+    r = run("--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--steps", "1",
+            "--quiet", "--out", tmp_path / "e.h5")
+    assert r.exit_code == 0, r.output
+    assert "encoder.layers.0.self_attn.in_proj skipped: bare parameter" in " ".join(r.stderr.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--model", "nosuchpkg.models:make"], "no module named 'nosuchpkg'"),
+        (["--model", "tests.user_models:missing", "--data", "digits"], "has no attribute 'missing'"),
+        (["--model", "tests.user_models:raising_factory", "--data", "digits"],
+         "raised ValueError: bad hyper-parameter: width must be even"),
+        (["--model", "tests.user_models:not_a_module", "--data", "digits"], "returned a int, not a torch.nn.Module"),
+        (["--model", "tests.user_models:NOT_CALLABLE", "--data", "digits"], "is a int, not a callable factory"),
+        (["--model", "tests.user_models:encoder"], "needs --data"),
+        (["--model", "resnet50"], "neither a built-in model (mlp, cnn, gpt) nor package.module:factory"),
+        (["--model", "mlp", "--data", "imagenet"], "neither a built-in data set"),
+        (["--model", "mlp", "--data", "tests.user_models:NOT_CALLABLE"], "not a callable factory"),
+        (["--model", "mlp", "--loss", "nosuch:fn"], "no module named 'nosuch'"),
+        (["--model", "mlp", "--loss", "hinge"], "neither a built-in loss"),
+        (["--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens",
+          "--loss", "tests.user_models:vector_loss"], "must return a scalar tensor"),
+        (["--model", "tests.user_models:encoder", "--data", "tests.user_models:triple_batches"],
+         "must yield (input, target) pairs"),
+        (["--model", "tests.user_models:encoder", "--data", "tests.user_models:wrong_shape_batches"],
+         "training step 0 failed"),
+        (["--model", "tests.user_models:no_layers", "--data", "tests.user_models:tokens"], "no Linear/Conv1d/Conv2d"),
+        (["--model", "mlp", "--layers", "conv*"], "no Linear/Conv1d/Conv2d layer matches --layers 'conv*': the model"),
+        (["--model", "mlp", "--module-types", "Conv2d"], "the model has no Conv2d layers"),
+        (["--model", "mlp", "--module-types", "Dense"], "unknown module type 'Dense'"),
+        (["--model", "mlp", "--steps", "0"], "--steps must be >= 1"),
+        (["--model", "mlp", "--every", "0"], "--every must be >= 1"),
+        (["--model", "mlp", "--warmup", "-2"], "--warmup must be >= 0"),
+        (["--model", "mlp", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--model", "mlp", "--compression", "zstd"], "--compression 'zstd' is unknown"),
+        (["--model", "mlp", "--optimizer", "lion"], "--optimizer 'lion' is unknown"),
+        (["--model", "mlp", "--amp", "fp8"], "--amp 'fp8' is unknown"),
+        (["--model", "mlp", "--max-bytes", "lots"], "--max-bytes 'lots' is not a size"),
+        (["--model", "mlp", "--max-bytes", "10"], "smaller than one recorded step"),
+        (["--model", "mlp", "--device", "tpu9"], "is not a torch device"),
+        (["--model", "mlp", "--lr", "0"], "--lr must be > 0"),
+        (["--model", "mlp", "--data-dir", "/nonexistent/folder"], "sample data file /nonexistent/folder/digits.npz"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, match):
+    out = tmp_path / "x.h5"
+    assert_user_error(run(*args, "--steps" if "--steps" not in args else "--seed", "1", "--out", out), match)
+    assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
+
+
+def test_bad_output_paths(tmp_path):
+    assert_user_error(run("--model", "mlp", "--out", tmp_path / "no" / "dir" / "x.h5"), "does not exist; create it")
+    assert_user_error(run("--model", "mlp", "--out", tmp_path, "--force"), "is a directory")
+
+
+def test_parse_bytes():
+    assert parse_bytes("500M") == 500_000_000 and parse_bytes("1Gi") == 2**30 and parse_bytes("1234") == 1234
+    assert parse_bytes("2gb") == 2 * 10**9 and parse_bytes(None) is None
+    with pytest.raises(NmgradError):
+        parse_bytes("-1M")
