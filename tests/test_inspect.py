@@ -51,3 +51,15 @@ def test_inspect_bad_files(tmp_path):
         assert r.exit_code == 2 and "Traceback" not in r.output
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
+
+
+def test_sample_dump_in_the_repo_inspects_and_evaluates():
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "mlp_digits.h5"
+    s = summarize(sample)
+    assert s["complete"] and s["steps"] == [100, 110, 120, 130] and s["run"]["model"] == "mlp"
+    assert [li["records"] for li in s["layers"]] == [{"grad": 4, "input": 4, "weight": 4}] * 3
+    r = runner.invoke(app, ["evaluate", str(sample), "--pattern", "2:4", "--samples", "2"])
+    assert r.exit_code == 0, r.output
+    assert "mvue" in r.stdout
