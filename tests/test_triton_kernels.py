@@ -249,6 +249,17 @@ def test_compressed_equals_torch_cutlass_converter(method, axis, dtype):
 
 
 @pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("axis", ["features", "tokens"])
+def test_compressed_across_tiles(axis):
+    """Metadata placement across program tiles: 96 x 192 operand, tiles of 32 rows x 16 blocks."""
+    conv = pytest.importorskip("torch.sparse._semi_structured_conversions")
+    dy = as_dy(logical_matrix(96, 192, 4, seed=8), axis, torch.float16)
+    c = triton_prune.prune_compress_2d(dy, "approx-mvue", "2:4", axis, seed=1, tile=(32, 16))
+    packed, meta = conv.sparse_semi_structured_from_dense_cutlass(c.pruned)
+    assert torch.equal(c.packed, packed) and torch.equal(c.meta, meta)
+
+
+@pytest.mark.usefixtures("interpreter")
 def test_negative_zero_is_not_kept_in_metadata():
     pos = torch.zeros(32, 64, dtype=torch.float16)
     pos[:, 1::4] = 1.0  # one non-zero per block; greedy also keeps a zero

@@ -261,6 +261,20 @@ def _cutlass_idx(nz0, nz1, nz2, nz3):
 
 
 @triton.jit
+def _cutlass_meta_offset(r, c, R):
+    """Where int16 metadata element (r, c) of an R-row matrix goes in CUTLASS's reordered layout
+    (ColumnMajorInterleaved<2> with rows regrouped by 32 and 2x2 swizzles): torch's
+    ``_calculate_meta_reordering_scatter_offsets`` for int16, per element."""
+    dr = (r // 32) * 32 + (r % 8) * 4 + (r % 32) // 8  # (BR,)
+    odd_r = (dr % 2)[:, None]
+    odd_c = (c % 2)[None, :]
+    swap = ((odd_r == 0) & (odd_c == 1)).to(tl.int64) - ((odd_r == 1) & (odd_c == 0)).to(tl.int64)
+    dr2 = dr[:, None] + swap
+    dc2 = c[None, :] - swap
+    return (dc2 // 2) * (R * 2) + dr2 * 2 + dc2 % 2
+
+
+@triton.jit
 def _pick4(idx, y0, y1, y2, y3):
     return tl.where(idx == 0, y0, tl.where(idx == 1, y1, tl.where(idx == 2, y2, y3)))
 
@@ -290,7 +304,7 @@ def prune_kernel(
     BLOCK_G: tl.constexpr,
 ):
     """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally also the CUTLASS
-    compressed values [R, L/2] and the un-reordered metadata [R, L/16] (int16, 4 blocks each)."""
+    compressed values [R, L/2] and metadata [R, L/16] (int16, 4 blocks each, in CUTLASS's order)."""
     pid_r = tl.program_id(0)
     pid_g = tl.program_id(1)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
@@ -368,7 +382,7 @@ def prune_kernel(
             meta = n0 | (n1 << 4) | (n2 << 8) | (n3 << 12)
             q = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
             qmask = rmask[:, None] & (q < G // 4)[None, :]
-            tl.store(meta_ptr + r64[:, None] * (G // 4) + q[None, :], meta.to(tl.int16), mask=qmask)
+            tl.store(meta_ptr + _cutlass_meta_offset(r64, q.to(tl.int64), R), meta.to(tl.int16), mask=qmask)
     else:
         x2 = tl.reshape(x, (BLOCK_R, BLOCK_G, 2))
         a0, a1 = tl.split(x2)

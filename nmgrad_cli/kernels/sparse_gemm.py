@@ -111,8 +111,8 @@ def sparse_mm(a: torch.Tensor, b: torch.Tensor, backend: str, compressed=None) -
     """A @ B for A (m x k) already 2:4 along k, on sparse tensor cores (``backend`` checked by the caller).
 
     ``compressed``: A's CUTLASS (packed, meta) when the prune kernel wrote them."""
-    if b.stride(-1) != 1 and b.stride(0) != 1:
-        b = b.contiguous()
+    if not (b.is_contiguous() or b.t().is_contiguous()):
+        b = b.contiguous()  # cuSPARSELt reads B as row-major if contiguous, else as its contiguous transpose
     if backend == "cusparselt":
         return torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), b)
     if backend == "cutlass":
@@ -162,6 +162,8 @@ def _pruned_times(
         chosen = "cusparselt"  # the fused compressor is 2:4-only; 1:2 goes through _cslt_compress
     out_dtype = dy.dtype
     cast = False
+    if reason is None and not use_triton:
+        reason = f"no Triton prune kernel for {meth.name} {pat} (or triton is not installed)"
     if reason is None:
         cast = dy.dtype == torch.float32 and _fp32_mode(fp32) == "bf16"
         dtype = torch.bfloat16 if cast else dy.dtype

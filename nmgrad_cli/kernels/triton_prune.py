@@ -244,8 +244,7 @@ def prune_compress_2d(
     in the same pass; the sparse operand is [T, F] for features and [F, T] for tokens.
 
     The sparse operand must have rows % 32 == 0 and columns % 64 == 0 (CUTLASS's minimum tile). The
-    metadata comes out row-major from the kernel and is scattered into CUTLASS's interleaved layout
-    by one small index op (an eighth of the values' bytes)."""
+    kernel stores each metadata element directly at its place in CUTLASS's interleaved layout."""
     return _prune(dy, method, pattern, axis, seed, generator, uniforms, None, tile, compress=True)
 
 
@@ -288,21 +287,11 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
             raise NmgradError(f"tile {tile}: the block count per program must be a multiple of 4 to pack metadata")
         packed = torch.empty((rows, length // 2), dtype=dy.dtype, device=dy.device)
         meta = torch.empty((rows, length // 16), dtype=torch.int16, device=dy.device)
-    _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, _seed(seed, generator), tile, packed, meta)
+    if k:  # (nothing to launch for an empty tensor)
+        _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, _seed(seed, generator), tile, packed, meta)
     if not compress:
         return out
-    return Compressed(out, packed, _reorder_meta_cutlass(meta))
-
-
-def _reorder_meta_cutlass(meta: torch.Tensor) -> torch.Tensor:
-    """Scatter row-major metadata [R, L/16] into CUTLASS's ColumnMajorInterleaved<2> layout."""
-    from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
-
-    rows, cols = meta.shape
-    offsets = _calculate_meta_reordering_scatter_offsets(rows, cols, meta.dtype, meta.device)
-    out = meta.new_empty((rows * cols,))
-    out.scatter_(0, offsets, meta.reshape(-1))
-    return out.view(rows, cols)
+    return Compressed(out, packed, meta)
 
 
 @functools.cache
