@@ -145,6 +145,7 @@ def test_fail_if_malformed_is_a_user_error(dump, expr, match):
         (["--pattern", "3:2"], "pattern '3:2' is invalid: need 1 <= N < M, e.g. 2:4"),
         (["--pattern", "4:4"], "pattern '4:4' is invalid"),
         (["--pattern", "0:4"], "pattern '0:4' is invalid"),
+        (["--pattern", "[/x]"], "pattern '[/x]' is malformed"),  # not taken for rich markup
         (["--methods", "mvue,bogus"], "unknown method 'bogus': choose one of greedy"),
         (["--pattern", "3:8", "--methods", "approx-mvue"], "'approx-mvue' is not defined for pattern 3:8"),
         (["--pattern", "2:8", "--methods", "mvue12"], "'mvue12' is not defined for pattern 2:8"),

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .. import evaluate as lib
 from ..errors import NmgradError
@@ -94,10 +96,10 @@ def evaluate(
         fired = lib.violations(report, thresholds)
     code = 0
     for entry in report.errors:
-        err_console.print(f"[bold red]error:[/] {entry.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(entry.message)}", highlight=False, soft_wrap=True)
         code = 1
     for line in fired:
-        err_console.print(f"[bold red]fail-if:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]fail-if:[/] {escape(line)}", highlight=False, soft_wrap=True)
         code = 1
     if code:
         raise typer.Exit(code)
@@ -110,7 +112,7 @@ def _run(dumps: list[Path], config: EvalConfig) -> EvalReport:
         task = bar.add_task("evaluating", total=None)
 
         def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"evaluating {label}".rstrip())
+            bar.update(task, completed=done, total=total, description=escape(f"evaluating {label}".rstrip()))
 
         return lib.evaluate(dumps, config, progress)
 
@@ -160,7 +162,7 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         if gemm_targets:
             cells.append(_gemm(r))
         cells.append(str(r["records"]))
-        table.add_row(*cells)
+        table.add_row(*map(Text, cells))  # Text: a '[' in a layer or file name is not markup
     return table
 
 
@@ -187,7 +189,7 @@ def render(report: EvalReport, out: Console) -> None:
     if report.summary:
         _print(out, _table("summary over layers (weighted by ||g||^2)", report.summary, [], show_axis))
     for note in report.notes:
-        out.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def write_csv(path: Path, report: EvalReport) -> None:
