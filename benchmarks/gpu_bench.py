@@ -1,6 +1,6 @@
 """GPU benchmark of the prune kernels and the 2:4 sparse backward GEMMs (not a test).
 
-    python benchmarks/gpu_bench.py [--quick] [--no-train]
+    python benchmarks/gpu_bench.py [--quick] [--no-train] [--no-sweep]
 
 On one CUDA GPU (< 10 minutes on an H100), prints:
 1. correctness on the GPU: each Triton kernel (method x pattern x axis) against the torch reference
@@ -12,7 +12,8 @@ On one CUDA GPU (< 10 minutes on an H100), prints:
 3. Linear backward (dX and dW) in bf16 at T = 16384, in = out = 4096 and 8192: dense GEMMs vs
    prune + compress + 2:4 sparse GEMMs, pruning included (target >= 1.3x at 8192);
 4. one training step (forward, backward, AdamW) of the built-in ``gpt`` model and of a wider GPT,
-   dense vs sparse-gradient (mvue 2:4).
+   dense vs sparse-gradient (mvue 2:4);
+5. a sweep of the prune kernel's tile and warps (to choose ``triton_prune._DEFAULT_TILE``).
 Times are medians of CUDA-event timings after warmup, all rows of a table measured in one run.
 Without a GPU it says so, runs small Triton-interpreter correctness checks on the CPU and exits 0
 (1 if a check fails).
@@ -198,6 +199,7 @@ def gpu_correctness(dev) -> None:
 def throughput(dev, quick: bool) -> None:
     t, f = (8192, 8192) if quick else (16384, 8192)
     dy = torch.randn(t, f, device=dev, dtype=torch.bfloat16)
+    t, f = dy.shape
     nbytes = 2 * dy.numel() * dy.element_size()
     cap = torch.cuda.get_device_capability()
     backend, why = sparse_gemm.pick_backend(cap, sparse_gemm._cusparselt_available())
@@ -227,6 +229,26 @@ def throughput(dev, quick: bool) -> None:
         lambda: prune(dy, "mvue", "2:4", dim=1, backend="reference"))
     table(f"Prune throughput, dY {t}x{f} bf16 (GB/s = 2 x bytes(dY) / time; target ratio >= 0.60)",
           ["kernel", "axis", "ms", "GB/s", "vs copy"], rows)
+
+
+def tile_sweep(dev, quick: bool) -> None:
+    """mvue 2:4 (Philox) on dY [16384, 8192] bf16 over tiles and warps: pick the defaults from this."""
+    t, f = (8192, 8192) if quick else (16384, 8192)
+    dy = torch.randn(t, f, device=dev, dtype=torch.bfloat16)
+    nbytes = 2 * dy.numel() * dy.element_size()
+    copy_ms = cuda_time(lambda: dy.clone())
+    rows = []
+    for axis in AXES:
+        default = triton_prune._DEFAULT_TILE[axis]
+        for tile in ((16, 64), (32, 32), (8, 128), (64, 16), (128, 8), (32, 64), (64, 32)):
+            for warps in (4, 8):
+                ms = cuda_time(lambda a=axis, tl_=tile, w=warps: triton_prune.prune_2d(
+                    dy, "mvue", "2:4", a, seed=1, tile=tl_, num_warps=w))
+                mark = " (default)" if tile == default and warps == 4 else ""
+                gbs = f"{nbytes / ms / 1e6:.0f}"
+                rows.append([axis, f"{tile}{mark}", warps, f"{ms:.3f}", gbs, f"{copy_ms / ms:.2f}"])
+    table(f"Tile sweep, prune mvue 2:4 (Philox), dY {t}x{f} bf16 (copy {copy_ms:.3f} ms)",
+          ["axis", "tile (rows, blocks)", "warps", "ms", "GB/s", "vs copy"], rows)
 
 
 def _linear_case(dev, t: int, width: int, backend: str) -> list:
@@ -334,6 +356,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     ap.add_argument("--no-train", action="store_true", help="skip the training-step table")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tile/warps sweep of the prune kernel")
     args = ap.parse_args()
     versions()
     t0 = time.perf_counter()
@@ -350,6 +373,8 @@ def main() -> int:
         os.environ.pop("TRITON_INTERPRET", None)
         gpu_correctness(dev)
         throughput(dev, args.quick)
+        if not args.no_sweep:
+            tile_sweep(dev, args.quick)
         linear_backward(dev, args.quick)
         if not args.no_train:
             train_step(dev, args.quick)

@@ -153,6 +153,7 @@ def _launch(
     tile: tuple[int, int],
     packed: torch.Tensor | None = None,
     meta: torch.Tensor | None = None,
+    num_warps: int = 4,
 ) -> None:
     """One launch over the logical matrix X[r, l] (rows x length, blocks of m along l)."""
     groups = -(-length // m)
@@ -183,7 +184,7 @@ def _launch(
         COMPRESS=compress,
         BLOCK_R=block_r,
         BLOCK_G=block_g,
-        num_warps=4,
+        num_warps=num_warps,
     )
 
 
@@ -217,6 +218,7 @@ def prune_2d(
     uniforms: torch.Tensor | None = None,
     transpose_out: bool | None = None,
     tile: tuple[int, int] | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Prune a 2-D ``dy`` [T, F] to ``pattern`` along ``axis`` with one kernel launch.
 
@@ -224,9 +226,10 @@ def prune_2d(
     ``features``), in ``dy``'s dtype. Equal to ``prune(dy, method, pattern, dim=1 | 0,
     uniforms=uniforms)`` (transposed for tokens) up to float32 rounding. Without ``uniforms`` the
     draw uses in-kernel Philox with ``seed`` (default: drawn from ``generator`` / torch's global RNG).
-    ``tile`` = (rows, blocks) per program, powers of two (tests use small tiles).
+    ``tile`` = (rows, blocks) per program, powers of two (tests use small tiles), and ``num_warps``
+    per program: launch parameters only, the result does not depend on them.
     """
-    return _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, compress=False)
+    return _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, False, num_warps)
 
 
 def prune_compress_2d(
@@ -239,16 +242,17 @@ def prune_compress_2d(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     tile: tuple[int, int] | None = None,
+    num_warps: int = 4,
 ) -> Compressed:
     """:func:`prune_2d` (2:4, fp16/bf16) that also writes the CUTLASS compressed values and metadata
     in the same pass; the sparse operand is [T, F] for features and [F, T] for tokens.
 
     The sparse operand must have rows % 32 == 0 and columns % 64 == 0 (CUTLASS's minimum tile). The
     kernel stores each metadata element directly at its place in CUTLASS's interleaved layout."""
-    return _prune(dy, method, pattern, axis, seed, generator, uniforms, None, tile, compress=True)
+    return _prune(dy, method, pattern, axis, seed, generator, uniforms, None, tile, True, num_warps)
 
 
-def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, compress):
+def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, compress, num_warps):
     n, m = _parse(method, pattern)
     if dy.dim() != 2:
         raise NmgradError(f"prune_2d takes a 2-D tensor [T, F], got shape {tuple(dy.shape)}: reshape it first")
@@ -288,7 +292,8 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
         packed = torch.empty((rows, length // 2), dtype=dy.dtype, device=dy.device)
         meta = torch.empty((rows, length // 16), dtype=torch.int16, device=dy.device)
     if k:  # (nothing to launch for an empty tensor)
-        _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, _seed(seed, generator), tile, packed, meta)
+        seed = _seed(seed, generator)
+        _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, seed, tile, packed, meta, num_warps)
     if not compress:
         return out
     return Compressed(out, packed, meta)
