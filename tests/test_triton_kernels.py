@@ -192,7 +192,7 @@ def test_philox_unbiased_with_exact_variance(method, pattern):
     x = logical_matrix(4, 16, pat.m, seed=21)
     x[0] = torch.tensor([0.3, -0.2, 0.1, 4.0] * 4)  # dominant element in every 2:4 block
     dy = x.repeat(copies, 1)  # (4 * D, 16)
-    out = triton_prune.prune_2d(dy, method, pattern, "features", seed=123, tile=(256, 4)).view(copies, 4, 16)
+    out = triton_prune.prune_2d(dy, method, pattern, "features", seed=123, tile=(1024, 8)).view(copies, 4, 16)
     check_nm(out.view(-1, 16), pat.n, pat.m, 1)
     out, xa = out.double(), x.double()
     p, v = (t.view(4, 16) for t in METHODS[method].marginals(xa.view(-1, pat.m), pat.n))
@@ -215,7 +215,7 @@ def test_philox_tokens_axis_unbiased():
     copies = 1000
     x = logical_matrix(4, 16, 4, seed=9)  # rows = features, blocked length = tokens
     dy = x.t().repeat(copies, 1)  # (16 * D, 4): blocks along tokens never cross copies
-    out = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", seed=5, tile=(4, 256))  # (4, 16 * D)
+    out = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", seed=5, tile=(4, 2048))  # (4, 16 * D)
     check_nm(out, 2, 4, 1)
     mean = out.double().view(4, copies, 16).mean(1)
     p, v = METHODS["mvue"].marginals(x.double().view(-1, 4), 2)
@@ -238,10 +238,10 @@ def test_compressed_equals_torch_cutlass_converter(method, axis, dtype):
     conv = pytest.importorskip("torch.sparse._semi_structured_conversions")
     x = logical_matrix(64, 128, 4, seed=17)  # sparse operand: 64 rows, 128 along the blocks
     dy = as_dy(x, axis, dtype)
-    c = triton_prune.prune_compress_2d(dy, method, "2:4", axis, seed=3)
+    c = triton_prune.prune_compress_2d(dy, method, "2:4", axis, seed=3, tile=(64, 32))
     assert c.pruned.shape == (64, 128)
     check_nm(c.pruned, 2, 4, 1)
-    assert torch.equal(c.pruned, triton_prune.prune_2d(dy, method, "2:4", axis, seed=3))
+    assert torch.equal(c.pruned, triton_prune.prune_2d(dy, method, "2:4", axis, seed=3, tile=(64, 32)))
     packed, meta = conv.sparse_semi_structured_from_dense_cutlass(c.pruned)
     assert torch.equal(c.packed, packed)
     assert torch.equal(c.meta, meta)
