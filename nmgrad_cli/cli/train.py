@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -42,8 +43,13 @@ def train(
     batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size (default: the task's)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the task's)."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
+    eval_batches: int = typer.Option(0, "--eval-batches", help="Held-out batches per evaluation (0: all)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the weights, the data order and the pruning draws."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Pruning backend: auto (compiled CPU kernels where they exist), reference, "
+        "fused or triton."
+    ),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder for metrics.jsonl, config.json, summary.json, loss.png "
         "(default: runs/MODEL-TIMESTAMP)."
@@ -58,7 +64,8 @@ def train(
         cfg = lib.TrainConfig(
             model=model, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
             layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
-            batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, device=device,
+            batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
+            backend=backend,
         )
         methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
         if out is None:
@@ -117,34 +124,34 @@ class _progress:
 
     def _step(self, _label: str, rec: dict) -> None:
         acc = "-" if rec["acc"] is None else f"{rec['acc']:.3f}"
-        self.bar.update(
-            self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", acc=acc, speed=f"{rec['steps_per_s']:.1f}"
-        )
+        speed = f"{rec['steps_per_s']:.1f}"
+        self.bar.update(self.task, completed=rec["step"], loss=_fmt(rec["loss"]), acc=acc, speed=speed)
 
 
 def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
 def render(summaries: list[lib.RunSummary], cfg: lib.TrainConfig, console: Console) -> None:
-    """The final table: one row per run."""
+    """The final table: one row per run (eval acc is next-token accuracy for a language model)."""
     lm = any(s.kind == "language-model" for s in summaries)
-    table = Table(title=f"nmgrad train · {cfg.model} · {cfg.steps} steps · seed {cfg.seed}")
+    failed = any(s.diverged for s in summaries)
+    title = f"nmgrad train · {cfg.model} · {cfg.steps} steps · seed {cfg.seed}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("run", style="bold", no_wrap=True)
-    table.add_column("steps", justify="right")
-    table.add_column("final train loss", justify="right")
-    table.add_column("eval loss", justify="right")
-    table.add_column("eval acc" if not lm else "eval token acc", justify="right")
-    if lm:
-        table.add_column("eval ppl", justify="right")
-    table.add_column("wall s", justify="right")
-    table.add_column("steps/s", justify="right")
-    table.add_column("status")
+    table.caption = "train loss: final (mean of the last steps); eval: held-out data"
+    for name in ["steps", "train loss", "eval loss", "eval acc", *(["eval ppl"] if lm else []), "wall s"]:
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+    if failed:
+        table.add_column("status", no_wrap=True)
     for s in summaries:
         row = [s.label, str(s.steps_done), _fmt(s.final_train_loss), _fmt(s.eval_loss), _fmt(s.eval_acc)]
         if lm:
             row.append(_fmt(s.eval_ppl, 2))
-        status = "[red]diverged[/]" if s.diverged else "ok"
-        row += [f"{s.wall_s:.1f}", f"{s.steps_per_s:.2f}", status]
+        row.append(f"{s.wall_s:.1f}")
+        if failed:
+            row.append("[red]diverged[/]" if s.diverged else "ok")
         table.add_row(*row)
     console.print(table)

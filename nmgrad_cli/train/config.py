@@ -45,7 +45,8 @@ class SparseGradConfig:
     seed: int = 0
     """Seeds each layer's generator (together with the layer name and the rank offset)."""
     backend: str = "auto"
-    """``prune()`` backend for the gradient pruning: auto, reference, fused or triton."""
+    """``prune()`` backend for the gradient pruning: auto, reference, triton, or fused (the compiled
+    CPU kernel where it supports the method and pattern, else auto)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grad_gemms", parse_gemms(self.grad_gemms))

@@ -12,15 +12,27 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import cpu_fused
 from ..prune import prune
 from .config import SparseGradConfig
 
 
 def prune_dy(dy: torch.Tensor, cfg: SparseGradConfig, gemm: str, dim: int, gen: torch.Generator | None):
-    """dY pruned N:M along ``dim`` for GEMM ``gemm``, or dY itself when that GEMM stays dense."""
+    """dY pruned N:M along ``dim`` for GEMM ``gemm``, or dY itself when that GEMM stays dense.
+
+    ``cfg.backend == "fused"`` is a preference here: the compiled CPU kernel where it exists
+    (CPU float32, 1:2 and 2:4), else ``prune``'s own choice (e.g. Triton on CUDA)."""
     if not cfg.prunes_gemm(gemm):
         return dy
-    return prune(dy, cfg.method, cfg.pattern, dim=dim, generator=gen, backend=cfg.backend)
+    return prune(dy, cfg.method, cfg.pattern, dim=dim, generator=gen, backend=_backend(cfg, dy))
+
+
+def _backend(cfg: SparseGradConfig, dy: torch.Tensor) -> str:
+    if cfg.backend != "fused":
+        return cfg.backend
+    pat = cfg.parsed_pattern
+    ok = dy.device.type == "cpu" and dy.dtype == torch.float32 and cpu_fused.supports(cfg.method, pat.n, pat.m)
+    return "fused" if ok else "auto"
 
 
 def grad_gemms(

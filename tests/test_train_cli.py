@@ -1,0 +1,154 @@
+"""`nmgrad train` through typer's CliRunner (table, JSON, files, every bad input) and under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nmgrad_cli.cli.app import app
+
+runner = CliRunner()
+FAST = ["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--backend", "reference", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these layers are tiny, and on a busy 2-core box two threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(*args):
+    result = runner.invoke(app, ["train", *map(str, args)])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def assert_user_error(result, match: str, code: int = 2) -> None:
+    """Exit ``code`` and exactly one line on stderr: ``error: ...`` containing ``match``."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and match in lines[0], lines[0]
+
+
+def test_compare_prints_a_table_and_writes_every_run(tmp_path):
+    out = tmp_path / "run"
+    r = run("--model", "mlp", "--compare", "dense,greedy,mvue", "--pattern", "1:2", *FAST, "--out", out,
+            "--json", tmp_path / "t.json")
+    assert r.exit_code == 0, r.output
+    for label in ("dense", "greedy 1:2", "mvue 1:2", "train loss", "eval acc", "steps/s"):
+        assert label in r.stdout
+    d = json.loads((tmp_path / "t.json").read_text())
+    assert [x["method"] for x in d["runs"]] == ["dense", "greedy", "mvue"]
+    assert d["config"]["pattern"] == "1:2"
+    for m in ("dense", "greedy", "mvue"):
+        assert (out / m / "metrics.jsonl").exists() and (out / m / "config.json").exists()
+    assert json.loads((out / "summary.json").read_text())[2]["label"] == "mvue 1:2"
+
+
+def test_single_gpt_run_with_json_on_stdout(tmp_path):
+    r = run("--model", "gpt", "--method", "approx-mvue", "--grad-gemms", "dw", "--layers", "blocks.*.mlp.*",
+            *FAST, "--out", tmp_path / "g", "--json", "-", "--no-plot")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)  # table and progress went to stderr
+    (run_,) = d["runs"]
+    assert run_["kind"] == "language-model" and run_["eval_ppl"] > 1
+    assert run_["layers"] == [f"blocks.{i}.mlp.{n}" for i in range(4) for n in ("fc", "fc_out")]
+    assert d["config"]["grad_gemms"] == ["dw"]
+    assert "eval ppl" in r.stderr
+
+
+def test_weight_pattern_option(tmp_path):
+    r = run("--model", "cnn", "--method", "mvue", "--weight-pattern", "2:4", "--weight-every", "2", *FAST,
+            "--out", tmp_path / "w", "--no-plot")
+    assert r.exit_code == 0, r.output
+    assert "mvue 2:4 +W2:4" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--method", "mvu"], "unknown method 'mvu': choose one of dense, greedy"),
+        (["--pattern", "4:2"], "pattern '4:2' is invalid"),
+        (["--pattern", "two:four"], "pattern 'two:four' is malformed"),
+        (["--method", "approx-mvue", "--pattern", "3:8"], "method 'approx-mvue' is not defined for pattern 3:8"),
+        (["--compare", "dense,mvue,bogus"], "unknown method 'bogus'"),
+        (["--compare", "mvue12", "--pattern", "1:4"], "method 'mvue12' is not defined for pattern 1:4"),
+        (["--grad-gemms", "dx,dy"], "unknown grad GEMM 'dy'"),
+        (["--weight-pattern", "5:4"], "pattern '5:4' is invalid"),
+        (["--layers", "nothing*"], "no Linear or Conv2d layer matches --layers 'nothing*'"),
+        (["--model", "resnet"], "--model 'resnet' is neither a built-in model"),
+        (["--model", "no_such_pkg.mod:make"], "no module named 'no_such_pkg'"),
+        (["--data", "imagenet"], "--data 'imagenet' is neither a built-in data set"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--device", "tpu"], "--device 'tpu' is unknown"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path):
+    out = tmp_path / "o"
+    r = run("--model", "mlp", *FAST, "--out", out, *args)
+    assert_user_error(r, match)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_existing_out_without_force_is_refused_and_force_keeps_user_files(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_user_error(run(*FAST, "--out", out), "pass --force")
+    r = run(*FAST, "--out", out, "--force", "--no-plot")
+    assert r.exit_code == 0, r.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / "summary.json").exists()
+    assert_user_error(run(*FAST, "--out", tmp_path / "x", "--json", out / "notes.txt"), "pass --force")
+
+
+def test_nan_loss_exits_1_with_a_message_and_keeps_metrics(tmp_path):
+    out = tmp_path / "nan"
+    r = run("--model", "mlp", "--lr", "1e6", *FAST[2:], "--steps", "100", "--out", out, "--no-plot")
+    assert_user_error(r, "training diverged; lower --lr", code=1)
+    assert 1 <= len((out / "metrics.jsonl").read_text().splitlines()) < 100
+    assert json.loads((out / "summary.json").read_text())["diverged"]
+
+
+def test_nan_in_a_compare_still_prints_the_table_then_exits_1(tmp_path):
+    r = run("--compare", "dense,mvue", "--lr", "1e6", *FAST[2:], "--steps", "60", "--out", tmp_path / "c",
+            "--no-plot")
+    assert r.exit_code == 1
+    assert "diverged" in r.stdout and "dense" in r.stdout
+    assert r.stderr.startswith("error: dense: loss became")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_two_cpu_processes(tmp_path):
+    """torchrun, 2 ranks, gloo: rank 0 writes one set of outputs and prints one table."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        "-m", "nmgrad_cli", "train", "--model", "mlp", "--compare", "dense,mvue", *FAST, "--steps", "4",
+        "--out", str(out), "--no-plot",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("nmgrad train · mlp") == 1  # rank 1 prints nothing
+    runs = json.loads((out / "summary.json").read_text())
+    assert [r["world_size"] for r in runs] == [2, 2] and all(r["steps_done"] == 4 for r in runs)
+    assert runs[0]["init_checksum"] == runs[1]["init_checksum"]
+    assert len((out / "mvue" / "metrics.jsonl").read_text().splitlines()) == 4 + 1
