@@ -184,8 +184,9 @@ def gpu_correctness(dev) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         dy, x, w = (torch.randn(s, generator=gen).to(dev, dtype) for s in ((t, f), (t, i), (f, i)))
         u_f, u_t = uniforms("mvue", "2:4", t, f, dev, 4), uniforms("mvue", "2:4", f, t, dev, 5)
-        ref_dx = sparse_gemm.grad_input_reference(dy.float(), w.float(), "mvue", "2:4", u_f)
-        ref_dw = sparse_gemm.grad_weight_reference(dy.float(), x.float(), "mvue", "2:4", u_t)
+        # the dense GEMM (float32) on the very tensors the sparse GEMMs get
+        ref_dx = triton_prune.prune_2d(dy, "mvue", "2:4", "features", uniforms=u_f).float() @ w.float()
+        ref_dw = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", uniforms=u_t).float() @ x.float()
         dx = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u_f, min_mnk=0)
         dw = sparse_gemm.grad_weight(dy, x, "mvue", uniforms=u_t, min_mnk=0)
         for name, out, ref in (("dX = dY^ W", dx, ref_dx), ("dW = dY^^T X", dw, ref_dw)):
