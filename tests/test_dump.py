@@ -172,3 +172,24 @@ def test_schema_constants_are_in_the_file(tmp_path):
     with h5py.File(path, "r") as f:
         assert f.attrs["schema"] == SCHEMA_NAME and int(f.attrs["schema_version"]) == SCHEMA_VERSION
         assert set(f["layers/a"].attrs) >= {"name", "module_type", "feature_axis", "token_axes", "weight_shape"}
+
+
+def test_file_held_open_by_a_writer_says_so(tmp_path, monkeypatch):
+    """HDF5 locks a file open for writing; another process's reader gets a message, not 'corrupt'."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    path = _dump(tmp_path / "d.h5")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); print('ok', flush=True); "
+         "time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(DumpError, match="open for writing by another process"):
+            DumpReader(path)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -72,6 +72,11 @@ class DumpReader:
             raise DumpError(f"{self.path} is not an HDF5 file: give a dump written by `nmgrad capture`")
         try:
             self._f = h5py.File(self.path, "r")
+        except BlockingIOError:  # HDF5 file locking: a writer (e.g. a running capture) holds it
+            raise DumpError(
+                f"{self.path} is open for writing by another process (a capture still running?): wait for it "
+                "to finish, or set HDF5_USE_FILE_LOCKING=FALSE to read the steps flushed so far"
+            ) from None
         except OSError as exc:
             raise DumpError(
                 f"{self.path} is truncated or corrupt ({exc.__class__.__name__}): re-run the capture"
