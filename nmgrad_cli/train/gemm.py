@@ -21,10 +21,15 @@ def prune_dy(dy: torch.Tensor, cfg: SparseGradConfig, gemm: str, dim: int, gen: 
     """dY pruned N:M along ``dim`` for GEMM ``gemm``, or dY itself when that GEMM stays dense.
 
     ``cfg.backend == "fused"`` is a preference here: the compiled CPU kernel where it exists
-    (CPU float32, 1:2 and 2:4), else ``prune``'s own choice (e.g. Triton on CUDA)."""
+    (CPU float32, 1:2 and 2:4, at least FUSED_TRAIN_MIN_NUMEL elements), else ``prune``'s own
+    choice (e.g. Triton on CUDA)."""
     if not cfg.prunes_gemm(gemm):
         return dy
     return prune(dy, cfg.method, cfg.pattern, dim=dim, generator=gen, backend=_backend(cfg, dy))
+
+
+FUSED_TRAIN_MIN_NUMEL = 1 << 16
+"""Below this many elements the eager reference is about as fast as the compiled kernel."""
 
 
 def _backend(cfg: SparseGradConfig, dy: torch.Tensor) -> str:
@@ -32,7 +37,7 @@ def _backend(cfg: SparseGradConfig, dy: torch.Tensor) -> str:
         return cfg.backend
     pat = cfg.parsed_pattern
     ok = dy.device.type == "cpu" and dy.dtype == torch.float32 and cpu_fused.supports(cfg.method, pat.n, pat.m)
-    return "fused" if ok else "auto"
+    return "fused" if ok and dy.numel() >= FUSED_TRAIN_MIN_NUMEL else "auto"
 
 
 def grad_gemms(
