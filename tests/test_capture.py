@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,8 +27,6 @@ def contents(path: Path) -> dict:
     out = {}
     with h5py.File(path, "r") as f:
         out["/"] = {k: v for k, v in f.attrs.items() if k not in ("created", "run")}
-        import json
-
         run = json.loads(f.attrs["run"])
         run.pop("out")
         out["run"] = run
