@@ -164,6 +164,18 @@ def test_transpose_out_option(axis):
     assert torch.equal(a, b.t())
 
 
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_float32_in_half_out(out_dtype):
+    """float32 dY, half output: the float32 decisions, values rounded once (= casting the fp32 output)."""
+    dy = as_dy(logical_matrix(32, 64, 4, seed=6), "features")
+    full = triton_prune.prune_2d(dy, "mvue", "2:4", seed=4, tile=(32, 16))
+    half = triton_prune.prune_2d(dy, "mvue", "2:4", seed=4, tile=(32, 16), out_dtype=out_dtype)
+    assert half.dtype == out_dtype and torch.equal(half, full.to(out_dtype))
+    c = triton_prune.prune_compress_2d(dy, "mvue", "2:4", seed=4, tile=(32, 16), out_dtype=out_dtype)
+    assert torch.equal(c.pruned, half)
+
+
 # ---- in-kernel Philox ---------------------------------------------------------------------------
 
 

@@ -275,6 +275,19 @@ def _cutlass_meta_offset(r, c, R):
 
 
 @triton.jit
+def _to_out(y, dtype: tl.constexpr, OUT_BF16: tl.constexpr):
+    """float32 -> the output dtype, rounded to nearest even. For bf16 the rounding is done on the
+    bits (as the hardware's cvt.rn does), because the Triton interpreter truncates fp32 -> bf16."""
+    if OUT_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        res = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        res = y.to(dtype)
+    return res
+
+
+@triton.jit
 def _pick4(idx, y0, y1, y2, y3):
     return tl.where(idx == 0, y0, tl.where(idx == 1, y1, tl.where(idx == 2, y2, y3)))
 
@@ -300,6 +313,7 @@ def prune_kernel(
     U: tl.constexpr,
     PHILOX: tl.constexpr,
     COMPRESS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -360,10 +374,10 @@ def prune_kernel(
             y2, y3 = _mvue12_pair(a2, a3, u1)
         else:
             y0, y1, y2, y3 = _approx24(a0, a1, a2, a3, u0, u1)
-        o0 = y0.to(y_ptr.dtype.element_ty)
-        o1 = y1.to(y_ptr.dtype.element_ty)
-        o2 = y2.to(y_ptr.dtype.element_ty)
-        o3 = y3.to(y_ptr.dtype.element_ty)
+        o0 = _to_out(y0, y_ptr.dtype.element_ty, OUT_BF16)
+        o1 = _to_out(y1, y_ptr.dtype.element_ty, OUT_BF16)
+        o2 = _to_out(y2, y_ptr.dtype.element_ty, OUT_BF16)
+        o3 = _to_out(y3, y_ptr.dtype.element_ty, OUT_BF16)
         out = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_R, BLOCK_G * M))
         if COMPRESS:
             # -0.0 and values that underflow in the output dtype count as zeros
@@ -398,6 +412,6 @@ def prune_kernel(
             y0, y1 = _approx12(a0, a1, u0)
         else:  # mvue and mvue12 are the same at 1:2
             y0, y1 = _mvue12_pair(a0, a1, u0)
-        out = tl.reshape(tl.join(y0, y1), (BLOCK_R, BLOCK_G * M)).to(y_ptr.dtype.element_ty)
+        out = _to_out(tl.reshape(tl.join(y0, y1), (BLOCK_R, BLOCK_G * M)), y_ptr.dtype.element_ty, OUT_BF16)
 
     tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)

@@ -175,12 +175,15 @@ def _pruned_times(
         else:
             a = _reference_prune(dy, meth.name, str(pat), axis, uniforms)
         return a @ b
-    if cast:
-        dy, b = dy.to(torch.bfloat16), b.to(torch.bfloat16)
+    # fp32 -> bf16: the kernel prunes the float32 dY (same decisions) and writes bf16
+    sparse_dtype = torch.bfloat16 if cast else dy.dtype
+    b = b.to(sparse_dtype)
     if chosen == "cutlass" and pat.n == 2 and triton_prune.supports(meth.name, 2, 4):
-        a, packed, meta = triton_prune.prune_compress_2d(dy, meth.name, pat, axis, uniforms=uniforms, seed=seed)
+        a, packed, meta = triton_prune.prune_compress_2d(
+            dy, meth.name, pat, axis, uniforms=uniforms, seed=seed, out_dtype=sparse_dtype
+        )
         return sparse_mm(a, b, chosen, (packed, meta)).to(out_dtype)
-    a = triton_prune.prune_2d(dy, meth.name, pat, axis, uniforms=uniforms, seed=seed)
+    a = triton_prune.prune_2d(dy, meth.name, pat, axis, uniforms=uniforms, seed=seed, out_dtype=sparse_dtype)
     return sparse_mm(a, b, chosen).to(out_dtype)
 
 

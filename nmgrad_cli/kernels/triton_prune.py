@@ -182,6 +182,7 @@ def _launch(
         U=n_uniforms(method, m),
         PHILOX=uniforms is None,
         COMPRESS=compress,
+        OUT_BF16=y.dtype == torch.bfloat16,
         BLOCK_R=block_r,
         BLOCK_G=block_g,
         num_warps=num_warps,
@@ -217,19 +218,22 @@ def prune_2d(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     transpose_out: bool | None = None,
+    out_dtype: torch.dtype | None = None,
     tile: tuple[int, int] | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Prune a 2-D ``dy`` [T, F] to ``pattern`` along ``axis`` with one kernel launch.
 
     Returns [T, F], or [F, T] when ``transpose_out`` (default: True for ``tokens``, False for
-    ``features``), in ``dy``'s dtype. Equal to ``prune(dy, method, pattern, dim=1 | 0,
+    ``features``), in ``out_dtype`` (default ``dy``'s dtype; float32 in, bf16 out rounds the pruned
+    values once, so the decisions are those of the float32 input). Equal to ``prune(dy, method, pattern, dim=1 | 0,
     uniforms=uniforms)`` (transposed for tokens) up to float32 rounding. Without ``uniforms`` the
     draw uses in-kernel Philox with ``seed`` (default: drawn from ``generator`` / torch's global RNG).
     ``tile`` = (rows, blocks) per program, powers of two (tests use small tiles), and ``num_warps``
     per program: launch parameters only, the result does not depend on them.
     """
-    return _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, False, num_warps)
+    args = (seed, generator, uniforms, transpose_out, out_dtype, tile)
+    return _prune(dy, method, pattern, axis, *args, compress=False, num_warps=num_warps)
 
 
 def prune_compress_2d(
@@ -241,6 +245,7 @@ def prune_compress_2d(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     tile: tuple[int, int] | None = None,
     num_warps: int = 4,
 ) -> Compressed:
@@ -249,15 +254,17 @@ def prune_compress_2d(
 
     The sparse operand must have rows % 32 == 0 and columns % 64 == 0 (CUTLASS's minimum tile). The
     kernel stores each metadata element directly at its place in CUTLASS's interleaved layout."""
-    return _prune(dy, method, pattern, axis, seed, generator, uniforms, None, tile, True, num_warps)
+    args = (seed, generator, uniforms, None, out_dtype, tile)
+    return _prune(dy, method, pattern, axis, *args, compress=True, num_warps=num_warps)
 
 
-def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, tile, compress, num_warps):
+def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, out_dtype, tile, compress, num_warps):
     n, m = _parse(method, pattern)
     if dy.dim() != 2:
         raise NmgradError(f"prune_2d takes a 2-D tensor [T, F], got shape {tuple(dy.shape)}: reshape it first")
-    if dy.dtype not in _DTYPES:
-        raise NmgradError(f"prune_2d takes float32, float16 or bfloat16, got {dy.dtype}")
+    out_dtype = out_dtype or dy.dtype
+    if dy.dtype not in _DTYPES or out_dtype not in _DTYPES:
+        raise NmgradError(f"prune_2d takes and returns float32, float16 or bfloat16, got {dy.dtype} -> {out_dtype}")
     if axis not in ("features", "tokens"):
         raise NmgradError(f"axis must be 'features' or 'tokens', got {axis!r}")
     t, f = dy.shape
@@ -268,7 +275,7 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
         transpose_out = tokens  # the sparse operand: [T, F] (features) or [F, T] (tokens)
     rows, length = (f, t) if tokens else (t, f)
     sx = (dy.stride(1), dy.stride(0)) if tokens else (dy.stride(0), dy.stride(1))
-    out = torch.empty((f, t) if transpose_out else (t, f), dtype=dy.dtype, device=dy.device)
+    out = torch.empty((f, t) if transpose_out else (t, f), dtype=out_dtype, device=dy.device)
     # Y[r, l]: r = f, l = t (tokens) or r = t, l = f (features)
     if tokens:
         sy = (out.stride(0), out.stride(1)) if transpose_out else (out.stride(1), out.stride(0))
@@ -280,7 +287,7 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
     tile = tile or _DEFAULT_TILE[axis]
     packed = meta = None
     if compress:
-        if (n, m) != (2, 4) or dy.dtype == torch.float32:
+        if (n, m) != (2, 4) or out_dtype == torch.float32:
             raise NmgradError("the compressed format is for 2:4 in float16 or bfloat16 (float32 sparse is 1:2 tf32)")
         if rows % 32 or length % 64:
             raise NmgradError(
@@ -289,7 +296,7 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
             )
         if tile[1] % 4:
             raise NmgradError(f"tile {tile}: the block count per program must be a multiple of 4 to pack metadata")
-        packed = torch.empty((rows, length // 2), dtype=dy.dtype, device=dy.device)
+        packed = torch.empty((rows, length // 2), dtype=out_dtype, device=dy.device)
         meta = torch.empty((rows, length // 16), dtype=torch.int16, device=dy.device)
     if k:  # (nothing to launch for an empty tensor)
         seed = _seed(seed, generator)
