@@ -18,12 +18,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# method codes (constexpr): keep in sync with triton_prune._METHOD_CODES
-GREEDY = 0
-RANDOM = 1
-MVUE = 2
-MVUE12 = 3
-APPROX = 4
+# method codes (constexpr globals, as the compiler requires): keep in sync with triton_prune._METHOD_CODES
+GREEDY = tl.constexpr(0)
+RANDOM = tl.constexpr(1)
+MVUE = tl.constexpr(2)
+MVUE12 = tl.constexpr(3)
+APPROX = tl.constexpr(4)
 
 
 @triton.jit
