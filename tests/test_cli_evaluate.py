@@ -237,6 +237,21 @@ def test_all_zero_dump_gives_zeros_not_nan(tmp_path):
     assert all(s["mse"] == 0 and s["bias"] == 0 and s["variance"] == 0 for s in d["summary"])
 
 
+def test_mc_check_column(dump):
+    r = run(dump, "--samples", "4", "--methods", "greedy", "--mc-check")
+    assert r.exit_code == 0, r.output
+    assert "MC mse" in r.stdout
+    checked, head = 0, []
+    for line in r.stdout.splitlines():
+        if "MC mse" in line:  # the header of the table the next rows belong to
+            head = [c.strip() for c in line.split("┃")]
+        elif "greedy" in line:  # deterministic: the Monte-Carlo mse equals the exact one
+            row = [c.strip() for c in line.split("│")]
+            assert row[head.index("MC mse")] == row[head.index("mse")] != "-"
+            checked += 1
+    assert checked == 3  # two layers and the summary
+
+
 def test_samples_zero_prints_no_angle(dump):
     r = run(dump, "--samples", "0", "--methods", "mvue", "--json", "-")
     assert r.exit_code == 0

@@ -147,6 +147,9 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
     for col in ("mse", "bias", "variance"):
         table.add_column(col, justify="right")
     table.add_column("angle (deg)", justify="right")
+    mc = any(r.get("mc_mse") is not None for r in rows)
+    if mc:
+        table.add_column("MC mse", justify="right")
     if gemm_targets:
         table.add_column(f"{'|'.join(gemm_targets)} err", justify="right")
     table.add_column("n", justify="right")
@@ -159,6 +162,8 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         prev = labels
         cells = [*shown, *([r["axis"]] if show_axis else []), r["method"]]
         cells += [_num(r["mse"]), _num(r["bias"]), _num(r["variance"]), _angle(r)]
+        if mc:
+            cells.append(_num(r.get("mc_mse")))
         if gemm_targets:
             cells.append(_gemm(r))
         cells.append(str(r["records"]))
