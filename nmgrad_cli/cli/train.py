@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import typer
 from rich import box
 from rich.console import Console
@@ -50,6 +51,9 @@ def train(
         "auto", "--backend", help="Pruning backend: auto (compiled CPU kernels where they exist), reference, "
         "fused or triton."
     ),
+    threads: int = typer.Option(
+        0, "--threads", help="torch CPU threads per process (0: torch's default; 1 is often fastest on a busy machine)."
+    ),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder for metrics.jsonl, config.json, summary.json, loss.png "
         "(default: runs/MODEL-TIMESTAMP)."
@@ -71,6 +75,10 @@ def train(
         if out is None:
             out = Path("runs") / f"{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_new_file(json_out, force)
+        if threads < 0:
+            raise fail(f"--threads must be >= 0 (0: torch's default), got {threads}")
+        if threads:
+            torch.set_num_threads(threads)
         # with --json - stdout carries only the JSON: tables and progress go to stderr
         shown = err_console if json_out is not None and str(json_out) == "-" else console
         quiet = not info.is_main
