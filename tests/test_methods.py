@@ -374,3 +374,15 @@ def test_monte_carlo_metrics_agree_with_exact(method):
         assert exact.bias < 1e-12
     else:
         assert exact.bias > 0 and exact.variance == 0
+
+
+@pytest.mark.parametrize("method", UNBIASED)
+def test_blocks_with_at_most_n_nonzeros_have_zero_variance(method):
+    """A block with <= N non-zeros is kept exactly by mvue and approx-mvue: variance exactly 0."""
+    x = torch.tensor([[0.0, 0.3, 0.0, -1.7], [2.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    p, v = marginals(x, method, "2:4")
+    var = p * v * v - (p * v) ** 2
+    if method == "random":  # keeps by position, not by value: these blocks keep some variance
+        assert var.sum() > 0
+    else:  # mvue12 too: each pair has at most one non-zero here
+        assert (var == 0).all() and torch.equal(p * v, x)

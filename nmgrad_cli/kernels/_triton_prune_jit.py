@@ -217,6 +217,12 @@ def _approx24(a0, a1, a2, a3, u0, u1):
     p1 = tl.minimum(t1 + m1 * (rsum - r1), 1.0)
     p2 = tl.minimum(t2 + m2 * (rsum - r2), 1.0)
     p3 = tl.minimum(t3 + m3 * (rsum - r3), 1.0)
+    # at most 2 non-zeros: each is kept for sure (p would round to just under 1), as the reference
+    few = ((m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32) + (m2 > 0).to(tl.int32) + (m3 > 0).to(tl.int32)) <= 2
+    p0 = tl.where(few & (m0 > 0), 1.0, p0)
+    p1 = tl.where(few & (m1 > 0), 1.0, p1)
+    p2 = tl.where(few & (m2 > 0), 1.0, p2)
+    p3 = tl.where(few & (m3 > 0), 1.0, p3)
     k0, k1, k2, k3 = _draw4(m0, m1, m2, m3, u0)
     q0 = tl.where(k0, 0.0, m0)
     q1 = tl.where(k1, 0.0, m1)

@@ -98,6 +98,8 @@ def _approx_cols(a: list[torch.Tensor], mag: list[torch.Tensor], n: int, u: list
         r = [_div(ti, s - mi) for ti, mi in zip(t, mag)]
         rsum = functools.reduce(torch.add, r)
         p = [torch.clamp(ti + mi * (rsum - ri), max=1.0) for ti, mi, ri in zip(t, mag, r)]
+    nnz = functools.reduce(torch.add, [(mi > 0).to(torch.int32) for mi in mag])
+    p = [torch.where(nnz <= n, (mi > 0).to(mi.dtype), pi) for mi, pi in zip(mag, p)]
     keep = _draw(mag, u[0])
     if n == 2:
         rest = [torch.where(k, 0.0, mi) for k, mi in zip(keep, mag)]

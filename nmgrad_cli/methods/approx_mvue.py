@@ -45,6 +45,9 @@ class ApproxMvue(PruningMethod):
             r = safe_div(t, s - mag)  # t_j / (S - |a_j|), 0 where a_j is the only non-zero
             p = t + mag * (r.sum(-1, keepdim=True) - r)
             p = p.clamp_(max=1.0)
+        # at most N non-zeros: every one is kept for sure (p would round to just under 1)
+        few = (mag > 0).sum(-1, keepdim=True) <= n
+        p = torch.where(few, (mag > 0).to(p.dtype), p)
         return p, safe_div(a, p)
 
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
