@@ -3,23 +3,24 @@
 What the output file holds when the run ends
 --------------------------------------------
 The dump is written to ``<out>.partial`` and renamed to ``<out>`` when the run ends in one of these
-ways; each completed recorded step is flushed to disk before the next one starts.
+ways. The background writer flushes the file after writing each completed recorded step.
 
 - finished: ``complete=True``.
 - ``--max-bytes`` reached: stops *before* the step that would exceed the budget; ``complete=True``,
   ``run.stopped = "max-bytes"``.
-- SIGINT (Ctrl-C) or SIGTERM: the current step is finished (a second signal abandons it), then the
-  file is closed with ``interrupted=True``, ``interrupt_reason="SIGTERM"`` (or SIGINT) and every
-  completed step.
+- SIGINT (Ctrl-C) or SIGTERM: the current step is finished, then the file is closed with
+  ``interrupted=True``, ``interrupt_reason="SIGTERM"`` (or SIGINT) and every completed step. A
+  second signal abandons the current step at once (some of its records may be in the file;
+  ``steps_completed`` and ``last_step`` count whole steps only).
 - an exception (the model's forward raising, a full disk): ``interrupted=True`` with the exception's
   name; ``<out>`` is removed again when no step was completed.
 
 After ``kill -9`` (or a power cut) nothing runs: ``<out>`` is never created, so an ``<out>`` that exists
 is always a closed, readable dump. ``<out>.partial`` is left behind. HDF5 without SWMR gives no
-guarantee for a file whose writer died: when the kill lands between steps (the common case: the
-file is flushed after each step and nothing is written during the forward/backward) it is readable
-and holds the steps counted in ``steps_completed``; when it lands while a step is being written it
-may be unreadable (``nmgrad inspect`` then says it is corrupt). Rename it to use it.
+guarantee for a file whose writer died: when the writer thread was idle at the kill (its last
+step written and flushed; the common case when writing is faster than training) it is readable and
+holds the ``steps_completed`` steps; when it was writing it may be unreadable (``nmgrad inspect``
+then says it is corrupt). Rename it to use it.
 
 Distributed (``torchrun``): every rank trains its own data shard under DDP (gloo on CPU, nccl on
 GPUs) and records its own dY into ``<stem>.rank<r><suffix>`` (``g.h5`` -> ``g.rank0.h5``,
@@ -132,12 +133,11 @@ def _distributed(device: str) -> Iterator[tuple[int, int, int]]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(enabled: bool) -> Iterator[list[str]]:
-    """While active, SIGINT/SIGTERM append their name to the yielded list (the loop stops after the
+def _stop_on_signals(enabled: bool, requested: list[str]) -> Iterator[None]:
+    """While active, SIGINT/SIGTERM append their name to ``requested`` (the loop stops after the
     current step); a second signal raises KeyboardInterrupt. The previous handlers are restored."""
-    requested: list[str] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield requested
+        yield
         return
 
     def handler(signum, _frame):
@@ -150,7 +150,7 @@ def _stop_on_signals(enabled: bool) -> Iterator[list[str]]:
     for s in sigs:
         signal.signal(s, handler)
     try:
-        yield requested
+        yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -222,8 +222,9 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
     total = config.warmup + config.steps
     steps_run = recorded = bytes_recorded = 0
     stopped = "done"
+    signals: list[str] = []
     try:
-        with _stop_on_signals(handle_signals) as signals, recorder:
+        with _stop_on_signals(handle_signals, signals), recorder:
             for s in range(total):
                 record = s >= config.warmup and (s - config.warmup) % config.every == 0
                 x, y = split_batch(next(task.train_batches))
@@ -273,20 +274,20 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
                     stopped = signals[0] if signals else "stopped by another rank"
                     break
     except KeyboardInterrupt:
-        stopped = "SIGINT"
+        stopped = signals[0] if signals else "SIGINT"
     except BaseException as exc:
         buffer.clear()
-        _finish(stream, path, tmp, type(exc).__name__, recorded, config)
+        _finish(stream, path, tmp, type(exc).__name__, recorded)
         raise
     buffer.clear()
     if recorded == 0 and stopped == "max-bytes":
-        _finish(stream, path, tmp, "max-bytes", 0, config)
+        _finish(stream, path, tmp, "max-bytes", 0)
         raise NmgradError(
             f"--max-bytes {config.max_bytes} is smaller than one recorded step: raise it or select fewer --layers"
         )
     silent = [t.name for i, t in enumerate(targets) if i not in seen] if recorded else []
     stream.set_run(stopped=stopped, steps_run=steps_run, layers_without_gradients=silent)
-    _finish(stream, path, tmp, None if stopped in ("done", "max-bytes") else stopped, recorded, config)
+    _finish(stream, path, tmp, None if stopped in ("done", "max-bytes") else stopped, recorded)
     return CaptureResult(
         path=path, steps_run=steps_run, steps_recorded=recorded, bytes_recorded=bytes_recorded,
         file_bytes=path.stat().st_size if path.exists() else 0, layers=[t.name for t in targets],
@@ -315,7 +316,7 @@ def _write_step(stream: StreamWriter, targets: list[Target], buffer: list, decla
     stream.step_done(step)
 
 
-def _finish(stream: StreamWriter, path: Path, tmp: Path, interrupted: str | None, recorded: int, config) -> None:
+def _finish(stream: StreamWriter, path: Path, tmp: Path, interrupted: str | None, recorded: int) -> None:
     """Close the file; move ``<out>.partial`` to ``<out>`` (or delete it when nothing was recorded)."""
     try:
         stream.close(interrupted)

@@ -30,6 +30,7 @@ class StreamWriter:
         self._cv = threading.Condition()
         self._error: BaseException | None = None
         self._closed = False
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="nmgrad-capture-writer", daemon=True)
         self._thread.start()
 
@@ -84,8 +85,6 @@ class StreamWriter:
             raise DumpError(f"writing {self.writer.path} failed: {type(err).__name__}: {err}") from None
 
     # -- consumer side (writer thread) --
-    _busy = False
-
     def _run(self) -> None:
         while True:
             with self._cv:
