@@ -209,7 +209,7 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
         torch.autocast(device.type, dtype=torch.bfloat16) if config.amp == "bf16" else contextlib.nullcontext()
     )
     run_meta = config.to_dict() | {
-        "rank": rank, "world_size": world, "device": str(device), "task_kind": task.kind,
+        "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
         "task": task.spec, "layers_skipped": [f"{n}: {why}" for n, why in skipped],
     }
     tmp = partial_path(path)
