@@ -153,14 +153,17 @@ def test_fp32_bf16_cast_and_dense_fallback(caplog):
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["auto", "fused"])  # nmgrad train's default maps auto to "fused"
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_train_seam_on_cuda_is_prune_of_the_same_draws(dtype):
+def test_train_seam_on_cuda_is_prune_of_the_same_draws(dtype, backend, monkeypatch):
     """train.gemm.grad_gemms on CUDA (sparse_gemm) = prune() + dense GEMM on the same generator draws."""
     from nmgrad_cli.train.config import SparseGradConfig
     from nmgrad_cli.train.gemm import grad_gemms
 
+    calls = []
+    monkeypatch.setattr(sparse_gemm, "_pruned_times", _recording(sparse_gemm._pruned_times, calls))
     dev = torch.device("cuda")
-    cfg = SparseGradConfig(method="mvue", pattern="2:4")
+    cfg = SparseGradConfig(method="mvue", pattern="2:4", backend=backend)
     gen = torch.Generator().manual_seed(0)
     dy, x, w = (torch.randn(s, generator=gen).to(dev, dtype) for s in ((256, 128), (256, 64), (128, 64)))
     dx, dw = grad_gemms(dy, x, w, cfg, torch.Generator(dev).manual_seed(5))
@@ -169,3 +172,12 @@ def test_train_seam_on_cuda_is_prune_of_the_same_draws(dtype):
     ref_dw = prune(dy, "mvue", "2:4", dim=0, generator=g).t() @ x
     assert rel_err(dx, ref_dx) < (1e-6 if dtype == torch.float32 else 2e-2)
     assert rel_err(dw, ref_dw) < (1e-6 if dtype == torch.float32 else 2e-2)
+    assert [c[4] for c in calls] == ["features", "tokens"]  # both GEMMs went through sparse_gemm
+
+
+def _recording(fn, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    return wrapper

@@ -62,7 +62,8 @@ def grad_gemms(
     """
     dx = dw = None
     # CUDA: Triton pruning + 2:4 sparse tensor-core GEMMs (dense GEMM fallback inside, logged once)
-    cuda = dy2d.is_cuda and cfg.backend in ("auto", "triton")
+    # ("fused" is the trainer's CPU preference; on CUDA it means the GPU kernels too)
+    cuda = dy2d.is_cuda and cfg.backend != "reference"
     if cuda:
         from ..kernels import sparse_gemm
     if need_dx:
