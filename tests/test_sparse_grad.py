@@ -377,3 +377,43 @@ def test_weight_pattern_masks_the_forward_and_passes_dw_straight_through(gen):
         lin.weight.add_(1e-3 * mask)
     assert refresh_weight_masks_(model) == 1
     assert not torch.equal(layer.weight_mask, mask)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"padding": "same", "dilation": 2}, {"groups": 2, "stride": 2, "padding": 1}, {"padding": "valid"}]
+)
+def test_conv_variants_match_the_dense_conv_when_nothing_is_pruned(kw, gen):
+    conv = nn.Conv2d(4, 6, 3, **kw)
+    x = torch.randn(2, 4, 9, 9, generator=gen, requires_grad=True)
+    y = conv(x)
+    dy = torch.randn(y.shape, generator=gen)
+    (y * dy).sum().backward()
+    model = nn.Sequential(conv)
+    sparsify_gradients_(model, "mvue", "2:4", grad_gemms=())
+    x2 = x.detach().clone().requires_grad_(True)
+    w_grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    y2 = model(x2)
+    torch.testing.assert_close(y2, y)
+    (y2 * dy).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, w_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_even_kernel_same_padding_is_refused_with_a_hint():
+    with pytest.raises(NmgradError, match="padding='same' with an even kernel.*--layers"):
+        sparsify_gradients_(nn.Sequential(nn.Conv2d(2, 2, 4, padding="same")), "mvue")
+
+
+def test_fused_backend_is_a_preference_that_falls_back(gen):
+    from nmgrad_cli.train.gemm import FUSED_TRAIN_MIN_NUMEL, _backend
+
+    small, big = torch.zeros(4, 8), torch.zeros(FUSED_TRAIN_MIN_NUMEL // 4, 4)
+    assert _backend(SparseGradConfig("mvue", "3:8", backend="fused"), big) == "auto"  # no 3:8 kernel
+    assert _backend(SparseGradConfig("mvue", "2:4", backend="fused"), small) == "auto"  # too small to pay
+    assert _backend(SparseGradConfig("mvue", "2:4", backend="fused"), big) == "fused"
+    assert _backend(SparseGradConfig("mvue", "2:4", backend="fused"), big.double()) == "auto"
+    dy = torch.randn(6, 16, generator=gen)
+    cfg = SparseGradConfig("mvue", "3:8", backend="fused")
+    dx, _, _ = linear_grads(torch.zeros(6, 16), torch.eye(16), None, dy, cfg)
+    assert nm_ok(dx, "3:8", dim=1)
