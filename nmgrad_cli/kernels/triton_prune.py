@@ -161,7 +161,7 @@ def _launch(
     kernels = _jit_module(_interpret_for(x))
     u_arg = uniforms if uniforms is not None else x  # unused pointer when PHILOX
     compress = packed is not None
-    grid = (triton_cdiv(rows, block_r), triton_cdiv(groups, block_g))
+    grid = (_cdiv(rows, block_r), _cdiv(groups, block_g))
     kernels.prune_kernel[grid](
         x,
         y,
@@ -190,7 +190,7 @@ def _launch(
     )
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -282,7 +282,7 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
         sy = (out.stride(0), out.stride(1)) if transpose_out else (out.stride(1), out.stride(0))
     else:
         sy = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    k = rows * triton_cdiv(length, m)
+    k = rows * _cdiv(length, m)
     if uniforms is not None:
         uniforms = _check_uniforms(uniforms, k, method, m, dy.device)
     tile = tile or _DEFAULT_TILE[axis]
