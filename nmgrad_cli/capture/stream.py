@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections import deque
 
@@ -9,6 +11,16 @@ import torch
 
 from ..dump.writer import DumpWriter
 from ..errors import DumpError
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux: threads have their own nice value), so that the writer takes
+    the CPU the training's threads leave idle instead of preempting them mid parallel region."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+
+
+WRITER_NICE = 10
 
 
 class StreamWriter:
@@ -86,6 +98,7 @@ class StreamWriter:
 
     # -- consumer side (writer thread) --
     def _run(self) -> None:
+        _lower_priority()
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
