@@ -90,6 +90,7 @@ def test_in_proj_skip_is_reported(tmp_path):
         (["--model", "mlp", "--max-bytes", "10"], "smaller than one recorded step"),
         (["--model", "mlp", "--device", "tpu9"], "is not a torch device"),
         (["--model", "mlp", "--lr", "0"], "--lr must be > 0"),
+        (["--model", "mlp", "--threads", "-1"], "--threads must be >= 0"),
         (["--model", "mlp", "--data-dir", "/nonexistent/folder"], "sample data file /nonexistent/folder/digits.npz"),
     ],
 )

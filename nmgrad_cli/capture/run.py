@@ -211,6 +211,7 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
     run_meta = config.to_dict() | {
         "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
         "task": task.spec, "layers_skipped": [f"{n}: {why}" for n, why in skipped],
+        "torch_threads": torch.get_num_threads(),
     }
     tmp = partial_path(path)
     writer = DumpWriter(tmp, run=run_meta, compression=config.compression, force=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -51,6 +52,9 @@ def capture(
     data_dir: Path = typer.Option(
         None, "--data-dir", help="Folder of the sample data (default: $NMGRAD_SAMPLE_DATA or sample_data/)."
     ),
+    threads: int = typer.Option(
+        0, "--threads", help="torch CPU threads (0: torch's default; 1 is often fastest on a busy machine)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -59,6 +63,10 @@ def capture(
     Ctrl-C or SIGTERM finishes the current step and leaves a valid file marked interrupted.
     """
     with user_errors():
+        if threads < 0:
+            raise NmgradError(f"--threads must be >= 0 (0: torch's default), got {threads}")
+        if threads:
+            torch.set_num_threads(threads)
         config = CaptureConfig(
             model=model, data=data, loss=loss, out=str(out), steps=steps, every=every, warmup=warmup, seed=seed,
             layers=layers, module_types=module_types, with_inputs=with_inputs,
