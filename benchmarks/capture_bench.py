@@ -10,6 +10,7 @@ flush and close.
 
     python benchmarks/capture_bench.py                      # lzf, all three models
     python benchmarks/capture_bench.py --compression none --models gpt
+    python benchmarks/capture_bench.py --threads 1          # steadier on a small shared machine
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2, help="steps dropped at the start of each phase")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the default step counts")
     ap.add_argument("--rounds", type=int, default=1, help="repeat and keep the minimum of each median")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"load {os.getloadavg()[0]:.1f}, compression {args.compression}, every 1")
     rows = [
