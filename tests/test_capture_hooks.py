@@ -209,3 +209,38 @@ def test_select_layers_globs_types_and_errors():
 )
 def test_dy_axes(kind, ndim, axes):
     assert dy_axes(kind, ndim) == axes
+
+
+def test_stream_writer_bounds_its_queue_and_reports_thread_errors(tmp_path):
+    import threading
+
+    from nmgrad_cli.capture import StreamWriter
+    from nmgrad_cli.dump import DumpReader, DumpWriter
+    from nmgrad_cli.errors import DumpError
+
+    w = DumpWriter(tmp_path / "s.h5")
+    s = StreamWriter(w, max_queue_bytes=3 * 4096)
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], s._pending)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    s.add_layer(name="a", module_type="Linear", feature_axis=-1, token_axes=[0])
+    for step in range(20):
+        s.write("a", "grad", step, 0, torch.full((32, 32), float(step)))  # 4096 bytes each
+        s.step_done(step)
+    s.flush()
+    stop.set()
+    t.join()
+    assert 0 < peak[0] <= 3 * 4096 and s.bytes_written == 20 * 4096 and s.steps_written == 20
+    s.write("undeclared", "grad", 0, 0, torch.zeros(2, 2))  # fails on the writer thread
+    with pytest.raises(DumpError, match="failed: KeyError"):
+        s.flush()
+    s.close()
+    with DumpReader(tmp_path / "s.h5") as d:
+        assert d.attrs["steps_completed"] == 20 and not d.attrs["complete"]
+        assert torch.equal(d.load("a", "grad", "s0000007c000"), torch.full((32, 32), 7.0))

@@ -41,6 +41,8 @@ class StreamWriter:
         self._pending = 0
         self._cv = threading.Condition()
         self._error: BaseException | None = None
+        self.failed = False
+        """A write failed: the file is then never marked complete."""
         self._closed = False
         self._busy = False
         self._thread = threading.Thread(target=self._run, name="nmgrad-capture-writer", daemon=True)
@@ -85,7 +87,7 @@ class StreamWriter:
             if interrupted is not None and self.writer._f.id.valid:
                 self.writer.mark_interrupted(interrupted)
         finally:
-            self.writer.close(complete=interrupted is None and self._error is None)
+            self.writer.close(complete=interrupted is None and not self.failed)
         with self._cv:
             self._raise()
 
@@ -113,6 +115,7 @@ class StreamWriter:
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
                 with self._cv:
                     self._error = exc
+                    self.failed = True
             finally:
                 with self._cv:
                     self._busy = False
