@@ -5,29 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from _cli import assert_user_error, invoke
 
-from nmgrad_cli.cli.app import app
 from nmgrad_cli.cli.capture import parse_bytes
 from nmgrad_cli.dump import DumpReader
 from nmgrad_cli.errors import NmgradError
 
 REPO = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 
 
 def run(*args):
-    result = runner.invoke(app, ["capture", *map(str, args)])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def assert_user_error(result, match: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and match in lines[0], lines[0]
+    return invoke("capture", *args)
 
 
 @pytest.fixture(autouse=True)

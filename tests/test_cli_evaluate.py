@@ -9,14 +9,11 @@ import shutil
 import h5py
 import pytest
 import torch
+from _cli import assert_user_error, invoke
 from _dumps import make_mlp_dump
-from typer.testing import CliRunner
 
 from nmgrad_cli import METHODS
-from nmgrad_cli.cli.app import app
 from nmgrad_cli.dump import SCHEMA_VERSION, DumpWriter
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +22,7 @@ def dump(tmp_path_factory):
 
 
 def run(*args):
-    result = runner.invoke(app, ["evaluate", *map(str, args)])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def assert_user_error(result, match: str, code: int = 2) -> None:
-    """Exit ``code``, and exactly one line on stderr: ``error: ...`` containing ``match``."""
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and match in lines[0], lines[0]
+    return invoke("evaluate", *args)
 
 
 # --- the happy path --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from nmgrad_cli import METHODS, marginals, prune
 from nmgrad_cli.errors import MethodError, PatternError
+from nmgrad_cli.methods import is_defined
 from nmgrad_cli.methods.mvue import water_fill
 from nmgrad_cli.patterns import parse_pattern
 
@@ -16,12 +17,6 @@ ALL = list(METHODS)
 UNBIASED = [m for m in ALL if METHODS[m].unbiased]
 
 
-def defined(method: str, pattern: str) -> bool:
-    try:
-        METHODS[method].check(parse_pattern(pattern))
-    except PatternError:
-        return False
-    return True
 
 
 def draw(block, method, pattern, u):
@@ -132,7 +127,7 @@ def test_zero_blocks_give_zeros_never_nan(method):
 PATTERNS = ["1:2", "2:4", "1:4", "3:4", "2:8", "4:8", "3:8", "1:16", "8:16", "5:16"]
 
 
-@pytest.mark.parametrize("method, pattern", [(m, p) for m in ALL for p in PATTERNS if defined(m, p)])
+@pytest.mark.parametrize("method, pattern", [(m, p) for m in ALL for p in PATTERNS if is_defined(m, p)])
 def test_n_m_invariant_many_patterns(method, pattern, gen):
     pat = parse_pattern(pattern)
     x = torch.randn(7, 3 * pat.m + 1, generator=gen)  # odd length: last block padded
@@ -309,7 +304,7 @@ def gradient_like(gen, rows=64, cols=64):
 
 
 @pytest.mark.parametrize(
-    "method, pattern", [(m, p) for m in UNBIASED for p in ("2:4", "1:2", "3:8") if defined(m, p)]
+    "method, pattern", [(m, p) for m in UNBIASED for p in ("2:4", "1:2", "3:8") if is_defined(m, p)]
 )
 def test_unbiased_by_monte_carlo(method, pattern):
     """sum_i z_i^2 over elements, z_i = (mean_i - a_i)/sqrt(Var_i/S), is ~chi2(d): within 5 sd."""

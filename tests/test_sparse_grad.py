@@ -9,6 +9,7 @@ from torch import nn
 
 from nmgrad_cli import METHODS, marginals, prune
 from nmgrad_cli.errors import MethodError, NmgradError, PatternError
+from nmgrad_cli.methods import is_defined
 from nmgrad_cli.patterns import parse_pattern, to_blocks
 from nmgrad_cli.train import (
     SparseGradConfig,
@@ -23,15 +24,9 @@ from nmgrad_cli.train import (
 UNBIASED = [m for m in METHODS if METHODS[m].unbiased]
 
 
-def defined(method: str, pattern: str) -> bool:
-    try:
-        METHODS[method].check(parse_pattern(pattern))
-    except PatternError:
-        return False
-    return True
 
 
-CASES = [(m, p) for m in METHODS for p in ("1:2", "2:4", "1:4", "3:8") if defined(m, p)]
+CASES = [(m, p) for m in METHODS for p in ("1:2", "2:4", "1:4", "3:8") if is_defined(m, p)]
 UNBIASED_CASES = [(m, p) for m, p in CASES if m in UNBIASED and p in ("1:2", "2:4")]
 
 

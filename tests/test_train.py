@@ -17,13 +17,7 @@ from nmgrad_cli.train.trainer import TrainConfig, TrainingDiverged, compare, lr_
 ALL_METHODS = ["dense", *METHODS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these layers are tiny, and on a busy 2-core box two threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(model: str, **kw) -> TrainConfig:

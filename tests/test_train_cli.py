@@ -9,37 +9,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from typer.testing import CliRunner
+from _cli import assert_user_error, invoke
 
-from nmgrad_cli.cli.app import app
-
-runner = CliRunner()
 FAST = ["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--backend", "reference", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these layers are tiny, and on a busy 2-core box two threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args):
-    result = runner.invoke(app, ["train", *map(str, args)])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def assert_user_error(result, match: str, code: int = 2) -> None:
-    """Exit ``code`` and exactly one line on stderr: ``error: ...`` containing ``match``."""
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and match in lines[0], lines[0]
+    return invoke("train", *args)
 
 
 def test_compare_prints_a_table_and_writes_every_run(tmp_path):

@@ -36,7 +36,20 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def is_defined(method: str | PruningMethod, pattern) -> bool:
+    """Whether ``method`` is defined for ``pattern`` (a Pattern or "N:M"); a bad pattern raises."""
+    from ..errors import PatternError
+    from ..patterns import parse_pattern
+
+    pat = parse_pattern(pattern)
+    try:
+        get_method(method).check(pat)
+    except PatternError:
+        return False
+    return True
+
+
 # the order here is the order of tables and CLI choices
 from . import greedy, random, mvue, approx_mvue, mvue12  # noqa: E402,F401,I001  (fills METHODS)
 
-__all__ = ["METHODS", "PruningMethod", "get_method", "method_names", "register"]
+__all__ = ["METHODS", "PruningMethod", "get_method", "is_defined", "method_names", "register"]
