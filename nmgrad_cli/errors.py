@@ -27,7 +27,11 @@ class DumpError(NmgradError):
     """A dump file that is missing, not HDF5, of another schema, too new, truncated or empty."""
 
 
-class OutputExistsError(NmgradError):
+class OutputError(NmgradError):
+    """An output path that cannot be written: a directory, or a missing or read-only folder."""
+
+
+class OutputExistsError(OutputError):
     """An output path exists and ``--force`` was not given."""
 
 

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import NmgradError, OutputExistsError
+from ..dump.writer import check_output
+from ..errors import NmgradError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,15 +36,10 @@ def user_errors():
 
 
 def check_new_file(path: Path | None, force: bool) -> None:
-    """Refuse an existing output file unless ``force`` (``-`` means stdout)."""
+    """Refuse an existing output file unless ``force``; ``-`` (stdout) and None pass."""
     if path is None or str(path) == "-":
         return
-    if path.is_dir():
-        raise OutputExistsError(f"{path} is a directory: give a file path for the output")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists: pass --force to overwrite it, or choose another path")
-    if not path.parent.exists():
-        raise OutputExistsError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    check_output(path, force)
 
 
 def write_json(path: Path | None, payload) -> None:

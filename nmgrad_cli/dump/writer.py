@@ -11,24 +11,26 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import DumpError, OutputExistsError
+from ..errors import DumpError, OutputError, OutputExistsError
 from .schema import KINDS, SCHEMA_NAME, SCHEMA_VERSION, dtype_name, layer_key, record_name
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 
 
 def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite an existing file without ``force``; check the folder is writable."""
+    """Refuse to overwrite an existing file without ``force``; check the folder is writable.
+
+    The one check every output file of nmgrad goes through (dumps, --json, --csv)."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory: give a file path for the output")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists: pass --force to overwrite it, or choose another path")
-    if path.exists() and path.is_dir():
-        raise OutputExistsError(f"{path} is a directory: give a file path for the output")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise DumpError(f"cannot write {path}: folder {parent} does not exist; create it first")
+        raise OutputError(f"cannot write {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
-        raise DumpError(f"cannot write {path}: folder {parent} is not writable; choose another path")
+        raise OutputError(f"cannot write {path}: folder {parent} is not writable; choose another path")
     return path
 
 
