@@ -174,14 +174,26 @@ def _compiled(method: str, n: int, m: int, seeded: bool):
     return torch.compile(fn, dynamic=True)
 
 
+# Every variant shares the code object of _fused (or _fused_seeded), and dynamo counts each
+# (method, pattern, seeded) variant as a recompile of that code: with torch's default limit of 8 a
+# process that uses more variants would silently fall back to eager for the rest. There are at most
+# 2 x 5 x 2 = 20 variants, each compiled once for dynamic K.
+_RECOMPILE_LIMIT = 64
+
+
+def _run(fn, *args) -> torch.Tensor:
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return fn(*args)
+
+
 def fused_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:
     """The method's draw on blocks ``a`` (K, M) with uniforms ``u`` (K, U), in one fused pass."""
-    return _compiled(method, n, a.shape[-1], False)(a, u)
+    return _run(_compiled(method, n, a.shape[-1], False), a, u)
 
 
 def fused_sample_seeded(a: torch.Tensor, seed: torch.Tensor, method: str, n: int) -> torch.Tensor:
     """The draw with uniforms ``hash_uniforms(seed, K, U)`` made inside the fused pass."""
-    return _compiled(method, n, a.shape[-1], True)(a, seed)
+    return _run(_compiled(method, n, a.shape[-1], True), a, seed)
 
 
 def eager_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:
