@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..patterns import Pattern
-from . import register
+from . import get_method, register
 from .base import PruningMethod
-from .mvue import Mvue
 
 
 @register
@@ -26,9 +25,9 @@ class Mvue12(PruningMethod):
         return pattern.n  # one per pair
 
     def marginals(self, a: torch.Tensor, n: int):
-        p, v = Mvue().marginals(a.reshape(-1, 2), 1)
+        p, v = get_method("mvue").marginals(a.reshape(-1, 2), 1)
         return p.reshape(a.shape), v.reshape(a.shape)
 
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         pairs = a.reshape(-1, 2)
-        return Mvue().sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)
+        return get_method("mvue").sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)
