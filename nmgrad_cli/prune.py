@@ -3,18 +3,17 @@ per-element keep-probabilities and kept values the metrics are computed from."""
 
 from __future__ import annotations
 
-import os
 from typing import Literal, NamedTuple
 
 import torch
 
+from .backend import FUSED_MIN_NUMEL, BackendChoice, resolve_backend
 from .errors import NmgradError
 from .methods import PruningMethod, get_method
 from .patterns import Pattern, from_blocks, parse_pattern, to_blocks
 
 Backend = Literal["auto", "reference", "fused", "triton"]
-FUSED_MIN_NUMEL = 1 << 20
-"""Below this many elements ``auto`` runs the reference on CPU: compiling costs more than it saves."""
+__all__ = ["FUSED_MIN_NUMEL", "Backend", "Marginals", "draw_uniforms", "marginals", "prune", "resolve"]
 
 
 class Marginals(NamedTuple):
@@ -38,34 +37,6 @@ def draw_uniforms(k: int, meth: PruningMethod, pat: Pattern, device, generator=N
     return torch.rand(k, meth.n_uniforms(pat), generator=generator, device=device)
 
 
-def _choose_backend(backend: str, blocks: torch.Tensor, meth: PruningMethod, pat: Pattern) -> str:
-    from .kernels import cpu_fused
-
-    backend = os.environ.get("NMGRAD_BACKEND", backend) if backend == "auto" else backend
-    if backend == "reference":
-        return backend
-    if backend == "triton":
-        from .kernels import triton_prune
-
-        if not triton_prune.supports(meth.name, pat.n, pat.m):
-            raise NmgradError(f"no Triton kernel for {meth.name} {pat}: use backend='reference'")
-        return backend
-    fusable = cpu_fused.supports(meth.name, pat.n, pat.m) and blocks.dtype == torch.float32
-    if backend == "fused":
-        if not fusable:
-            raise NmgradError(f"no fused kernel for {meth.name} {pat}: use backend='reference'")
-        return backend
-    if blocks.is_cuda:
-        from .kernels import triton_prune
-
-        if triton_prune.available() and triton_prune.supports(meth.name, pat.n, pat.m):
-            return "triton"
-        return "reference"
-    if fusable and blocks.numel() >= FUSED_MIN_NUMEL and cpu_fused.compile_available():
-        return "fused"
-    return "reference"
-
-
 def prune(
     x: torch.Tensor,
     method: str | PruningMethod,
@@ -75,25 +46,48 @@ def prune(
     *,
     uniforms: torch.Tensor | None = None,
     backend: Backend = "auto",
+    stream: Literal["auto", "generator"] = "auto",
 ) -> torch.Tensor:
     """Prune ``x`` to the N:M ``pattern`` along ``dim`` with a registered ``method``.
 
     Computes in float32 (float64 stays float64) and returns a tensor of ``x``'s shape and dtype.
     Random draws come from ``generator`` (or the global one), or from ``uniforms`` of shape
     (K, n_uniforms) with K the number of blocks, which makes a draw a deterministic function.
-    Without ``uniforms`` the fused and Triton backends make their random numbers in the kernel
-    from a seed drawn from ``generator``: reproducible, but not the reference backend's draw.
     ``backend``: ``reference`` (plain torch), ``fused`` (torch.compile, CPU, 1:2 and 2:4),
-    ``triton`` (GPU kernels), or ``auto`` (the fastest available for this tensor).
+    ``triton`` (GPU kernels), or ``auto`` (the fastest available for this tensor; ``$NMGRAD_BACKEND``
+    overrides it); :func:`nmgrad_cli.backend.resolve_backend` decides. ``stream="generator"`` makes
+    every backend draw its uniforms with ``torch.rand`` from ``generator`` (the reference's numbers,
+    whatever runs); with ``auto`` the fused backend makes its own from a seed drawn from
+    ``generator`` (reproducible, faster, but other numbers than the reference's).
     """
+    return prune_with(x, method, pattern, dim, generator, uniforms=uniforms, backend=backend, stream=stream)[0]
+
+
+def prune_with(
+    x: torch.Tensor,
+    method: str | PruningMethod,
+    pattern: str | Pattern,
+    dim: int = -1,
+    generator: torch.Generator | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    stream: Literal["auto", "generator"] = "auto",
+    training: bool = False,
+) -> tuple[torch.Tensor, BackendChoice]:
+    """:func:`prune`, also returning the :class:`BackendChoice` that ran (``training``: see
+    :func:`nmgrad_cli.backend.resolve_backend`)."""
     meth, pat = resolve(method, pattern)
     blocks, view = to_blocks(x, pat.m, dim)
-    chosen = _choose_backend(backend, blocks, meth, pat)
-    if chosen == "fused" and uniforms is None:  # uniforms made inside the fused pass
+    choice = resolve_backend(
+        meth, pat, blocks.dtype, blocks.device, blocks.numel(), backend,
+        stream="given" if uniforms is not None else stream, training=training,
+    )
+    if choice.uniforms == "hash":  # uniforms made inside the fused pass
         from .kernels.cpu_fused import fused_sample_seeded
 
         seed = torch.randint(0, 2**62, (), generator=generator, device=blocks.device)
-        return from_blocks(fused_sample_seeded(blocks, seed, meth.name, pat.n), view)
+        return from_blocks(fused_sample_seeded(blocks, seed, meth.name, pat.n), view), choice
     u = uniforms if uniforms is not None else draw_uniforms(len(blocks), meth, pat, blocks.device, generator)
     if u.shape != (len(blocks), meth.n_uniforms(pat)):
         raise NmgradError(
@@ -101,17 +95,17 @@ def prune(
             f" on this tensor, got {tuple(u.shape)}"
         )
     u = u.to(blocks.dtype)
-    if chosen == "fused":
+    if choice.name == "fused":
         from .kernels.cpu_fused import fused_sample
 
         out = fused_sample(blocks, u, meth.name, pat.n)
-    elif chosen == "triton":
+    elif choice.name == "triton":
         from .kernels.triton_prune import triton_sample_blocks
 
         out = triton_sample_blocks(blocks, u, meth.name, pat.n)
     else:
         out = meth.sample(blocks, pat.n, u)
-    return from_blocks(out, view)
+    return from_blocks(out, view), choice
 
 
 def marginals(

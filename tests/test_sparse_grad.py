@@ -401,13 +401,17 @@ def test_even_kernel_same_padding_is_refused_with_a_hint():
 
 
 def test_fused_backend_is_a_preference_that_falls_back(gen):
-    from nmgrad_cli.train.gemm import FUSED_TRAIN_MIN_NUMEL, _backend
+    from nmgrad_cli.backend import FUSED_TRAIN_MIN_NUMEL, resolve_backend
+    from nmgrad_cli.kernels.cpu_fused import compile_available
 
-    small, big = torch.zeros(4, 8), torch.zeros(FUSED_TRAIN_MIN_NUMEL // 4, 4)
-    assert _backend(SparseGradConfig("mvue", "3:8", backend="fused"), big) == "auto"  # no 3:8 kernel
-    assert _backend(SparseGradConfig("mvue", "2:4", backend="fused"), small) == "auto"  # too small to pay
-    assert _backend(SparseGradConfig("mvue", "2:4", backend="fused"), big) == "fused"
-    assert _backend(SparseGradConfig("mvue", "2:4", backend="fused"), big.double()) == "auto"
+    def chosen(pattern, numel, dtype=torch.float32):
+        return resolve_backend("mvue", pattern, dtype, "cpu", numel, "fused", training=True).name
+
+    big = FUSED_TRAIN_MIN_NUMEL
+    assert chosen("3:8", big) == "reference"  # no 3:8 kernel
+    assert chosen("2:4", 32) == "reference"  # too small to pay
+    assert chosen("2:4", big) == ("fused" if compile_available() else "reference")
+    assert chosen("2:4", big, torch.float64) == "reference"
     dy = torch.randn(6, 16, generator=gen)
     cfg = SparseGradConfig("mvue", "3:8", backend="fused")
     dx, _, _ = linear_grads(torch.zeros(6, 16), torch.eye(16), None, dy, cfg)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# method codes (constexpr globals, as the compiler requires): keep in sync with triton_prune._METHOD_CODES
-GREEDY = tl.constexpr(0)
-RANDOM = tl.constexpr(1)
-MVUE = tl.constexpr(2)
-MVUE12 = tl.constexpr(3)
-APPROX = tl.constexpr(4)
+from nmgrad_cli.methods import METHODS
+
+# method codes (constexpr globals, as the compiler requires), each method's ``kernel_code``
+GREEDY = tl.constexpr(METHODS["greedy"].kernel_code)
+RANDOM = tl.constexpr(METHODS["random"].kernel_code)
+MVUE = tl.constexpr(METHODS["mvue"].kernel_code)
+MVUE12 = tl.constexpr(METHODS["mvue12"].kernel_code)
+APPROX = tl.constexpr(METHODS["approx-mvue"].kernel_code)
 
 
 @triton.jit
@@ -67,6 +69,18 @@ def _div(num, den):
 
 
 @triton.jit
+def _finite(a):
+    """|a| < inf: False for NaN and +-inf."""
+    return tl.abs(a) < float("inf")
+
+
+@triton.jit
+def _poison(y, finite):
+    """The reference's rule: a block with a non-finite value comes out all NaN."""
+    return tl.where(finite, y, float("nan"))
+
+
+@triton.jit
 def _before(kj, ki, j_first: tl.constexpr, larger_first: tl.constexpr):
     """Whether element j is ordered before element i (ties: lower index first)."""
     if larger_first:
@@ -105,8 +119,9 @@ def _ceil_step(c, prev, u):
 @triton.jit
 def _mvue12_pair(a0, a1, u):
     """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i; exact if <= 1 non-zero."""
-    m0 = tl.abs(a0)
-    m1 = tl.abs(a1)
+    top = tl.maximum(tl.abs(a0), tl.abs(a1))
+    m0 = _div(tl.abs(a0), top)  # scaled by the max, as the reference (no overflow of the sum)
+    m1 = _div(tl.abs(a1), top)
     lam = m0 + m1
     p0 = tl.minimum(_div(m0, lam), 1.0)
     p1 = tl.minimum(_div(m1, lam), 1.0)
@@ -139,16 +154,28 @@ def _sort4_desc(m0, m1, m2, m3):
 
 
 @triton.jit
+def _scaled4(a0, a1, a2, a3):
+    """|a_i| / max |a| (the reference's scaled_magnitudes): no sum of the block overflows."""
+    top = tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3)))
+    return _div(tl.abs(a0), top), _div(tl.abs(a1), top), _div(tl.abs(a2), top), _div(tl.abs(a3), top)
+
+
+@triton.jit
+def _others4(x0, x1, x2, x3):
+    """sum_{k != j} x_k summed directly, in the reference's order (base.sum_of_others)."""
+    x01 = x0 + x1
+    x32 = x3 + x2
+    return x32 + x1, x0 + x32, x01 + x3, x01 + x2
+
+
+@triton.jit
 def _mvue24(a0, a1, a2, a3, u):
     """Exact MVUE 2:4: water-filling p_i = min(1, |a_i| / lam), sum p = 2, systematic sampling.
 
     lam = S/2, or R = S - max|a| when max|a| > R (the dominant element is then kept exactly).
     The sums run in the reference's order (smallest first) so rounding matches it closely.
     """
-    m0 = tl.abs(a0)
-    m1 = tl.abs(a1)
-    m2 = tl.abs(a2)
-    m3 = tl.abs(a3)
+    m0, m1, m2, m3 = _scaled4(a0, a1, a2, a3)
     s0, s1, s2, s3 = _sort4_desc(m0, m1, m2, m3)
     tail1 = (s3 + s2) + s1  # R when s0 is the largest
     tail0 = tail1 + s0  # S
@@ -197,26 +224,25 @@ def _draw4(m0, m1, m2, m3, u):
 def _approx24(a0, a1, a2, a3, u0, u1):
     """approx-MVUE 2:4: first draw proportional to |a_i|, second among the other three likewise.
 
-    Kept a_i becomes a_i / p_i, p_i = t_i + |a_i| sum_{j != i} t_j / (S - |a_j|), t_i = |a_i| / S.
+    Kept a_i becomes a_i / p_i, p_i = t_i + |a_i| sum_{j != i} t_j / (S - |a_j|), t_i = |a_i| / S,
+    on the scaled magnitudes, with S - |a_j| and sum_{j != i} summed directly (no cancellation).
     """
-    m0 = tl.abs(a0)
-    m1 = tl.abs(a1)
-    m2 = tl.abs(a2)
-    m3 = tl.abs(a3)
+    m0, m1, m2, m3 = _scaled4(a0, a1, a2, a3)
     s = ((m0 + m1) + m2) + m3
     t0 = _div(m0, s)
     t1 = _div(m1, s)
     t2 = _div(m2, s)
     t3 = _div(m3, s)
-    r0 = _div(t0, s - m0)
-    r1 = _div(t1, s - m1)
-    r2 = _div(t2, s - m2)
-    r3 = _div(t3, s - m3)
-    rsum = ((r0 + r1) + r2) + r3
-    p0 = tl.minimum(t0 + m0 * (rsum - r0), 1.0)
-    p1 = tl.minimum(t1 + m1 * (rsum - r1), 1.0)
-    p2 = tl.minimum(t2 + m2 * (rsum - r2), 1.0)
-    p3 = tl.minimum(t3 + m3 * (rsum - r3), 1.0)
+    o0, o1, o2, o3 = _others4(m0, m1, m2, m3)
+    r0 = _div(t0, o0)
+    r1 = _div(t1, o1)
+    r2 = _div(t2, o2)
+    r3 = _div(t3, o3)
+    q0, q1, q2, q3 = _others4(r0, r1, r2, r3)
+    p0 = tl.minimum(t0 + m0 * q0, 1.0)
+    p1 = tl.minimum(t1 + m1 * q1, 1.0)
+    p2 = tl.minimum(t2 + m2 * q2, 1.0)
+    p3 = tl.minimum(t3 + m3 * q3, 1.0)
     # at most 2 non-zeros: each is kept for sure (p would round to just under 1), as the reference
     few = ((m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32) + (m2 > 0).to(tl.int32) + (m3 > 0).to(tl.int32)) <= 2
     p0 = tl.where(few & (m0 > 0), 1.0, p0)
@@ -243,8 +269,9 @@ def _approx24(a0, a1, a2, a3, u0, u1):
 @triton.jit
 def _approx12(a0, a1, u):
     """approx-MVUE 1:2 (one draw proportional to |a_i|, kept value a_i S / |a_i|)."""
-    m0 = tl.abs(a0)
-    m1 = tl.abs(a1)
+    top = tl.maximum(tl.abs(a0), tl.abs(a1))
+    m0 = _div(tl.abs(a0), top)
+    m1 = _div(tl.abs(a1), top)
     s = m0 + m1
     p0 = _div(m0, s)
     p1 = _div(m1, s)
@@ -380,6 +407,11 @@ def prune_kernel(
             y2, y3 = _mvue12_pair(a2, a3, u1)
         else:
             y0, y1, y2, y3 = _approx24(a0, a1, a2, a3, u0, u1)
+        fin = _finite(a0) & _finite(a1) & _finite(a2) & _finite(a3)
+        y0 = _poison(y0, fin)
+        y1 = _poison(y1, fin)
+        y2 = _poison(y2, fin)
+        y3 = _poison(y3, fin)
         o0 = _to_out(y0, y_ptr.dtype.element_ty, OUT_BF16)
         o1 = _to_out(y1, y_ptr.dtype.element_ty, OUT_BF16)
         o2 = _to_out(y2, y_ptr.dtype.element_ty, OUT_BF16)
@@ -418,6 +450,9 @@ def prune_kernel(
             y0, y1 = _approx12(a0, a1, u0)
         else:  # mvue and mvue12 are the same at 1:2
             y0, y1 = _mvue12_pair(a0, a1, u0)
+        fin = _finite(a0) & _finite(a1)
+        y0 = _poison(y0, fin)
+        y1 = _poison(y1, fin)
         out = _to_out(tl.reshape(tl.join(y0, y1), (BLOCK_R, BLOCK_G * M)), y_ptr.dtype.element_ty, OUT_BF16)
 
     tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)

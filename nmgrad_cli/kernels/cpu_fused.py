@@ -17,12 +17,21 @@ import functools
 
 import torch
 
+from ..methods import METHODS
+from ..patterns import Pattern
+
 FUSED_PATTERNS = {(1, 2), (2, 4)}
-FUSED_METHODS = {"greedy", "random", "mvue", "mvue12", "approx-mvue"}
+FUSED_METHODS = {name for name, meth in METHODS.items() if meth.kernel_code is not None}
+"""Derived from the registry: the methods that declare a ``kernel_code``."""
 
 
 def supports(method: str, n: int, m: int) -> bool:
     return method in FUSED_METHODS and (n, m) in FUSED_PATTERNS
+
+
+def n_uniforms(method: str, n: int, m: int) -> int:
+    """Uniforms per block: the registry's ``n_uniforms`` (one number for the reference and kernels)."""
+    return METHODS[method].n_uniforms(Pattern(n, m))
 
 
 def _rank_keep(keys: list[torch.Tensor], n: int, larger_first: bool) -> list[torch.Tensor]:
@@ -59,7 +68,14 @@ def _systematic(p: list[torch.Tensor], n: int, u: torch.Tensor) -> list[torch.Te
     return keep
 
 
+def _scaled(mag: list[torch.Tensor]) -> list[torch.Tensor]:
+    """|a_i| / max |a| (the reference's scaled_magnitudes): no sum of a block overflows."""
+    top = functools.reduce(torch.maximum, mag)
+    return [_div(mi, top) for mi in mag]
+
+
 def _mvue_cols(a: list[torch.Tensor], mag: list[torch.Tensor], n: int, u: torch.Tensor):
+    mag = _scaled(mag)
     s = functools.reduce(torch.add, mag)
     if n == 1:
         lam = s
@@ -89,15 +105,27 @@ def _draw(mag: list[torch.Tensor], u: torch.Tensor) -> list[torch.Tensor]:
     return keep
 
 
+def _others(x: list[torch.Tensor]) -> list[torch.Tensor]:
+    """sum_{k != j} x_k summed directly, in the reference's order (base.sum_of_others)."""
+    m = len(x)
+    before = [torch.zeros_like(x[0])]
+    for j in range(1, m):
+        before.append(x[0] if j == 1 else before[-1] + x[j - 1])
+    after = [torch.zeros_like(x[0])] * m
+    for j in range(m - 2, -1, -1):
+        after[j] = x[m - 1] if j == m - 2 else after[j + 1] + x[j + 1]
+    return [b + c for b, c in zip(before, after)]
+
+
 def _approx_cols(a: list[torch.Tensor], mag: list[torch.Tensor], n: int, u: list[torch.Tensor]):
+    mag = _scaled(mag)
     s = functools.reduce(torch.add, mag)
     t = [_div(mi, s) for mi in mag]
     if n == 1:
         p = t
     else:
-        r = [_div(ti, s - mi) for ti, mi in zip(t, mag)]
-        rsum = functools.reduce(torch.add, r)
-        p = [torch.clamp(ti + mi * (rsum - ri), max=1.0) for ti, mi, ri in zip(t, mag, r)]
+        r = [_div(ti, oi) for ti, oi in zip(t, _others(mag))]
+        p = [torch.clamp(ti + mi * ri, max=1.0) for ti, mi, ri in zip(t, mag, _others(r))]
     nnz = functools.reduce(torch.add, [(mi > 0).to(torch.int32) for mi in mag])
     p = [torch.where(nnz <= n, (mi > 0).to(mi.dtype), pi) for mi, pi in zip(mag, p)]
     keep = _draw(mag, u[0])
@@ -113,22 +141,27 @@ def _fused(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tenso
     cols = list(a.unbind(-1))
     mag = [c.abs() for c in cols]
     us = list(u.unbind(-1)) if u.shape[-1] else []
-    if method == "greedy":
+    code = METHODS[method].kernel_code
+    if code == METHODS["greedy"].kernel_code:
         keep = _rank_keep(mag, n, larger_first=True)
         out = [torch.where(k, c, 0.0) for k, c in zip(keep, cols)]
-    elif method == "random":
+    elif code == METHODS["random"].kernel_code:
         keep = _rank_keep(us, n, larger_first=False)
         out = [torch.where(k, c * (m / n), 0.0) for k, c in zip(keep, cols)]
-    elif method == "mvue":
+    elif code == METHODS["mvue"].kernel_code:
         out = _mvue_cols(cols, mag, n, us[0])
-    elif method == "mvue12":
+    elif code == METHODS["mvue12"].kernel_code:
         out = []
         for pair in range(m // 2):
             sl = slice(2 * pair, 2 * pair + 2)
             out += _mvue_cols(cols[sl], mag[sl], 1, us[pair])
-    else:  # approx-mvue
+    elif code == METHODS["approx-mvue"].kernel_code:
         out = _approx_cols(cols, mag, n, us)
-    return torch.stack(out, -1)
+    else:
+        raise ValueError(f"no fused kernel for {method} (kernel_code {code})")
+    # a block with a NaN or an infinity comes out all NaN (the reference's rule)
+    finite = functools.reduce(torch.logical_and, [mi < float("inf") for mi in mag])
+    return torch.where(finite[:, None], torch.stack(out, -1), float("nan"))
 
 
 _M32 = 0xFFFFFFFF
@@ -150,25 +183,49 @@ def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash_uniforms(seed: torch.Tensor, k: int, n_u: int, device=None) -> torch.Tensor:
-    """(k, n_u) float32 uniforms in [0, 1) with 24 random bits: u[b, j] = H(seed, b * n_u + j).
+_MASK64 = (1 << 64) - 1
 
-    ``seed`` is a 0-d int64 tensor (a tensor, so compiled code does not specialise on it)."""
+
+def seed_key(seed: int) -> int:
+    """The splitmix64 finalizer of the whole 64-bit ``seed``, as a signed int64 (the hash's key).
+
+    Every bit of the seed changes about half the key's bits, so neighbouring seeds (s, s + 1,
+    s ^ 1) give unrelated streams; XOR-ing the raw seed into the counter made them permutations
+    of one stream."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+def _hash_from_key(key: torch.Tensor, k: int, n_u: int, device=None) -> torch.Tensor:
     idx = torch.arange(k * n_u, device=device, dtype=torch.int64)
-    x = _lowbias32((idx ^ seed) & _M32)
-    x = _lowbias32(x ^ ((seed >> 32) & _M32))
+    x = _lowbias32((idx ^ key) & _M32)
+    x = _lowbias32(x ^ ((key >> 32) & _M32) ^ ((idx >> 32) & _M32))
     return ((x >> 8).to(torch.float32) * (1.0 / (1 << 24))).view(k, n_u)
 
 
-def _fused_seeded(a: torch.Tensor, seed: torch.Tensor, method: str, n: int, n_u: int) -> torch.Tensor:
-    return _fused(a, hash_uniforms(seed, a.shape[0], n_u, a.device), method, n)
+def hash_uniforms(seed: torch.Tensor | int, k: int, n_u: int, device=None) -> torch.Tensor:
+    """(k, n_u) float32 uniforms in [0, 1) with 24 random bits: u[b, j] = H(key, b * n_u + j) with
+    key = :func:`seed_key` (seed): two rounds of a 32-bit mixer, the key's low half XOR-ed into the
+    counter before the first and its high half (with the counter's high bits) before the second."""
+    return _hash_from_key(_key_tensor(seed, device), k, n_u, device)
+
+
+def _key_tensor(seed: torch.Tensor | int, device=None) -> torch.Tensor:
+    # a 0-d tensor, so compiled code does not specialise on it
+    return torch.tensor(seed_key(int(seed)), dtype=torch.int64, device=device)
+
+
+def _fused_seeded(a: torch.Tensor, key: torch.Tensor, method: str, n: int, n_u: int) -> torch.Tensor:
+    return _fused(a, _hash_from_key(key, a.shape[0], n_u, a.device), method, n)
 
 
 @functools.cache
 def _compiled(method: str, n: int, m: int, seeded: bool):
     if seeded:
-        n_u = {"greedy": 0, "random": m, "mvue": 1, "mvue12": m // 2, "approx-mvue": n}[method]
-        fn = functools.partial(_fused_seeded, method=method, n=n, n_u=n_u)
+        fn = functools.partial(_fused_seeded, method=method, n=n, n_u=n_uniforms(method, n, m))
     else:
         fn = functools.partial(_fused, method=method, n=n)
     return torch.compile(fn, dynamic=True)
@@ -193,7 +250,7 @@ def fused_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch
 
 def fused_sample_seeded(a: torch.Tensor, seed: torch.Tensor, method: str, n: int) -> torch.Tensor:
     """The draw with uniforms ``hash_uniforms(seed, K, U)`` made inside the fused pass."""
-    return _run(_compiled(method, n, a.shape[-1], True), a, seed)
+    return _run(_compiled(method, n, a.shape[-1], True), a, _key_tensor(seed, a.device))
 
 
 def eager_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:

@@ -31,24 +31,18 @@ from typing import Literal, NamedTuple
 import torch
 
 from ..errors import NmgradError
+from ..methods import METHODS
+from ..patterns import Pattern
 
 log = logging.getLogger(__name__)
 
 Axis = Literal["features", "tokens"]
 
-_METHOD_CODES = {"greedy": 0, "random": 1, "mvue": 2, "mvue12": 3, "approx-mvue": 4}
 _PATTERNS = {(1, 2), (2, 4)}
-_N_UNIFORMS = {  # (method, m) -> uniforms per block, as the reference's n_uniforms
-    ("greedy", 2): 0,
-    ("greedy", 4): 0,
-    ("random", 2): 2,
-    ("random", 4): 4,
-    ("mvue", 2): 1,
-    ("mvue", 4): 1,
-    ("mvue12", 2): 1,
-    ("mvue12", 4): 2,
-    ("approx-mvue", 2): 1,
-    ("approx-mvue", 4): 2,
+# derived from the registry: each method declares its kernel_code and n_uniforms once
+_METHOD_CODES = {name: meth.kernel_code for name, meth in METHODS.items() if meth.kernel_code is not None}
+_N_UNIFORMS = {  # (method, m) -> uniforms per block, the reference's n_uniforms at (m/2):m
+    (name, m): METHODS[name].n_uniforms(Pattern(n, m)) for name in _METHOD_CODES for n, m in _PATTERNS
 }
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _JIT_FILE = Path(__file__).with_name("_triton_prune_jit.py")
@@ -307,21 +301,13 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
     return Compressed(out, packed, meta)
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    log.info(message)
-
-
 def triton_sample_blocks(blocks: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:
     """The method's draw on blocks (K, M) with uniforms (K, U): ``prune()``'s triton backend."""
     k, m = blocks.shape
     if not supports(method, n, m):
         raise NmgradError(f"no Triton kernel for {method} {n}:{m}: use backend='reference'")
-    if blocks.dtype not in _DTYPES:  # float64: the kernels compute in float32
-        from ..methods import get_method
-
-        _log_once(f"triton backend: {blocks.dtype} blocks run on the reference (the kernels compute in float32)")
-        return get_method(method).sample(blocks, n, u)
+    if blocks.dtype not in _DTYPES:  # backend.resolve_backend sends float64 to the reference
+        raise NmgradError(f"the Triton kernels compute in float32, got {blocks.dtype} blocks: use backend='reference'")
     # view the contiguous blocks as rows of up to 32 blocks: same block order, wider tiles
     per_row = min(32, k & -k) if k else 1
     x = blocks.contiguous().view(k // per_row, per_row * m)

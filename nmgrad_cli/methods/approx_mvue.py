@@ -3,7 +3,11 @@
 The cheap kernel-friendly variant of MVUE used in practice (Hu et al. 2024). First draw i with
 t_i = |a_i|/S; for N = 2 a second from the others with |a_j|/(S - |a_i|). Kept elements become
 a_i / p_i with the exact inclusion probability p_i = t_i + |a_i| sum_{j != i} t_j / (S - |a_j|), so
-it is unbiased. For N = 1 it equals mvue. Undefined for N > 2.
+it is unbiased. For N = 1 it equals mvue, and at 1:2 it is mvue (the same decisions for the same
+uniform). Undefined for N > 2.
+
+Numerics: magnitudes are scaled by the block's max, and S - |a_j| and sum_{j != i} are summed
+directly over the other elements (:func:`.base.sum_of_others`), never by subtraction.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ import torch
 
 from ..patterns import Pattern
 from . import register
-from .base import PruningMethod, safe_div
+from .base import PruningMethod, running_sum, safe_div, scaled_magnitudes, sum_of_others
 
 
 def draw_proportional(mag: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One-hot draw per row with P(i) = mag_i / sum(mag): keep i iff C_{i-1} <= u*S < C_i."""
-    c = mag.cumsum(-1)
+    c = running_sum(mag)
     thr = u * c[..., -1:]
     prev = torch.nn.functional.pad(c[..., :-1], (1, 0))
     return (prev <= thr) & (thr < c)
@@ -27,6 +31,7 @@ def draw_proportional(mag: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class ApproxMvue(PruningMethod):
     name = "approx-mvue"
     summary = "draw 1 or 2 elements sequentially proportional to |a_i| (unbiased, cheap)"
+    kernel_code = 4
 
     def check(self, pattern: Pattern) -> None:
         if pattern.n > 2:
@@ -35,26 +40,28 @@ class ApproxMvue(PruningMethod):
     def n_uniforms(self, pattern: Pattern) -> int:
         return pattern.n
 
-    def marginals(self, a: torch.Tensor, n: int):
-        mag = a.abs()
-        s = mag.sum(-1, keepdim=True)
+    def _marginals(self, a: torch.Tensor, n: int):
+        return self._law(scaled_magnitudes(a), a, n)
+
+    def _law(self, mag: torch.Tensor, a: torch.Tensor, n: int):
+        s = running_sum(mag)[..., -1:]
         t = safe_div(mag, s.expand_as(mag))
         if n == 1:
             p = t
         else:
-            r = safe_div(t, s - mag)  # t_j / (S - |a_j|), 0 where a_j is the only non-zero
-            p = t + mag * (r.sum(-1, keepdim=True) - r)
+            r = safe_div(t, sum_of_others(mag))  # t_j / (S - |a_j|), 0 where a_j is the only non-zero
+            p = t + mag * sum_of_others(r)
             p = p.clamp_(max=1.0)
         # at most N non-zeros: every one is kept for sure (p would round to just under 1)
         few = (mag > 0).sum(-1, keepdim=True) <= n
         p = torch.where(few, (mag > 0).to(p.dtype), p)
         return p, safe_div(a, p)
 
-    def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
-        mag = a.abs()
+    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+        mag = scaled_magnitudes(a)
         keep = draw_proportional(mag, u[..., :1])
         if n == 2:
             rest = torch.where(keep, torch.zeros_like(mag), mag)
             keep = keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0))
-        _, v = self.marginals(a, n)
+        _, v = self._law(mag, a, n)
         return torch.where(keep, v, torch.zeros_like(v))

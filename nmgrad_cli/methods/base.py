@@ -1,16 +1,23 @@
 """The interface every pruning method implements, on blocks.
 
 All functions here take ``a``: ``(K, M)`` blocks in the compute dtype (float32, or float64) and
-return tensors of the same shape. A method is defined by two functions:
+return tensors of the same shape. A method is defined by two functions, which subclasses implement
+as ``_marginals`` and ``_sample``:
 
 - ``marginals(a, n) -> (p, v)``: ``p[k, i]`` = P(element i of block k is kept), ``v[k, i]`` = the
   value it has when kept (0 where p is 0). The exact moments follow: E[g^] = p v, E[g^^2] = p v^2.
 - ``sample(a, n, u) -> g^``: one draw, a deterministic function of the uniforms
   ``u`` ``(K, n_uniforms)`` in [0, 1). Fast kernels implement the same function of the same
   uniforms, which is how they are tested against this reference.
+
+The public ``marginals``/``sample`` add the one rule every method and backend shares: a block
+holding a NaN or an infinity comes out all NaN (p and v too), so a non-finite gradient is never
+pruned into a finite one (docs/methods.md, "Numerics").
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
@@ -19,33 +26,86 @@ from ..patterns import Pattern
 
 
 class PruningMethod:
-    """Base class: subclasses set the class attributes and implement the two functions."""
+    """Base class: subclasses set the class attributes and implement ``_marginals``/``_sample``."""
 
-    name: str = ""
-    summary: str = ""
-    unbiased: bool = True
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    unbiased: ClassVar[bool] = True
+    kernel_code: ClassVar[int | None] = None
+    """The method's code in the fused CPU and Triton kernels (they run 1:2 and 2:4), or None when no
+    kernel implements it. Declared once here: the kernel tables are derived from the registry."""
 
     def check(self, pattern: Pattern) -> None:
         """Raise :class:`PatternError` when the method is undefined for ``pattern``."""
 
     def n_uniforms(self, pattern: Pattern) -> int:
-        """How many uniforms in [0, 1) one block's draw consumes."""
+        """How many uniforms in [0, 1) one block's draw consumes (the reference and every kernel)."""
         return 0
 
     def marginals(self, a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(p, v) of every element; NaN for the whole of a block with a non-finite value."""
+        p, v = self._marginals(a, n)
+        bad = nonfinite_blocks(a)
+        return poison(p, bad), poison(v, bad)
 
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+        """One draw with uniforms ``u``; all NaN for a block with a non-finite value."""
+        return poison(self._sample(a, n, u), nonfinite_blocks(a))
+
+    def _marginals(self, a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _undefined(self, pattern: Pattern, hint: str) -> PatternError:
         return PatternError(f"method '{self.name}' is not defined for pattern {pattern}: {hint}")
 
 
+def nonfinite_blocks(a: torch.Tensor) -> torch.Tensor:
+    """(K, 1) bool: the blocks holding a NaN or an infinity."""
+    return ~torch.isfinite(a).all(-1, keepdim=True)
+
+
+def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``x`` with every element of the ``bad`` blocks set to NaN."""
+    return torch.where(bad, torch.full_like(x, float("nan")), x)
+
+
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den == 0 (so zero blocks give zeros, never NaN)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def scaled_magnitudes(a: torch.Tensor) -> torch.Tensor:
+    """|a_i| / max_j |a_j| per block (zeros for a zero block).
+
+    Keep-probabilities depend only on the ratios of the magnitudes, so they are computed from
+    these: the largest is exactly 1 and a block's sum is at most M, so no sum overflows (four
+    1e38 values in float32) or loses the small elements to underflow. A magnitude below the
+    dtype's smallest subnormal times the max (2^-149 in float32) becomes 0 and is never kept."""
+    mag = a.abs()
+    return safe_div(mag, mag.amax(-1, keepdim=True).expand_as(mag))
+
+
+def running_sum(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sums along the last dim, added left to right in x's dtype (the order the
+    kernels add in; ``torch.cumsum`` on the CPU accumulates float32 in float64)."""
+    cols = list(x.unbind(-1))
+    for j in range(1, len(cols)):
+        cols[j] = cols[j - 1] + cols[j]
+    return torch.stack(cols, -1)
+
+
+def sum_of_others(x: torch.Tensor) -> torch.Tensor:
+    """``out[.., j] = sum_{k != j} x[.., k]`` for x >= 0, summed directly as (x_0 + .. + x_{j-1}) +
+    (x_{M-1} + .. + x_{j+1}): sum(x) - x_j cancels to 0 when x_j dominates (|x_j| ~ 2^24 x the rest
+    in float32), which made approx-mvue's probabilities wrong."""
+    zero = torch.zeros_like(x[..., :1])
+    before = torch.cat([zero, running_sum(x)[..., :-1]], -1)  # x_0 + .. + x_{j-1}
+    after = torch.cat([running_sum(x.flip(-1))[..., :-1].flip(-1), zero], -1)  # x_{M-1} + .. + x_{j+1}
+    return before + after
 
 
 def systematic_sample(p: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,12 @@ class Greedy(PruningMethod):
     name = "greedy"
     summary = "keep the N largest |a_i| of each block (minimum MSE, biased)"
     unbiased = False
+    kernel_code = 0
 
-    def marginals(self, a: torch.Tensor, n: int):
+    def _marginals(self, a: torch.Tensor, n: int):
         keep = kept_by_rank(a.abs(), n, descending=True)
         return keep.to(a.dtype), torch.where(keep, a, torch.zeros_like(a))
 
-    def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         keep = kept_by_rank(a.abs(), n, descending=True)
         return torch.where(keep, a, torch.zeros_like(a))

@@ -2,7 +2,8 @@
 
 Keep-probabilities by water-filling, p_i = min(1, |a_i| / lam) with sum_i p_i = N, then exactly N
 elements drawn with those marginals by systematic sampling; a kept element becomes a_i / p_i.
-Blocks with at most N non-zeros are kept exactly.
+Blocks with at most N non-zeros are kept exactly. The probabilities are computed from the
+magnitudes scaled by the block's max (:func:`.base.scaled_magnitudes`), so no sum overflows.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from ..patterns import Pattern
 from . import register
-from .base import PruningMethod, safe_div, systematic_sample
+from .base import PruningMethod, safe_div, scaled_magnitudes, systematic_sample
 
 
 def water_fill(mag: torch.Tensor, n: int) -> torch.Tensor:
@@ -36,15 +37,16 @@ def water_fill(mag: torch.Tensor, n: int) -> torch.Tensor:
 class Mvue(PruningMethod):
     name = "mvue"
     summary = "exact minimum-variance unbiased N:M (water-filling + systematic sampling)"
+    kernel_code = 2
 
     def n_uniforms(self, pattern: Pattern) -> int:
         return 1
 
-    def marginals(self, a: torch.Tensor, n: int):
-        p = water_fill(a.abs(), n)
+    def _marginals(self, a: torch.Tensor, n: int):
+        p = water_fill(scaled_magnitudes(a), n)
         return p, safe_div(a, p)
 
-    def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
-        p, v = self.marginals(a, n)
+    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+        p, v = self._marginals(a, n)
         keep = systematic_sample(p, n, u[..., :1])
         return torch.where(keep, v, torch.zeros_like(v))

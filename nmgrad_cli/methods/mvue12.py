@@ -1,6 +1,6 @@
 """mvue12: MVUE 1:2 on each pair of a block, a valid unbiased N:2N pruning (the 2:4 baseline).
 
-Var per pair = 2 |a_1| |a_2|.
+Var per pair = 2 |a_1| |a_2|. At 1:2 (one pair) it is mvue.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .base import PruningMethod
 class Mvue12(PruningMethod):
     name = "mvue12"
     summary = "MVUE 1:2 on each pair of the block: valid, unbiased N:2N (e.g. 2:4)"
+    kernel_code = 3
 
     def check(self, pattern: Pattern) -> None:
         if pattern.m != 2 * pattern.n:
@@ -24,10 +25,10 @@ class Mvue12(PruningMethod):
     def n_uniforms(self, pattern: Pattern) -> int:
         return pattern.n  # one per pair
 
-    def marginals(self, a: torch.Tensor, n: int):
-        p, v = get_method("mvue").marginals(a.reshape(-1, 2), 1)
+    def _marginals(self, a: torch.Tensor, n: int):
+        p, v = get_method("mvue")._marginals(a.reshape(-1, 2), 1)
         return p.reshape(a.shape), v.reshape(a.shape)
 
-    def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         pairs = a.reshape(-1, 2)
-        return get_method("mvue").sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)
+        return get_method("mvue")._sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)

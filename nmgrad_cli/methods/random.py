@@ -13,15 +13,16 @@ from .base import PruningMethod, kept_by_rank
 class Random(PruningMethod):
     name = "random"
     summary = "keep a uniformly random N of M, scaled by M/N (unbiased, Var = sum a^2 (M/N - 1))"
+    kernel_code = 1
 
     def n_uniforms(self, pattern: Pattern) -> int:
         return pattern.m  # one key per element; the N smallest keys are kept
 
-    def marginals(self, a: torch.Tensor, n: int):
+    def _marginals(self, a: torch.Tensor, n: int):
         m = a.shape[-1]
         return torch.full_like(a, n / m), a * (m / n)
 
-    def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         m = a.shape[-1]
         keep = kept_by_rank(u, n, descending=False)
         return torch.where(keep, a * (m / n), torch.zeros_like(a))

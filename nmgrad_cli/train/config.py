@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from ..backend import BACKENDS, backend_record
 from ..errors import MethodError, NmgradError
 from ..methods import METHODS
 from ..patterns import Pattern, parse_pattern
@@ -45,8 +47,9 @@ class SparseGradConfig:
     seed: int = 0
     """Seeds each layer's generator (together with the layer name and the rank offset)."""
     backend: str = "auto"
-    """``prune()`` backend for the gradient pruning: auto, reference, triton, or fused (the compiled
-    CPU kernel where it supports the method and pattern, else auto)."""
+    """Pruning backend: auto, reference, triton, or fused; :func:`nmgrad_cli.backend.resolve_backend`
+    decides per tensor in training mode (auto and fused: the compiled CPU kernel where it supports
+    the method, pattern and size, Triton on CUDA, else the reference)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grad_gemms", parse_gemms(self.grad_gemms))
@@ -59,8 +62,8 @@ class SparseGradConfig:
             object.__setattr__(self, "weight_pattern", str(parse_pattern(self.weight_pattern)))
         if self.weight_every < 1:
             raise NmgradError(f"weight_every must be >= 1 step, got {self.weight_every}")
-        if self.backend not in ("auto", "reference", "fused", "triton"):
-            raise NmgradError(f"unknown backend '{self.backend}': choose auto, reference, fused or triton")
+        if self.backend not in BACKENDS:
+            raise NmgradError(f"unknown backend '{self.backend}': choose one of {', '.join(BACKENDS)}")
 
     @property
     def prunes(self) -> bool:
@@ -71,9 +74,21 @@ class SparseGradConfig:
         """True when GEMM ``gemm`` ("dx" or "dw") gets a pruned dY."""
         return self.method != DENSE and gemm in self.grad_gemms
 
-    @property
+    @functools.cached_property
     def parsed_pattern(self) -> Pattern:
+        """``pattern`` parsed once (the string stays the field, for the JSON outputs)."""
         return parse_pattern(self.pattern)
+
+    def backend_record(self, dtype=None, device="cpu") -> dict | None:
+        """What the pruning runs on (:func:`nmgrad_cli.backend.backend_record`), None when nothing is
+        pruned; for config.json."""
+        if not self.prunes:
+            return None
+        import torch
+
+        return backend_record(
+            self.method, self.parsed_pattern, dtype or torch.float32, device, self.backend, training=True
+        )
 
     @property
     def parsed_weight_pattern(self) -> Pattern | None:

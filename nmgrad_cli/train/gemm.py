@@ -12,32 +12,29 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import cpu_fused
-from ..prune import prune
+from ..backend import resolve_backend
+from ..prune import prune_with
 from .config import SparseGradConfig
 
 
 def prune_dy(dy: torch.Tensor, cfg: SparseGradConfig, gemm: str, dim: int, gen: torch.Generator | None):
     """dY pruned N:M along ``dim`` for GEMM ``gemm``, or dY itself when that GEMM stays dense.
 
-    ``cfg.backend == "fused"`` is a preference here: the compiled CPU kernel where it exists
-    (CPU float32, 1:2 and 2:4, at least FUSED_TRAIN_MIN_NUMEL elements), else ``prune``'s own
-    choice (e.g. Triton on CUDA)."""
+    The backend is :func:`nmgrad_cli.backend.resolve_backend`'s, in training mode (``fused`` is a
+    preference, and the compiled CPU kernel runs from FUSED_TRAIN_MIN_NUMEL elements)."""
     if not cfg.prunes_gemm(gemm):
         return dy
-    return prune(dy, cfg.method, cfg.pattern, dim=dim, generator=gen, backend=_backend(cfg, dy))
+    out, _ = prune_with(dy, cfg.method, cfg.parsed_pattern, dim, gen, backend=cfg.backend, training=True)
+    return out
 
 
-FUSED_TRAIN_MIN_NUMEL = 1 << 16
-"""Below this many elements the eager reference is about as fast as the compiled kernel."""
-
-
-def _backend(cfg: SparseGradConfig, dy: torch.Tensor) -> str:
-    if cfg.backend != "fused":
-        return cfg.backend
+def _gpu_gemms(dy2d: torch.Tensor, cfg: SparseGradConfig) -> bool:
+    """Whether the backward GEMMs run through ``kernels.sparse_gemm`` (the Triton backend on CUDA)."""
+    if not dy2d.is_cuda:
+        return False
     pat = cfg.parsed_pattern
-    ok = dy.device.type == "cpu" and dy.dtype == torch.float32 and cpu_fused.supports(cfg.method, pat.n, pat.m)
-    return "fused" if ok and dy.numel() >= FUSED_TRAIN_MIN_NUMEL else "auto"
+    choice = resolve_backend(cfg.method, pat, dy2d.dtype, dy2d.device, dy2d.numel(), cfg.backend, training=True)
+    return choice.name == "triton"
 
 
 def grad_gemms(
@@ -62,18 +59,17 @@ def grad_gemms(
     """
     dx = dw = None
     # CUDA: Triton pruning + 2:4 sparse tensor-core GEMMs (dense GEMM fallback inside, logged once)
-    # ("fused" is the trainer's CPU preference; on CUDA it means the GPU kernels too)
-    cuda = dy2d.is_cuda and cfg.backend != "reference"
+    cuda = cfg.prunes and _gpu_gemms(dy2d, cfg)
     if cuda:
         from ..kernels import sparse_gemm
     if need_dx:
         if cuda and cfg.prunes_gemm("dx"):
-            dx = sparse_gemm.grad_input(dy2d, w, cfg.method, cfg.pattern, generator=gen)  # (T, I)
+            dx = sparse_gemm.grad_input(dy2d, w, cfg.method, cfg.parsed_pattern, generator=gen)  # (T, I)
         else:
             dx = prune_dy(dy2d, cfg, "dx", -1, gen) @ w  # (T, I)
     if need_dw:
         if cuda and cfg.prunes_gemm("dw"):
-            dw = sparse_gemm.grad_weight(dy2d, x2d, cfg.method, cfg.pattern, generator=gen)  # (F, I)
+            dw = sparse_gemm.grad_weight(dy2d, x2d, cfg.method, cfg.parsed_pattern, generator=gen)  # (F, I)
         else:
             dw = prune_dy(dy2d, cfg, "dw", 0, gen).t() @ x2d  # (F, I)
     return dx, dw

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..errors import NmgradError, OutputExistsError
-from ..kernels import cpu_fused
 from ..models import build_task, split_batch, to_device
 from .config import DENSE, SparseGradConfig, parse_gemms
 from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
@@ -135,13 +134,8 @@ class TrainConfig:
             weight_pattern=self.weight_pattern,
             weight_every=self.weight_every,
             seed=self.seed,
-            backend=self._backend(),
+            backend=self.backend,
         )
-
-    def _backend(self) -> str:
-        if self.backend == "auto" and self.method != DENSE and cpu_fused.compile_available():
-            return "fused"  # a preference: falls back to prune's auto where unsupported (see gemm.prune_dy)
-        return self.backend
 
     @property
     def label(self) -> str:
@@ -334,6 +328,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
         resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
+        resolved["backend"] = scfg.backend_record(torch.float32, device)  # what prunes dY (backend.py)
         _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
     writer = _Writer(out)
     _call(hooks.start, cfg.label, cfg.steps)

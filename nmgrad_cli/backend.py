@@ -1,0 +1,156 @@
+"""Which backend prunes a tensor, and where its random numbers come from: decided here only.
+
+:func:`resolve_backend` takes (method, pattern, dtype, device, size, the user's choice, with the
+``NMGRAD_BACKEND`` environment variable standing in for ``auto``) and returns a
+:class:`BackendChoice`: the backend that runs, the source of its uniforms and why. ``prune()``,
+training (``train/gemm.py``) and the Triton path all call it; outputs record what it returned
+(:func:`backend_record`).
+
+Backends: ``reference`` (plain torch, the spec), ``fused`` (``torch.compile`` on the CPU, 1:2 and
+2:4 in float32), ``triton`` (GPU kernels, or the interpreter with ``TRITON_INTERPRET=1``).
+Uniform sources: ``none`` (the method draws nothing), ``given`` (the caller's uniforms),
+``generator`` (``torch.rand`` on the caller's generator: the same numbers on every backend),
+``hash`` (the fused backend's in-kernel counter-based hash keyed by a seed from the generator).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from .errors import NmgradError
+from .methods import PruningMethod, get_method
+from .patterns import Pattern, parse_pattern
+
+BACKENDS = ("auto", "reference", "fused", "triton")
+ENV_VAR = "NMGRAD_BACKEND"
+FUSED_MIN_NUMEL = 1 << 20
+"""Below this many elements ``auto`` runs the reference on CPU: compiling costs more than it saves."""
+FUSED_TRAIN_MIN_NUMEL = 1 << 16
+"""In training (a kernel compiled once, called every step) the fused kernel pays off from this size."""
+
+Stream = Literal["auto", "generator", "given"]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What :func:`resolve_backend` decided."""
+
+    name: str
+    """reference, fused or triton: the backend that runs."""
+    uniforms: str
+    """Where the draw's uniforms come from: none, given, generator or hash."""
+    reason: str
+    """Why, in a few words (e.g. "auto: CPU float32 tensor of 2^20+ elements, compiler found")."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def user_choice(choice: str = "auto") -> tuple[str, str]:
+    """(backend asked for, where that came from): ``choice``, or ``$NMGRAD_BACKEND`` for ``auto``."""
+    if choice == "auto" and os.environ.get(ENV_VAR):
+        env = os.environ[ENV_VAR].strip()
+        if env not in BACKENDS:
+            raise NmgradError(f"{ENV_VAR}={env!r} is unknown: choose one of {', '.join(BACKENDS)}, or unset it")
+        return env, ENV_VAR
+    if choice not in BACKENDS:
+        raise NmgradError(f"unknown backend '{choice}': choose one of {', '.join(BACKENDS)}")
+    return choice, "argument"
+
+
+def resolve_backend(
+    method: str | PruningMethod,
+    pattern: str | Pattern,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    numel: int,
+    choice: str = "auto",
+    *,
+    stream: Stream = "auto",
+    training: bool = False,
+) -> BackendChoice:
+    """The backend that prunes a ``numel``-element tensor computed in ``dtype`` on ``device``.
+
+    ``choice``: auto, reference, fused or triton (``auto`` defers to ``$NMGRAD_BACKEND`` when set).
+    An explicit backend that cannot run this (method, pattern, dtype) raises :class:`NmgradError`,
+    except that in ``training`` ``fused`` is a preference (else what ``auto`` picks) and both run
+    the fused kernel from :data:`FUSED_TRAIN_MIN_NUMEL` elements. Triton with float64 runs the
+    reference (the kernels compute in float32). ``stream``: ``given`` when the caller supplies the
+    uniforms, ``generator`` to draw them with ``torch.rand`` on every backend (the same numbers
+    whatever runs), ``auto`` to let the fused backend make its own (``hash``).
+    """
+    from .kernels import cpu_fused, triton_prune
+
+    meth, pat = get_method(method), parse_pattern(pattern)
+    device = torch.device(device)
+    asked, origin = user_choice(choice)
+    kernel = (pat.n, pat.m)
+    fusable = cpu_fused.supports(meth.name, *kernel) and dtype == torch.float32 and device.type == "cpu"
+    tritonable = triton_prune.supports(meth.name, *kernel)
+    what = f"{meth.name} {pat} {str(dtype).removeprefix('torch.')} on {device.type}"
+
+    if asked == "reference":
+        name, reason = "reference", f"reference asked for ({origin})"
+    elif asked == "triton":
+        if not tritonable:
+            raise NmgradError(f"no Triton kernel for {meth.name} {pat}: use backend='reference'")
+        if dtype == torch.float64:
+            name, reason = "reference", "triton asked for; its kernels compute in float32: float64 runs the reference"
+        else:
+            name, reason = "triton", f"triton asked for ({origin})"
+    elif asked == "fused" and not training:
+        if not fusable:
+            raise NmgradError(
+                f"no fused kernel for {what}: it runs 1:2 and 2:4 on CPU float32 tensors; use backend='reference'"
+            )
+        name, reason = "fused", f"fused asked for ({origin})"
+    else:  # auto (in training, fused is a preference and means the same)
+        min_numel = FUSED_TRAIN_MIN_NUMEL if training else FUSED_MIN_NUMEL
+        if device.type == "cuda":
+            ok = tritonable and dtype != torch.float64 and triton_prune.available()
+            name = "triton" if ok else "reference"
+            reason = "auto: CUDA tensor, Triton kernel" if ok else f"auto: no Triton kernel for {what}"
+        elif fusable and numel >= min_numel and cpu_fused.compile_available():
+            name, reason = "fused", f"auto: CPU float32 tensor of at least {min_numel} elements"
+        elif not fusable:
+            name, reason = "reference", f"auto: no fused kernel for {what}"
+        elif numel < min_numel:
+            name, reason = "reference", f"auto: {numel} elements, below {min_numel} (compiling costs more)"
+        else:
+            name, reason = "reference", "auto: no C compiler found for torch.compile"
+
+    if meth.n_uniforms(pat) == 0:
+        uniforms = "none"
+    elif stream == "given":
+        uniforms = "given"
+    elif name == "fused" and stream == "auto":
+        uniforms = "hash"
+    else:
+        uniforms = "generator"
+    return BackendChoice(name, uniforms, reason)
+
+
+def backend_record(
+    method: str | PruningMethod,
+    pattern: str | Pattern,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    choice: str = "auto",
+    *,
+    stream: Stream = "auto",
+    training: bool = False,
+) -> dict:
+    """What runs for a large tensor and for a small one under these settings, for an output's
+    metadata (train's config.json, evaluate's JSON): ``{"choice", "large": {...}, "small": {...},
+    "min_numel"}`` with each entry a :meth:`BackendChoice.to_dict`. A tensor of at least
+    ``min_numel`` elements gets ``large``, a smaller one ``small``."""
+    min_numel = FUSED_TRAIN_MIN_NUMEL if training else FUSED_MIN_NUMEL
+    kw = dict(choice=choice, stream=stream, training=training)
+    large = resolve_backend(method, pattern, dtype, device, min_numel, **kw)
+    small = resolve_backend(method, pattern, dtype, device, min_numel - 1, **kw)
+    asked = user_choice(choice)[0]
+    return {"choice": asked, "min_numel": min_numel, "large": large.to_dict(), "small": small.to_dict()}
