@@ -1,4 +1,4 @@
-"""Error metrics of a pruning method on a tensor g (MATH.md, "Metrics").
+"""Error metrics of a pruning method on a tensor g (docs/methods.md, "Metrics").
 
 All relative to ||g||^2:
   bias     = ||E[g^] - g||^2 / ||g||^2
@@ -82,10 +82,23 @@ def evaluate_tensor(
     return metrics
 
 
+def mc_backend(g: torch.Tensor, method, pattern, dim: int = -1) -> dict:
+    """The backend and uniform source the Monte-Carlo draws of :func:`monte_carlo` run on for ``g``
+    (:meth:`nmgrad_cli.backend.BackendChoice.to_dict`), for an output's metadata."""
+    from .backend import resolve_backend
+    from .patterns import compute_dtype, parse_pattern
+
+    m = parse_pattern(pattern).m
+    length = g.shape[dim] if g.dim() else 1
+    padded = g.numel() // max(length, 1) * (-(-length // m) * m)  # the blocks prune() sees
+    return resolve_backend(method, pattern, compute_dtype(g.dtype), g.device, padded, stream="generator").to_dict()
+
+
 def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None) -> dict:
     """Angle (degrees, mean and standard error) over ``samples`` draws; with ``moments`` also
     Monte-Carlo mse, bias (of the sample mean, which carries variance/samples on top) and
-    variance (unbiased per-element sample variance), all relative to ||g||^2."""
+    variance (unbiased per-element sample variance), all relative to ||g||^2. The draws use
+    ``torch.rand`` uniforms from ``generator`` whatever backend runs (:func:`mc_backend` says which)."""
     g64 = g.detach().to(torch.float64).flatten()
     norm2 = torch.dot(g64, g64).item()
     angles = []
@@ -93,7 +106,9 @@ def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=
     total2 = torch.zeros_like(g64) if moments else None
     err2 = 0.0
     for _ in range(samples):
-        draw = prune(g, method, pattern, dim, generator)
+        # stream="generator": the reference's uniforms on every backend, so a seed gives the same
+        # draws whether or not the fused kernel can be compiled here
+        draw = prune(g, method, pattern, dim, generator, stream="generator")
         if on_sample is not None:
             on_sample(draw)
         est = draw.detach().to(torch.float64).flatten()

@@ -267,22 +267,6 @@ def _approx24(a0, a1, a2, a3, u0, u1):
 
 
 @triton.jit
-def _approx12(a0, a1, u):
-    """approx-MVUE 1:2 (one draw proportional to |a_i|, kept value a_i S / |a_i|)."""
-    top = tl.maximum(tl.abs(a0), tl.abs(a1))
-    m0 = _div(tl.abs(a0), top)
-    m1 = _div(tl.abs(a1), top)
-    s = m0 + m1
-    p0 = _div(m0, s)
-    p1 = _div(m1, s)
-    c1 = m0 + m1
-    thr = u * c1
-    k0 = thr < m0
-    k1 = (m0 <= thr) & (thr < c1)
-    return tl.where(k0, _div(a0, p0), 0.0), tl.where(k1, _div(a1, p1), 0.0)
-
-
-@triton.jit
 def _cutlass_idx(nz0, nz1, nz2, nz3):
     """The two kept positions of a 2:4 block as torch's CUTLASS compressor encodes them."""
     e0 = nz0 & nz1
@@ -405,7 +389,7 @@ def prune_kernel(
         elif METHOD == MVUE12:
             y0, y1 = _mvue12_pair(a0, a1, u0)
             y2, y3 = _mvue12_pair(a2, a3, u1)
-        else:
+        elif METHOD == APPROX:  # an unknown code leaves y0.. undefined: a compile error, never a wrong kernel
             y0, y1, y2, y3 = _approx24(a0, a1, a2, a3, u0, u1)
         fin = _finite(a0) & _finite(a1) & _finite(a2) & _finite(a3)
         y0 = _poison(y0, fin)
@@ -446,9 +430,13 @@ def prune_kernel(
             k0 = u0 <= u1
             y0 = tl.where(k0, a0 * 2.0, 0.0)
             y1 = tl.where(k0, 0.0, a1 * 2.0)
+        # mvue, mvue12 and approx-mvue are one estimator at 1:2 (the reference runs mvue's code);
+        # an unknown code leaves y0, y1 undefined: a compile error, never a wrong kernel
+        elif METHOD == MVUE:
+            y0, y1 = _mvue12_pair(a0, a1, u0)
+        elif METHOD == MVUE12:
+            y0, y1 = _mvue12_pair(a0, a1, u0)
         elif METHOD == APPROX:
-            y0, y1 = _approx12(a0, a1, u0)
-        else:  # mvue and mvue12 are the same at 1:2
             y0, y1 = _mvue12_pair(a0, a1, u0)
         fin = _finite(a0) & _finite(a1)
         y0 = _poison(y0, fin)

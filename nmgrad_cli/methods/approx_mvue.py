@@ -3,8 +3,9 @@
 The cheap kernel-friendly variant of MVUE used in practice (Hu et al. 2024). First draw i with
 t_i = |a_i|/S; for N = 2 a second from the others with |a_j|/(S - |a_i|). Kept elements become
 a_i / p_i with the exact inclusion probability p_i = t_i + |a_i| sum_{j != i} t_j / (S - |a_j|), so
-it is unbiased. For N = 1 it equals mvue, and at 1:2 it is mvue (the same decisions for the same
-uniform). Undefined for N > 2.
+it is unbiased. For N = 1 the law is mvue's (p_i = |a_i|/S), so N = 1 runs mvue's code: at 1:2
+(and 1:M) approx-mvue and mvue are one estimator, with identical draws for the same uniform.
+Undefined for N > 2.
 
 Numerics: magnitudes are scaled by the block's max, and S - |a_j| and sum_{j != i} are summed
 directly over the other elements (:func:`.base.sum_of_others`), never by subtraction.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import Pattern
-from . import register
+from . import get_method, register
 from .base import PruningMethod, running_sum, safe_div, scaled_magnitudes, sum_of_others
 
 
@@ -41,27 +42,26 @@ class ApproxMvue(PruningMethod):
         return pattern.n
 
     def _marginals(self, a: torch.Tensor, n: int):
+        if n == 1:
+            return get_method("mvue")._marginals(a, 1)
         return self._law(scaled_magnitudes(a), a, n)
 
     def _law(self, mag: torch.Tensor, a: torch.Tensor, n: int):
         s = running_sum(mag)[..., -1:]
         t = safe_div(mag, s.expand_as(mag))
-        if n == 1:
-            p = t
-        else:
-            r = safe_div(t, sum_of_others(mag))  # t_j / (S - |a_j|), 0 where a_j is the only non-zero
-            p = t + mag * sum_of_others(r)
-            p = p.clamp_(max=1.0)
+        r = safe_div(t, sum_of_others(mag))  # t_j / (S - |a_j|), 0 where a_j is the only non-zero
+        p = (t + mag * sum_of_others(r)).clamp_(max=1.0)
         # at most N non-zeros: every one is kept for sure (p would round to just under 1)
         few = (mag > 0).sum(-1, keepdim=True) <= n
         p = torch.where(few, (mag > 0).to(p.dtype), p)
         return p, safe_div(a, p)
 
     def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+        if n == 1:
+            return get_method("mvue")._sample(a, 1, u)
         mag = scaled_magnitudes(a)
         keep = draw_proportional(mag, u[..., :1])
-        if n == 2:
-            rest = torch.where(keep, torch.zeros_like(mag), mag)
-            keep = keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0))
+        rest = torch.where(keep, torch.zeros_like(mag), mag)
+        keep = keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0))
         _, v = self._law(mag, a, n)
         return torch.where(keep, v, torch.zeros_like(v))
