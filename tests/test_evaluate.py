@@ -1,7 +1,7 @@
 """The evaluate library on dumps of a real tiny model's backward pass.
 
 Reference values are computed independently of the library where possible: greedy and mvue 2:4
-errors block by block in plain Python from MATH.md's closed forms, and the expected GEMM error of
+errors block by block in plain Python from docs/methods.md's closed forms, and the expected GEMM error of
 random pruning from its pairwise inclusion probabilities.
 """
 
@@ -71,7 +71,7 @@ def greedy_bias_abs(g, dim, n=2, m=4) -> float:
 
 
 def mvue24_var_abs(g, dim) -> float:
-    """MATH.md's closed form of the 2:4 MVUE variance, block by block (short blocks padded by 0)."""
+    """docs/methods.md's closed form of the 2:4 MVUE variance, block by block (short blocks padded by 0)."""
     total = 0.0
     for b in blocks_of(g, dim, 4):
         a = sorted(abs(x) for x in b + [0.0] * (4 - len(b)))

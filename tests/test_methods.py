@@ -246,7 +246,7 @@ def test_approx_mvue_samples_its_marginals_exactly(block):
 
 
 def closed_form_variance(block: list[float], method: str) -> float:
-    """MATH.md's closed forms for one 2:4 (or 1:2) block."""
+    """docs/methods.md's closed forms for one 2:4 (or 1:2) block."""
     a = sorted(abs(x) for x in block)
     if method == "random":
         return sum(x * x for x in block) * (4 / 2 - 1)
@@ -291,7 +291,7 @@ def test_variance_ordering_mvue_le_approx_le_random(gen):
     assert (var["mvue"] <= var["mvue12"] + eps).all()
     assert (var["approx-mvue"] <= var["random"] + eps).all()
     ratio = (var["approx-mvue"].sum() / var["mvue"].sum()).item()
-    assert 1.0 < ratio < 2.0  # MATH.md: a few % to 2x
+    assert 1.0 < ratio < 2.0  # docs/methods.md: a few % to 2x
 
 
 def gradient_like(gen, rows=64, cols=64):

@@ -1,0 +1,138 @@
+"""One backend resolver (nmgrad_cli/backend.py): what it decides, that it is the only place that
+decides, that outputs record it, and that a Pattern is parsed once."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import nmgrad_cli
+from nmgrad_cli import patterns
+from nmgrad_cli.backend import FUSED_MIN_NUMEL, FUSED_TRAIN_MIN_NUMEL, backend_record, resolve_backend
+from nmgrad_cli.errors import NmgradError
+from nmgrad_cli.kernels import cpu_fused
+from nmgrad_cli.metrics import evaluate_tensor, mc_backend
+from nmgrad_cli.prune import prune_with
+from nmgrad_cli.train import SparseGradConfig, sparse_grad_linear
+
+PACKAGE = Path(nmgrad_cli.__file__).parent
+F32, F64 = torch.float32, torch.float64
+
+
+def test_auto_on_cpu_by_size_method_pattern_dtype():
+    compiler = cpu_fused.compile_available()
+    big = resolve_backend("mvue", "2:4", F32, "cpu", FUSED_MIN_NUMEL)
+    assert big.name == ("fused" if compiler else "reference") and big.uniforms == ("hash" if compiler else "generator")
+    assert resolve_backend("mvue", "2:4", F32, "cpu", FUSED_MIN_NUMEL - 1).name == "reference"
+    assert resolve_backend("mvue", "3:8", F32, "cpu", FUSED_MIN_NUMEL).name == "reference"  # no 3:8 kernel
+    assert resolve_backend("mvue", "2:4", F64, "cpu", FUSED_MIN_NUMEL).name == "reference"
+    assert resolve_backend("greedy", "2:4", F32, "cpu", 8).uniforms == "none"
+    # training: from 2^16 elements, and "fused" is a preference
+    trained = resolve_backend("mvue", "2:4", F32, "cpu", FUSED_TRAIN_MIN_NUMEL, "fused", training=True)
+    assert trained.name == ("fused" if compiler else "reference")
+    assert resolve_backend("mvue", "3:8", F32, "cpu", 1 << 20, "fused", training=True).name == "reference"
+    # the generator stream: every backend draws torch.rand uniforms
+    assert resolve_backend("mvue", "2:4", F32, "cpu", FUSED_MIN_NUMEL, stream="generator").uniforms == "generator"
+    assert resolve_backend("mvue", "2:4", F32, "cpu", 8, stream="given").uniforms == "given"
+
+
+def test_explicit_backends_and_their_errors():
+    assert resolve_backend("mvue", "2:4", F32, "cpu", 8, "reference").name == "reference"
+    assert resolve_backend("mvue", "2:4", F32, "cpu", 8, "fused").name == "fused"
+    with pytest.raises(NmgradError, match="no fused kernel for mvue 3:8"):
+        resolve_backend("mvue", "3:8", F32, "cpu", 8, "fused")
+    with pytest.raises(NmgradError, match="no fused kernel"):
+        resolve_backend("mvue", "2:4", F64, "cpu", 8, "fused")
+    with pytest.raises(NmgradError, match="no Triton kernel for mvue 3:8"):
+        resolve_backend("mvue", "3:8", F32, "cpu", 8, "triton")
+    with pytest.raises(NmgradError, match="unknown backend 'gpu'"):
+        resolve_backend("mvue", "2:4", F32, "cpu", 8, "gpu")
+    # the float64 fallback of the Triton path is decided here, with its reason
+    f64 = resolve_backend("mvue", "2:4", F64, "cpu", 8, "triton")
+    assert f64.name == "reference" and "float32" in f64.reason
+
+
+def test_env_var_stands_in_for_auto_only(monkeypatch):
+    monkeypatch.setenv("NMGRAD_BACKEND", "fused")
+    assert resolve_backend("mvue", "2:4", F32, "cpu", 8).name == "fused"
+    assert "NMGRAD_BACKEND" in resolve_backend("mvue", "2:4", F32, "cpu", 8).reason
+    assert resolve_backend("mvue", "2:4", F32, "cpu", 8, "reference").name == "reference"
+    monkeypatch.setenv("NMGRAD_BACKEND", "cuda")
+    with pytest.raises(NmgradError, match="NMGRAD_BACKEND='cuda' is unknown"):
+        resolve_backend("mvue", "2:4", F32, "cpu", 8)
+
+
+def test_prune_reports_the_backend_that_ran():
+    x = torch.randn(8, 16)
+    _, choice = prune_with(x, "mvue", "2:4", generator=torch.Generator().manual_seed(0))
+    assert (choice.name, choice.uniforms) == ("reference", "generator")
+    _, choice = prune_with(x, "mvue", "2:4", uniforms=torch.rand(32, 1), backend="reference")
+    assert choice.uniforms == "given"
+
+
+def test_one_place_chooses_a_backend():
+    """grep: the environment variable, the compiler probe and the size thresholds are read only in
+    backend.py (sparse_gemm's GEMM backends are its own, see docs/gpu.md)."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "backend.py":
+            continue
+        text = path.read_text()
+        where = path.relative_to(PACKAGE)
+        assert not re.search(r"(environ|getenv)[^\n]*NMGRAD_BACKEND", text), where
+        assert "compile_available()" not in text or path.name == "cpu_fused.py", where
+        assert not re.search(r"FUSED_(TRAIN_)?MIN_NUMEL\s*=", text), where
+        assert "def _choose_backend" not in text and "def _backend" not in text, where
+
+
+def test_evaluate_monte_carlo_does_not_depend_on_the_compiler(monkeypatch):
+    """The same --seed gives the same Monte-Carlo draws on the fused and reference backends (the
+    generator's uniforms on both); they can differ only by float32 rounding of the kept values."""
+    if not cpu_fused.compile_available():
+        pytest.fail("no C++ compiler found: torch.compile cannot build the fused CPU kernels")
+    g = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) ** 3
+    runs = {}
+    for backend in ("fused", "reference"):
+        monkeypatch.setenv("NMGRAD_BACKEND", backend)
+        assert mc_backend(g, "mvue", "2:4")["name"] == backend
+        m = evaluate_tensor(g, "mvue", "2:4", samples=6, generator=torch.Generator().manual_seed(9), mc_check=True)
+        runs[backend] = m
+    a, b = runs["fused"], runs["reference"]
+    for key in ("angle", "mc_mse", "mc_bias", "mc_variance"):
+        assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5), key
+
+
+def test_train_config_json_records_the_backend(tmp_path):
+    from nmgrad_cli.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model="mlp", steps=1, batch_size=4, eval_batches=1, backend="reference", device="cpu")
+    train(cfg, tmp_path / "run")
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["backend"] == backend_record("mvue", "2:4", F32, "cpu", "reference", training=True)
+    assert resolved["backend"]["large"] == {"name": "reference", "uniforms": "generator",
+                                            "reason": "reference asked for (argument)"}
+
+
+def test_a_pattern_is_parsed_once_not_per_backward(monkeypatch):
+    """A sparse layer's backward passes the config's Pattern along: no N:M string is parsed."""
+    cfg = SparseGradConfig("mvue", "2:4")
+    assert cfg.parsed_pattern is cfg.parsed_pattern
+
+    class Counting:
+        calls = 0
+
+        def match(self, text):
+            Counting.calls += 1
+            return real.match(text)
+
+    real = patterns._PATTERN_RE
+    monkeypatch.setattr(patterns, "_PATTERN_RE", Counting())
+    x = torch.randn(16, 8, requires_grad=True)
+    w = torch.randn(12, 8, requires_grad=True)
+    cfg.parsed_pattern  # noqa: B018 (parsed before the step, as a layer's config is)
+    Counting.calls = 0
+    sparse_grad_linear(x, w, None, cfg, torch.Generator().manual_seed(0)).sum().backward()
+    assert x.grad is not None and Counting.calls == 0
