@@ -35,7 +35,8 @@ def run(backend: str, blocks: torch.Tensor, u: torch.Tensor, method: str, patter
 
 
 def cases(methods=None):
-    return [(m, p) for m in (methods or METHODS) for p in KERNEL_PATTERNS if cpu_fused.supports(m, *map(int, p.split(":")))]
+    pats = [(p, parse_pattern(p)) for p in KERNEL_PATTERNS]
+    return [(m, p) for m in (methods or METHODS) for p, pat in pats if cpu_fused.supports(m, pat.n, pat.m)]
 
 
 def uniforms(k: int, method: str, pattern: str, seed: int = 0) -> torch.Tensor:

@@ -384,9 +384,9 @@ def prune_kernel(
             y1 = tl.where(k1, a1 * scale, 0.0)
             y2 = tl.where(k2, a2 * scale, 0.0)
             y3 = tl.where(k3, a3 * scale, 0.0)
-        elif METHOD == MVUE:
+        elif METHOD == MVUE:  # noqa: SIM114 (constexpr branches, one per code)
             y0, y1, y2, y3 = _mvue24(a0, a1, a2, a3, u0)
-        elif METHOD == MVUE12:
+        elif METHOD == MVUE12:  # noqa: SIM114
             y0, y1 = _mvue12_pair(a0, a1, u0)
             y2, y3 = _mvue12_pair(a2, a3, u1)
         elif METHOD == APPROX:  # an unknown code leaves y0.. undefined: a compile error, never a wrong kernel
@@ -432,9 +432,9 @@ def prune_kernel(
             y1 = tl.where(k0, 0.0, a1 * 2.0)
         # mvue, mvue12 and approx-mvue are one estimator at 1:2 (the reference runs mvue's code);
         # an unknown code leaves y0, y1 undefined: a compile error, never a wrong kernel
-        elif METHOD == MVUE:
+        elif METHOD == MVUE:  # noqa: SIM114 (constexpr branches, one per code)
             y0, y1 = _mvue12_pair(a0, a1, u0)
-        elif METHOD == MVUE12:
+        elif METHOD == MVUE12:  # noqa: SIM114
             y0, y1 = _mvue12_pair(a0, a1, u0)
         elif METHOD == APPROX:
             y0, y1 = _mvue12_pair(a0, a1, u0)
