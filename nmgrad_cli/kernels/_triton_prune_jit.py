@@ -119,9 +119,9 @@ def _ceil_step(c, prev, u):
 @triton.jit
 def _mvue12_pair(a0, a1, u):
     """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i; exact if <= 1 non-zero."""
-    top = tl.maximum(tl.abs(a0), tl.abs(a1))
-    m0 = _div(tl.abs(a0), top)  # scaled by the max, as the reference (no overflow of the sum)
-    m1 = _div(tl.abs(a1), top)
+    inv = _inv_max(tl.maximum(tl.abs(a0), tl.abs(a1)))
+    m0 = tl.abs(a0) * inv  # scaled by the max, as the reference (no overflow of the sum)
+    m1 = tl.abs(a1) * inv
     lam = m0 + m1
     p0 = tl.minimum(_div(m0, lam), 1.0)
     p1 = tl.minimum(_div(m1, lam), 1.0)
@@ -154,10 +154,16 @@ def _sort4_desc(m0, m1, m2, m3):
 
 
 @triton.jit
+def _inv_max(top):
+    """1 / max |a|, or 2^126 when max is below float32's smallest normal (the reference's scaling)."""
+    return tl.where(top < 1.1754943508222875e-38, 8.507059173023462e37, tl.math.div_rn(1.0, top))
+
+
+@triton.jit
 def _scaled4(a0, a1, a2, a3):
-    """|a_i| / max |a| (the reference's scaled_magnitudes): no sum of the block overflows."""
-    top = tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3)))
-    return _div(tl.abs(a0), top), _div(tl.abs(a1), top), _div(tl.abs(a2), top), _div(tl.abs(a3), top)
+    """|a_i| * (1 / max |a|) (the reference's scaled_magnitudes): no sum of the block overflows."""
+    inv = _inv_max(tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3))))
+    return tl.abs(a0) * inv, tl.abs(a1) * inv, tl.abs(a2) * inv, tl.abs(a3) * inv
 
 
 @triton.jit

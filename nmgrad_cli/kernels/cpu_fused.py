@@ -68,10 +68,14 @@ def _systematic(p: list[torch.Tensor], n: int, u: torch.Tensor) -> list[torch.Te
     return keep
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def _scaled(mag: list[torch.Tensor]) -> list[torch.Tensor]:
-    """|a_i| / max |a| (the reference's scaled_magnitudes): no sum of a block overflows."""
+    """|a_i| * (1 / max |a|) (the reference's scaled_magnitudes): no sum of a block overflows."""
     top = functools.reduce(torch.maximum, mag)
-    return [_div(mi, top) for mi in mag]
+    inv = torch.where(top < _TINY, 1.0 / _TINY, 1.0 / top)
+    return [mi * inv for mi in mag]
 
 
 def _mvue_cols(a: list[torch.Tensor], mag: list[torch.Tensor], n: int, u: torch.Tensor):

@@ -79,14 +79,18 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_magnitudes(a: torch.Tensor) -> torch.Tensor:
-    """|a_i| / max_j |a_j| per block (zeros for a zero block).
+    """|a_i| / max_j |a_j| per block, as |a_i| * (1 / max) (zeros for a zero block).
 
     Keep-probabilities depend only on the ratios of the magnitudes, so they are computed from
-    these: the largest is exactly 1 and a block's sum is at most M, so no sum overflows (four
-    1e38 values in float32) or loses the small elements to underflow. A magnitude below the
-    dtype's smallest subnormal times the max (2^-149 in float32) becomes 0 and is never kept."""
+    these: the largest is 1 (to rounding) and a block's sum is at most M, so no sum overflows (four
+    1e38 values in float32) or loses the small elements to underflow. One division per block: a
+    subnormal max (below the dtype's smallest normal, where 1 / max would overflow) is multiplied by
+    1 / tiny instead, a power of two. A magnitude below ~2^-149 (float32) of the max becomes 0 and
+    is never kept."""
     mag = a.abs()
-    return safe_div(mag, mag.amax(-1, keepdim=True).expand_as(mag))
+    top = mag.amax(-1, keepdim=True)
+    tiny = torch.finfo(a.dtype).tiny
+    return mag * torch.where(top < tiny, 1.0 / tiny, 1.0 / top)
 
 
 def running_sum(x: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,6 @@ class SparseGradConfig:
             self.method, self.parsed_pattern, dtype or torch.float32, device, self.backend, training=True
         )
 
-    @property
+    @functools.cached_property
     def parsed_weight_pattern(self) -> Pattern | None:
         return None if self.weight_pattern is None else parse_pattern(self.weight_pattern)
