@@ -36,7 +36,7 @@ def _rand4x(seed, offset):
     c1 = (offset >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
-    seed64 = tl.to_tensor(seed).to(tl.uint64)
+    seed64 = seed.to(tl.uint64)  # seed: a scalar tensor (do_not_specialize); tl.to_tensor is not in Triton 3.6
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
     for _ in tl.static_range(10):
