@@ -154,3 +154,71 @@ def backend_record(
     small = resolve_backend(method, pattern, dtype, device, min_numel - 1, **kw)
     asked = user_choice(choice)[0]
     return {"choice": asked, "min_numel": min_numel, "large": large.to_dict(), "small": small.to_dict()}
+
+
+# --- the backward GEMMs on CUDA: who prunes dY, and which GEMM consumes it ----------------------
+
+SPARSE_FP32_ENV = "NMGRAD_SPARSE_FP32"
+
+
+def sparse_fp32_mode(fp32: str | None = None) -> str:
+    """How a float32 sparse GEMM runs: ``dense`` (default) or ``bf16`` (cast the operands);
+    ``fp32`` or else ``$NMGRAD_SPARSE_FP32``."""
+    mode = fp32 or os.environ.get(SPARSE_FP32_ENV, "dense")
+    if mode not in ("dense", "bf16"):
+        raise NmgradError(f"fp32 mode must be 'dense' or 'bf16', got {mode!r} (env {SPARSE_FP32_ENV})")
+    return mode
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """What :func:`resolve_gemm` decided for one sparse operand A (m x k, pruned along k) @ B (k x n)."""
+
+    prune: BackendChoice
+    """Who prunes dY into A (triton on CUDA where a kernel exists, else the reference) and its uniforms."""
+    gemm: str
+    """cusparselt, cutlass or dense: the GEMM that consumes A."""
+    reason: str | None
+    """Why the GEMM is not the one asked for (or why dense); None when the requested one runs."""
+    sparse_dtype: torch.dtype
+    """A's dtype: dY's, or bfloat16 when a float32 dY is cast (fp32 mode ``bf16``)."""
+
+
+def resolve_gemm(
+    method: str | PruningMethod,
+    pattern: str | Pattern,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    m: int,
+    k: int,
+    n: int,
+    backend: str = "auto",
+    *,
+    fp32: str | None = None,
+    min_mnk: int | None = None,
+    uniforms_given: bool = False,
+    seeded: bool = False,
+) -> GemmChoice:
+    """The pruning backend and the GEMM for A (m x k, ``pattern`` along k, dY in ``dtype``) @ B (k x n).
+
+    The pruning: :func:`resolve_backend` (auto). Its uniforms: ``given``, ``philox`` (Triton's
+    in-kernel stream when ``seeded``) or ``generator``. The GEMM: ``kernels.sparse_gemm.plan_gemm``
+    (by compute capability, cuSPARSELt, dtype, shape and ``backend``: auto, cusparselt, cutlass or
+    dense), on the dtype that ``fp32`` / ``$NMGRAD_SPARSE_FP32`` makes of a float32 dY."""
+    from .kernels import sparse_gemm
+
+    meth, pat = get_method(method), parse_pattern(pattern)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    prune = resolve_backend(meth, pat, dtype, device, m * k, stream="given" if uniforms_given else "generator")
+    if seeded and not uniforms_given and prune.name == "triton" and prune.uniforms != "none":
+        prune = BackendChoice(prune.name, "philox", prune.reason)
+    cast = cuda and dtype == torch.float32 and sparse_fp32_mode(fp32) == "bf16"
+    sparse_dtype = torch.bfloat16 if cast else dtype
+    if cuda and prune.name != "triton":
+        return GemmChoice(prune, "dense", f"no Triton prune kernel for {meth.name} {pat} ({prune.reason})", dtype)
+    capability = torch.cuda.get_device_capability(device) if cuda else None
+    plan = sparse_gemm.plan_gemm(
+        capability, sparse_gemm._cusparselt_available(), sparse_dtype, str(pat), m, k, n, backend, min_mnk
+    )
+    return GemmChoice(prune, plan.backend, plan.reason, sparse_dtype if plan.backend != "dense" else dtype)

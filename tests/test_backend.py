@@ -12,7 +12,13 @@ import torch
 
 import nmgrad_cli
 from nmgrad_cli import patterns
-from nmgrad_cli.backend import FUSED_MIN_NUMEL, FUSED_TRAIN_MIN_NUMEL, backend_record, resolve_backend
+from nmgrad_cli.backend import (
+    FUSED_MIN_NUMEL,
+    FUSED_TRAIN_MIN_NUMEL,
+    backend_record,
+    resolve_backend,
+    resolve_gemm,
+)
 from nmgrad_cli.errors import NmgradError
 from nmgrad_cli.kernels import cpu_fused
 from nmgrad_cli.metrics import evaluate_tensor, mc_backend
@@ -75,14 +81,16 @@ def test_prune_reports_the_backend_that_ran():
 
 
 def test_one_place_chooses_a_backend():
-    """grep: the environment variable, the compiler probe and the size thresholds are read only in
-    backend.py (sparse_gemm's GEMM backends are its own, see docs/gpu.md)."""
+    """grep: the environment variables, the compiler probe and the size thresholds are read only in
+    backend.py; sparse_gemm's pure GEMM decision (plan_gemm) is called only through resolve_gemm."""
     for path in PACKAGE.rglob("*.py"):
         if path.name == "backend.py":
             continue
         text = path.read_text()
         where = path.relative_to(PACKAGE)
-        assert not re.search(r"(environ|getenv)[^\n]*NMGRAD_BACKEND", text), where
+        assert not re.search(r"(environ|getenv)[^\n]*NMGRAD_(BACKEND|SPARSE_FP32)", text), where
+        assert "plan_gemm(" not in text or path.name == "sparse_gemm.py", where  # called via resolve_gemm
+        assert path.name == "sparse_gemm.py" or not re.search(r"\bplan_gemm\(", text), where
         assert "compile_available()" not in text or path.name == "cpu_fused.py", where
         assert not re.search(r"FUSED_(TRAIN_)?MIN_NUMEL\s*=", text), where
         assert "def _choose_backend" not in text and "def _backend" not in text, where
@@ -136,3 +144,13 @@ def test_a_pattern_is_parsed_once_not_per_backward(monkeypatch):
     Counting.calls = 0
     sparse_grad_linear(x, w, None, cfg, torch.Generator().manual_seed(0)).sum().backward()
     assert x.grad is not None and Counting.calls == 0
+
+
+def test_resolve_gemm_on_the_cpu_is_the_pruning_backend_and_a_dense_gemm(monkeypatch):
+    choice = resolve_gemm("mvue", "2:4", F32, "cpu", 64, 256, 32)
+    assert choice.prune.name == "reference" and choice.prune.uniforms == "generator"
+    assert (choice.gemm, choice.reason) == ("dense", "not a CUDA tensor")
+    assert resolve_gemm("mvue", "2:4", F32, "cpu", 8, 8, 8, uniforms_given=True).prune.uniforms == "given"
+    monkeypatch.setenv("NMGRAD_SPARSE_FP32", "fp8")
+    with pytest.raises(NmgradError, match="NMGRAD_SPARSE_FP32"):
+        resolve_gemm("mvue", "2:4", F32, "cuda", 64, 256, 32)

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Literal, NamedTuple
 
 import torch
 
+from ..backend import resolve_gemm
 from ..errors import NmgradError
 from ..methods import get_method
 from ..patterns import parse_pattern
@@ -178,13 +178,6 @@ def sparse_mm(a: torch.Tensor, b: torch.Tensor, backend: str, compressed=None) -
     return a @ b
 
 
-def _fp32_mode(fp32: Fp32Mode | None) -> str:
-    mode = fp32 or os.environ.get("NMGRAD_SPARSE_FP32", "dense")
-    if mode not in ("dense", "bf16"):
-        raise ValueError(f"fp32 mode must be 'dense' or 'bf16', got {mode!r} (env NMGRAD_SPARSE_FP32)")
-    return mode
-
-
 def _pruned_times(
     dy: torch.Tensor,
     b: torch.Tensor,
@@ -204,22 +197,19 @@ def _pruned_times(
     meth.check(pat)
     t, f = dy.shape
     m_rows, k_len = (f, t) if axis == "tokens" else (t, f)
-    use_triton = dy.is_cuda and triton_prune.available() and triton_prune.supports(meth.name, pat.n, pat.m)
+    choice = resolve_gemm(  # the one decision: who prunes (and with which uniforms), which GEMM
+        meth, pat, dy.dtype, dy.device, m_rows, k_len, b.shape[1], backend, fp32=fp32, min_mnk=min_mnk,
+        uniforms_given=uniforms is not None, seeded=seed is not None,
+    )
+    use_triton = choice.prune.name == "triton"
     n_blocks = m_rows * -(-k_len // pat.m)
-    if uniforms is None and (seed is None or not use_triton):
+    if uniforms is None and choice.prune.uniforms == "generator":
         # the same draws prune(dy, ..., generator=generator) takes (or a seeded generator's)
         gen = generator if seed is None else torch.Generator(dy.device).manual_seed(seed)
         uniforms = draw_uniforms(n_blocks, meth, pat, dy.device, gen)
     out_dtype = dy.dtype
-    cast = dy.is_cuda and dy.dtype == torch.float32 and _fp32_mode(fp32) == "bf16"
-    sparse_dtype = torch.bfloat16 if cast else dy.dtype
-    if dy.is_cuda and not use_triton:
-        plan = GemmPlan("dense", f"no Triton prune kernel for {meth.name} {pat} (or triton is not installed)")
-    else:
-        capability = torch.cuda.get_device_capability(dy.device) if dy.is_cuda else None
-        plan = plan_gemm(
-            capability, _cusparselt_available(), sparse_dtype, str(pat), m_rows, k_len, b.shape[1], backend, min_mnk
-        )
+    sparse_dtype = choice.sparse_dtype
+    plan = GemmPlan(choice.gemm, choice.reason)
     if plan.reason is not None:
         _log_once(plan.reason, plan.backend)
     chosen = plan.backend
@@ -227,7 +217,7 @@ def _pruned_times(
         if use_triton:
             a = triton_prune.prune_2d(dy, meth.name, pat, axis, uniforms=uniforms, seed=seed)
         else:
-            a = _reference_prune(dy, meth.name, str(pat), axis, uniforms)
+            a = _reference_prune(dy, meth.name, pat, axis, uniforms, choice.prune.name)
         return a @ b
     # fp32 -> bf16: the kernel prunes the float32 dY (same decisions) and writes bf16
     b = b.to(sparse_dtype)
@@ -240,11 +230,12 @@ def _pruned_times(
     return sparse_mm(a, b, chosen).to(out_dtype)
 
 
-def _reference_prune(dy, method, pattern, axis, uniforms) -> torch.Tensor:
-    """The sparse operand by the reference: dY^ (T, F) for features, dY^^T (F, T) for tokens."""
+def _reference_prune(dy, method, pattern, axis, uniforms, backend="reference") -> torch.Tensor:
+    """The sparse operand by the reference (or ``backend``, the same function of the uniforms):
+    dY^ (T, F) for features, dY^^T (F, T) for tokens."""
     if axis == "features":
-        return prune(dy, method, pattern, dim=1, uniforms=uniforms, backend="reference")
-    return prune(dy, method, pattern, dim=0, uniforms=uniforms, backend="reference").t()
+        return prune(dy, method, pattern, dim=1, uniforms=uniforms, backend=backend)
+    return prune(dy, method, pattern, dim=0, uniforms=uniforms, backend=backend).t()
 
 
 def grad_input(
