@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +23,7 @@ from .. import evaluate as lib
 from ..errors import NmgradError
 from ..evaluate import EvalConfig, EvalReport
 from .common import check_new_file, console, err_console, user_errors, write_json
+from .progress import cli_progress
 
 
 class Axis(str, enum.Enum):
@@ -106,15 +106,8 @@ def evaluate(
 
 
 def _run(dumps: list[Path], config: EvalConfig) -> EvalReport:
-    """Run the library evaluation with a rich progress bar on stderr (shown on terminals only)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=escape(f"evaluating {label}".rstrip()))
-
-        return lib.evaluate(dumps, config, progress)
+    """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines)."""
+    return lib.evaluate(dumps, config, cli_progress())
 
 
 def _num(x, fmt: str = ".2e") -> str:
