@@ -22,6 +22,7 @@ from rich.text import Text
 from .. import evaluate as lib
 from ..errors import NmgradError
 from ..evaluate import EvalConfig, EvalReport
+from ..methods import METHODS
 from .common import check_new_file, console, err_console, user_errors, write_json
 from .progress import cli_progress
 
@@ -34,8 +35,13 @@ class Axis(str, enum.Enum):
 
 CSV_FIELDS = (
     "level", "file", "layer", "module_type", "axis", "method", "records", "norm2",
-    "mse", "bias", "variance", "angle", "angle_se", "gemm", "gemm_err", "gemm_err_se",
+    "mse", "bias", "variance", "angle", "angle_se", "gemm", "gemm_mse", "gemm_bias", "gemm_variance",
+    "gemm_norm2", "gemm_mc_mse", "gemm_mc_mse_se",
 )
+GEMM_CSV = {"gemm_mse": "mse", "gemm_bias": "bias", "gemm_variance": "variance", "gemm_norm2": "norm2",
+            "gemm_mc_mse": "mc_mse", "gemm_mc_mse_se": "mc_mse_se"}
+ROUNDING = 1e-12
+"""A relative bias below this, of a method that is exactly unbiased, is rounding noise: shown as 0."""
 
 
 def evaluate(
@@ -121,11 +127,22 @@ def _angle(row: dict) -> str:
     return f"{row['angle']:.2f}" + (f"±{se:.2f}" if se is not None else "")
 
 
-def _gemm(row: dict) -> str:
+def _bias(row: dict, value) -> str:
+    """An exactly unbiased method's bias that is only rounding noise prints as 0 (JSON keeps it)."""
+    if value is not None and value < ROUNDING and METHODS[row["method"]].unbiased:
+        return "0"
+    return _num(value)
+
+
+def _gemm(row: dict, key: str) -> str:
     g = row.get("gemm")
-    if not g:
+    if not g or g.get(key) is None:
         return "-"
-    return f"{g['err']:.2e}" + (f"±{g['err_se']:.1e}" if g["err_se"] is not None else "")
+    if key == "bias":
+        return _bias(row, g[key])
+    if key == "mc_mse":
+        return f"{g[key]:.2e}" + (f"±{g['mc_mse_se']:.1e}" if g.get("mc_mse_se") is not None else "")
+    return _num(g[key])
 
 
 def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool) -> Table:
@@ -143,9 +160,20 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
     mc = any(r.get("mc_mse") is not None for r in rows)
     if mc:
         table.add_column("MC mse", justify="right")
+    gemm_cols = []
     if gemm_targets:
-        table.add_column(f"{'|'.join(gemm_targets)} err", justify="right")
+        gemm_cols = ["mse", "bias", "variance"]
+        if any((r.get("gemm") or {}).get("mc_mse") is not None for r in rows):
+            gemm_cols.append("mc_mse")
+        names = {"mse": "mse", "bias": "bias", "variance": "var", "mc_mse": "MC mse"}
+        for col in gemm_cols:
+            table.add_column(f"{'|'.join(gemm_targets)} {names[col]}", justify="right")
     table.add_column("n", justify="right")
+    table.caption = "n: grad records evaluated" + (
+        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to "
+        "||dX||^2 (||dW||^2)" if gemm_targets else ""
+    )
+    table.caption_justify = "left"
     prev = None
     for r in rows:
         labels = [str(r[c]) for c in label_cols]
@@ -154,11 +182,10 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         shown = labels if labels != prev else [""] * len(labels)
         prev = labels
         cells = [*shown, *([r["axis"]] if show_axis else []), r["method"]]
-        cells += [_num(r["mse"]), _num(r["bias"]), _num(r["variance"]), _angle(r)]
+        cells += [_num(r["mse"]), _bias(r, r["bias"]), _num(r["variance"]), _angle(r)]
         if mc:
             cells.append(_num(r.get("mc_mse")))
-        if gemm_targets:
-            cells.append(_gemm(r))
+        cells += [_gemm(r, col) for col in gemm_cols]
         cells.append(str(r["records"]))
         table.add_row(*map(Text, cells))  # Text: a '[' in a layer or file name is not markup
     return table
@@ -194,11 +221,9 @@ def write_csv(path: Path, report: EvalReport) -> None:
     """One row per (file, layer, axis, method) and one per (axis, method) summary."""
     def flat(level: str, row: dict) -> dict:
         g = row.get("gemm") or {}
-        return {
-            **{k: row.get(k, "") for k in CSV_FIELDS if k not in ("level", "gemm", "gemm_err", "gemm_err_se")},
-            "level": level, "gemm": g.get("target", ""), "gemm_err": g.get("err", ""),
-            "gemm_err_se": g.get("err_se", ""),
-        }
+        out = {k: row.get(k, "") for k in CSV_FIELDS if k != "level" and not k.startswith("gemm")}
+        out.update({k: g.get(v, "") for k, v in GEMM_CSV.items()})
+        return {**out, "level": level, "gemm": g.get("target", "")}
 
     with contextlib.ExitStack() as stack:
         fh = sys.stdout if str(path) == "-" else stack.enter_context(open(path, "w", newline=""))

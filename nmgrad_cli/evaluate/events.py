@@ -35,7 +35,9 @@ class RecordResult:
     metrics: dict
     """:class:`nmgrad_cli.metrics.Metrics` as a dict (mse, bias, variance relative to norm2 ...)."""
     gemm: dict | None = None
-    """{"target": "dX"|"dW", "err", "err_se" (relative), "err_abs", "err_abs_se", "norm2"} or None."""
+    """Exact error of the backward GEMM fed with the pruned dY, or None when the dump lacks its operand:
+    {"target": "dX"|"dW", "mse", "bias", "variance" (relative to norm2 = ||dX||^2 or ||dW||^2),
+    "norm2", "mse_abs", "bias_abs", "var_abs"}; with ``mc_check`` also "mc_mse", "mc_mse_se"."""
     note: str | None = None
 
     @property

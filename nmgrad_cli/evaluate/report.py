@@ -27,10 +27,12 @@ class _Acc:
     var_abs: float = 0.0
     angles: list[tuple[float, float]] = field(default_factory=list)
     gemm_target: str | None = None
-    gemm_abs: float = 0.0
-    gemm_abs_var: float = 0.0
+    gemm_bias_abs: float = 0.0
+    gemm_var_abs: float = 0.0
     gemm_norm2: float = 0.0
     gemm_records: int = 0
+    gemm_mc: list[tuple[float, float | None]] = field(default_factory=list)
+    """(mc_mse_abs, its se) per record, with --mc-check."""
     mc: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     def add(self, r: RecordResult) -> None:
@@ -45,11 +47,15 @@ class _Acc:
             mc_var = m["mc_variance"] if m["mc_variance"] is not None else math.nan  # None with 1 sample
             self.mc.append((m["norm2"], m["mc_mse"], m["mc_bias"], mc_var))
         if r.gemm is not None:
-            self.gemm_target = r.gemm["target"]
-            self.gemm_abs += r.gemm["err_abs"]
-            self.gemm_abs_var += (r.gemm["err_abs_se"] or 0.0) ** 2
-            self.gemm_norm2 += r.gemm["norm2"]
+            g = r.gemm
+            self.gemm_target = g["target"]
+            self.gemm_bias_abs += g["bias_abs"]
+            self.gemm_var_abs += g["var_abs"]
+            self.gemm_norm2 += g["norm2"]
             self.gemm_records += 1
+            if g.get("mc_mse") is not None:
+                se = None if g["mc_mse_se"] is None else g["mc_mse_se"] * g["norm2"]
+                self.gemm_mc.append((g["mc_mse"] * g["norm2"], se))
 
     def angle(self) -> tuple[float | None, float | None]:
         if not self.angles:
@@ -79,13 +85,19 @@ class _Acc:
             out["mc_variance"] = None if math.isnan(mc_var) else mc_var
         if self.gemm_records:
             g = self.gemm_norm2
+            grel = (lambda x: x / g) if g > 0 else (lambda x: 0.0)
             out["gemm"] = {
                 "target": self.gemm_target,
                 "records": self.gemm_records,
-                "err": self.gemm_abs / g if g > 0 else 0.0,
-                "err_se": math.sqrt(self.gemm_abs_var) / g if g > 0 else 0.0,
+                "mse": grel(self.gemm_bias_abs + self.gemm_var_abs),
+                "bias": grel(self.gemm_bias_abs),
+                "variance": grel(self.gemm_var_abs),
                 "norm2": g,
             }
+            if self.gemm_mc:
+                out["gemm"]["mc_mse"] = grel(sum(x for x, _ in self.gemm_mc))
+                ses = [s for _, s in self.gemm_mc]
+                out["gemm"]["mc_mse_se"] = None if None in ses else grel(math.sqrt(sum(s * s for s in ses)))
         return out
 
 
@@ -178,4 +190,4 @@ def weighted_angle(layer_rows: list[dict]) -> tuple[float | None, float | None]:
     mean = sum(r["norm2"] * r["angle"] for r in rows) / total
     if any(r["angle_se"] is None for r in rows):
         return mean, None
-    return mean, math.sqrt(sum((r["norm2"] * r["angle_se"]) ** 2 for r in rows)) / total
+    return mean, math.sqrt(sum((r["norm2"] / total * r["angle_se"]) ** 2 for r in rows))  # w/total: no overflow

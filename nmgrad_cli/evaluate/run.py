@@ -21,7 +21,7 @@ import torch
 
 from ..dump import DumpReader, LayerInfo, Record
 from ..errors import DumpError, NmgradError
-from ..metrics import evaluate_tensor
+from ..metrics import evaluate_tensor, gemm_moments
 from ..progress import ProgressLike, resolve_progress
 from ..prune import prune
 from .config import AXIS_DIM, GEMM_OF_AXIS, EvalConfig
@@ -98,40 +98,83 @@ def gemm_error(
 
 
 def _gemm_operands(
-    reader: DumpReader, rec: Record, g: torch.Tensor, axes: tuple[str, ...]
+    reader: DumpReader, rec: Record, g: torch.Tensor, g2: torch.Tensor, axes: tuple[str, ...]
 ) -> tuple[dict, str | None]:
-    """{"features": W (F, I), "tokens": X (T, I)} for the axes whose operand the dump holds, else a note.
+    """{axis: (a, b)} with the backward GEMM a @ b whose left operand a is pruned along its last dim,
+    for the axes whose operand the dump holds; else a note on why not.
 
-    Only Linear-like layers: dY's feature axis last, W of shape (F, I), X of shape (*token dims, I);
-    a Conv2d's GEMMs act on the unfolded input, which is not computed here."""
+    - Linear-like (feature axis last): features a = dY (T, F), b = W (F, I); tokens a = dY^T (F, T),
+      b = X (T, I).
+    - Conv2d (dY (B, F, H, W)): features a = dY as (T = B*H*W, F), b = W as (F, C_in*kh*kw)
+      (block-diagonal over groups), the implicit GEMM whose output col2im folds into dX. The tokens
+      GEMM needs the unfolded input, i.e. the conv's stride and padding, which dumps do not hold.
+    """
     layer = rec.layer
     kinds = {"features": "weight", "tokens": "input"}
     present = [a for a in axes if rec.name in layer.records.get(kinds[a], [])]
     if not present:
         return {}, None
-    if layer.feature_axis not in (-1, g.dim() - 1):
+    last = layer.feature_axis in (-1, g.dim() - 1)
+    conv = not last and g.dim() == 4 and layer.feature_axis == 1
+    if not last and not conv:
         return {}, (
             f"layer {layer.name} ({layer.module_type}): GEMM-level errors skipped, they are computed for "
-            "Linear-like layers only (feature axis last, 2-D weight)"
+            "Linear-like layers (feature axis last) and Conv2d"
         )
-    f = g.shape[-1]
+    f = g2.shape[1]
     out = {}
+    loaded = {kind: reader.load(layer.key, kind, rec.name) for kind in {kinds[a] for a in present}}
+    for kind, v in loaded.items():
+        if not bool(torch.isfinite(v).all()):
+            return {}, f"layer {layer.name}: the stored {kind} has NaN/Inf values; GEMM skipped"
     for axis in present:
-        v = reader.load(layer.key, kinds[axis], rec.name)
-        if axis == "features":
+        v = loaded[kinds[axis]]
+        if conv:
+            if axis == "tokens":
+                continue  # noted below
+            w = _conv_weight_matrix(v, f, reader, rec)
+            if isinstance(w, str):
+                return {}, f"layer {layer.name} (Conv2d): {w}; GEMM skipped"
+            out[axis] = (g2, w)
+        elif axis == "features":
             if v.dim() != 2 or v.shape[0] != f:
                 return {}, f"layer {layer.name}: weight of shape {tuple(v.shape)} is not (F={f}, I); GEMM skipped"
-            out[axis] = v
+            out[axis] = (g2, v)
         else:
             if v.dim() != g.dim() or v.shape[:-1] != g.shape[:-1]:
                 return {}, (
                     f"layer {layer.name}: input of shape {tuple(v.shape)} does not have dY's token dims "
                     f"{tuple(g.shape[:-1])}; GEMM skipped"
                 )
-            out[axis] = v.reshape(-1, v.shape[-1])
-        if not bool(torch.isfinite(v).all()):
-            return {}, f"layer {layer.name}: the stored {kinds[axis]} has NaN/Inf values; GEMM skipped"
+            out[axis] = (g2.T, v.reshape(-1, v.shape[-1]))
+    if conv and "tokens" in present:
+        return out, (
+            f"layer {layer.name} (Conv2d): dW errors skipped, they need the unfolded input (the conv's stride "
+            "and padding are not in the dump); dX errors are computed"
+        )
     return out, None
+
+
+def _conv_weight_matrix(w: torch.Tensor, f: int, reader: DumpReader, rec: Record) -> torch.Tensor | str:
+    """A Conv2d weight (F, C_in/groups, kh, kw) as the (F, C_in*kh*kw) matrix of the dX GEMM,
+    block-diagonal over the groups (groups = C_in / w.shape[1], C_in from the stored input)."""
+    if w.dim() != 4 or w.shape[0] != f:
+        return f"weight of shape {tuple(w.shape)} is not (F={f}, C_in/groups, kh, kw)"
+    layer = rec.layer
+    if rec.name not in layer.records.get("input", []):
+        return "the input is needed to know the conv's groups and the dump does not hold it"
+    c_in = reader.load(layer.key, "input", rec.name).shape[1]
+    per = w.shape[1]
+    if c_in % per or f % (c_in // per):
+        return f"weight {tuple(w.shape)} does not fit an input with {c_in} channels"
+    groups = c_in // per
+    if groups == 1:
+        return w.reshape(f, -1)
+    fo, cols = f // groups, w[0].numel()
+    full = torch.zeros(f, groups * cols, dtype=w.dtype)
+    for j in range(groups):
+        full[j * fo : (j + 1) * fo, j * cols : (j + 1) * cols] = w[j * fo : (j + 1) * fo].reshape(fo, cols)
+    return full
 
 
 def _open_all(paths: Sequence[str | Path], config: EvalConfig) -> list[tuple[DumpReader, list[LayerInfo]]]:
@@ -232,7 +275,7 @@ def _evaluate_record(
         yield ErrorEntry(file, layer.name, rec.name, f"layer {layer.name} record {rec.name}: empty gradient")
         return
     zero = not bool(g2.any())
-    operands, gemm_note = ({}, None) if config.samples == 0 else _gemm_operands(reader, rec, g, config.axes)
+    operands, gemm_note = _gemm_operands(reader, rec, g, g2, config.axes)
     if gemm_note and gemm_note not in gemm_notes:
         gemm_notes.add(gemm_note)
         yield Note(gemm_note)
@@ -240,13 +283,29 @@ def _evaluate_record(
         for method in methods:
             parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
             gen = torch.Generator().manual_seed(stream_seed(config.seed, *parts))
-            # the GEMM errors reuse the draws of the angle: half the pruning work
-            acc = GemmError(g2, operands[axis], axis) if axis in operands else None
+            gemm, mc = None, None
+            if axis in operands:
+                a, b = operands[axis]
+                gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.pattern).relative()}
+                if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
+                    mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
                 g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=acc.add if acc is not None else None,
+                on_sample=mc.add if mc is not None else None,
             )
-            gemm = acc.result() if acc is not None else None
+            if mc is not None:
+                r = mc.result()
+                gemm["mc_mse"], gemm["mc_mse_se"] = r["err"], r["err_se"]
+            if not math.isfinite(m.norm2):
+                top = float(g2.abs().max())
+                yield ErrorEntry(
+                    file, layer.name, rec.name,
+                    f"{file}: layer {layer.name} record {rec.name}: ||dY||^2 overflows float64 (max |dY| = {top:.3g}),"
+                    " so it cannot be weighted against the other records; record skipped, the rest evaluated",
+                )
+                return
+            if gemm is not None and not math.isfinite(gemm["norm2"]):
+                gemm = None  # the product overflows float64: no weight for it in the layer's GEMM error
             yield RecordResult(
                 file, layer.name, rec.name, rec.step, axis, method, tuple(g2.shape), m.to_dict(), gemm,
                 "all-zero gradient" if zero else None,
