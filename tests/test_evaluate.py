@@ -285,8 +285,9 @@ def test_results_are_reproducible_and_independent_of_the_selection(dump):
 
 def test_config_and_everything_is_in_the_json(report):
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert d["config"] == {"pattern": "2:4", "methods": None, "axis": "both", "layers": None, "samples": 8,
-                           "seed": 0, "mc_check": False}
+    assert d["config"] == {"pattern": "2:4", "methods": None, "axis": "both", "layers": None, "steps": None,
+                           "every": 1, "max_records": None, "samples": 8, "seed": 0, "mc_check": False,
+                           "threads": 0}
     assert d["files"][0]["layers"] == {"0": "Linear", "2": "Linear"} and d["files"][0]["complete"]
     assert len(d["records"]) == 2 * 2 * 2 * len(METHODS) and d["errors"] == []
 
@@ -395,7 +396,7 @@ def test_empty_dumps_and_no_matching_layer(tmp_path, dump):
         evaluate([tmp_path / "empty.h5"], EvalConfig())
     with pytest.raises(DumpError, match="no gradient records"):
         evaluate([tmp_path / "nogr.h5"], EvalConfig())
-    with pytest.raises(NmgradError, match="no layer matches --layers 'enc.*': the dump has 0, 2"):
+    with pytest.raises(NmgradError, match="no dump layer matches --layers 'enc.*': the names are 0, 2;"):
         evaluate([dump], EvalConfig(layers="enc.*"))
     with pytest.raises(NmgradError, match="no dump given"):
         evaluate([], EvalConfig())

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from .. import evaluate as lib
 from ..errors import NmgradError
-from ..evaluate import EvalConfig, EvalReport
+from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
 from ..methods import METHODS
 from .common import check_new_file, console, err_console, user_errors, write_json
 from .progress import cli_progress
@@ -54,9 +54,19 @@ def evaluate(
     axis: Axis = typer.Option(
         Axis.features, "--axis", help="Block axis: features (for dX = dY W), tokens (for dW = dY^T X), or both."
     ),
-    layers: str = typer.Option(None, "--layers", help="Glob on layer names, e.g. 'blocks.*.mlp.*'."),
+    layers: str = typer.Option(
+        None, "--layers", help="Comma-separated globs on layer names, e.g. 'fc1,blocks.*.mlp.*'."
+    ),
+    steps: str = typer.Option(None, "--steps", help="Steps A:B (A <= step < B), A:, :B or N."),
+    every: int = typer.Option(1, "--every", help="Every K-th of the selected steps."),
+    max_records: int = typer.Option(
+        None, "--max-records", help="At most N grad records per layer (the first selected)."
+    ),
     samples: int = typer.Option(
-        16, "--samples", "-s", help="Monte-Carlo draws for the angle and GEMM errors (0: none)."
+        16, "--samples", "-s", help=f"Monte-Carlo draws for the angle (0: none; at most {MAX_SAMPLES})."
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="torch threads (0: auto, 1 for records under 4M elements, all cores above)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo draws."),
     json_out: Path = typer.Option(None, "--json", help="Write the full results as JSON to FILE, or '-' for stdout."),
@@ -78,8 +88,8 @@ def evaluate(
         if methods is not None:
             names = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = EvalConfig(
-            pattern=pattern, methods=names, axis=axis.value, layers=layers, samples=samples, seed=seed,
-            mc_check=mc_check,
+            pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
+            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, threads=threads,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:

@@ -8,16 +8,16 @@
 This package imports neither typer nor rich: progress goes through :mod:`nmgrad_cli.progress`.
 """
 
-from .config import AXES, AXIS_DIM, GEMM_OF_AXIS, METRICS, EvalConfig
+from .config import AXES, AXIS_DIM, GEMM_OF_AXIS, MAX_SAMPLES, METRICS, EvalConfig
 from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
 from .report import EvalReport, ReportBuilder, weighted_angle
-from .run import GemmError, as_matrix, evaluate, gemm_error, iter_evaluate, stream_seed
+from .run import GemmError, as_matrix, evaluate, gemm_error, iter_evaluate, stream_seed, thread_policy
 from .thresholds import THRESHOLD_EXAMPLE, Threshold, check_threshold_applies, parse_threshold, violations
 
 __all__ = [
-    "AXES", "AXIS_DIM", "GEMM_OF_AXIS", "METRICS", "THRESHOLD_EXAMPLE",
+    "AXES", "AXIS_DIM", "GEMM_OF_AXIS", "MAX_SAMPLES", "METRICS", "THRESHOLD_EXAMPLE",
     "ErrorEntry", "EvalConfig", "EvalReport", "Event", "FileStarted", "GemmError", "Note", "RecordResult",
     "ReportBuilder", "Threshold",
     "as_matrix", "check_threshold_applies", "evaluate", "gemm_error", "iter_evaluate", "parse_threshold",
-    "stream_seed", "violations", "weighted_angle",
+    "stream_seed", "thread_policy", "violations", "weighted_angle",
 ]

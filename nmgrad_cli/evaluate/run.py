@@ -12,7 +12,9 @@ A record with NaN/Inf values is reported as an error event and skipped; the rest
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +22,9 @@ from pathlib import Path
 import torch
 
 from ..dump import DumpReader, LayerInfo, Record
+from ..dump.reader import select_records
 from ..errors import DumpError, NmgradError
+from ..layers import LayerSelectionError, layer_matches, no_match_message, parse_layers
 from ..metrics import evaluate_tensor, gemm_moments
 from ..progress import ProgressLike, resolve_progress
 from ..prune import prune
@@ -178,8 +182,10 @@ def _conv_weight_matrix(w: torch.Tensor, f: int, reader: DumpReader, rec: Record
 
 
 def _open_all(paths: Sequence[str | Path], config: EvalConfig) -> list[tuple[DumpReader, list[LayerInfo]]]:
-    """Open and check every dump before evaluating anything, so a bad path fails fast."""
+    """Open and check every dump before evaluating anything, so a bad path fails fast; select the
+    layers (--layers, one error when no file has a match)."""
     opened: list[tuple[DumpReader, list[LayerInfo]]] = []
+    globs = parse_layers(config.layers)
     try:
         for path in paths:
             reader = DumpReader(path)
@@ -188,16 +194,47 @@ def _open_all(paths: Sequence[str | Path], config: EvalConfig) -> list[tuple[Dum
                 raise DumpError(f"{reader.path} is an empty dump (no layers): capture at least one step")
             if reader.n_records("grad") == 0:
                 raise DumpError(f"{reader.path} holds no gradient records: capture at least one step")
-            opened[-1] = (reader, reader.select(config.layers))
-        if config.layers is not None and not any(sel for _, sel in opened):
-            names = sorted({li.name for reader, _ in opened for li in reader.layers.values()})
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise NmgradError(f"no layer matches --layers '{config.layers}': the dump has {shown}")
+            opened[-1] = (reader, [li for li in reader.layers.values() if layer_matches(li.name, globs)])
+        if not any(sel for _, sel in opened):
+            names = list(dict.fromkeys(li.name for reader, _ in opened for li in reader.layers.values()))
+            raise LayerSelectionError(no_match_message(names, config.layers, "dump layer"))
     except BaseException:
         for reader, _ in opened:
             reader.close()
         raise
     return opened
+
+
+def _selected_records(reader: DumpReader, selected: list[LayerInfo], config: EvalConfig) -> list[Record]:
+    """The grad records of the selected layers that --steps, --every and --max-records keep."""
+    out: list[Record] = []
+    for li in selected:
+        out += select_records(list(reader.records("grad", [li])), config.step_range, config.every, config.max_records)
+    return out
+
+
+def thread_policy(numel: int, threads: int = 0) -> int:
+    """torch threads for a record of ``numel`` elements: ``threads`` when given, else 1 below 2^22
+    elements (on a 2-core machine with both cores busy torch's default threads stall in every small
+    op: issue 9 measured 114.8 s vs 13.3 s with one thread on an mlp layer) and every core above."""
+    if threads:
+        return threads
+    return 1 if numel < THREADS_MIN_NUMEL else max(1, os.cpu_count() or 1)
+
+
+THREADS_MIN_NUMEL = 1 << 22
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _file_info(reader: DumpReader, selected: list[LayerInfo]) -> dict:
@@ -231,10 +268,16 @@ def iter_evaluate(
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
     try:
-        total = sum(len(li.records.get("grad", [])) for _, sel in opened for li in sel)
+        chosen = [_selected_records(reader, selected, config) for reader, selected in opened]
+        total = sum(len(recs) for recs in chosen)
+        if total == 0:
+            raise NmgradError(
+                f"no grad record is left after --steps {config.steps} --every {config.every}: "
+                "widen the selection (`nmgrad inspect` lists the steps)"
+            )
         done = 0
         bar.start(total, "evaluate")
-        for reader, selected in opened:
+        for (reader, selected), records in zip(opened, chosen):
             info = _file_info(reader, selected)
             yield FileStarted(info)
             if not info["complete"]:
@@ -243,8 +286,9 @@ def iter_evaluate(
                     "evaluating the records it holds"
                 )
             gemm_notes: set[str] = set()
-            for rec in reader.records("grad", selected):
-                yield from _evaluate_record(reader, rec, info["path"], methods, config, gemm_notes)
+            for rec in records:
+                with _torch_threads(thread_policy(math.prod(rec.shape), config.threads)):
+                    yield from _evaluate_record(reader, rec, info["path"], methods, config, gemm_notes)
                 done += 1
                 bar.update(done, rec.layer.name)
     finally:
