@@ -19,7 +19,7 @@ import torch
 
 from .methods import PruningMethod
 from .patterns import Pattern
-from .prune import marginals, prune, resolve
+from .prune import FUSED_MIN_NUMEL, marginals, prune, resolve
 
 
 @dataclass
@@ -91,9 +91,11 @@ def evaluate_tensor(
     return metrics
 
 
-DRAW_CHUNK = 1 << 22
+DRAW_CHUNK = FUSED_MIN_NUMEL - 1
 """Elements pruned per call when the draws are batched: draws of a record go in chunks of
-max(1, DRAW_CHUNK // numel), so memory stays bounded whatever the record size."""
+max(1, DRAW_CHUNK // numel), so memory stays bounded whatever the record size. Below the size at
+which ``prune``'s auto backend switches to the compiled kernel, so batching never changes the
+backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
 
 
 def monte_carlo(
