@@ -16,14 +16,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from .. import evaluate as lib
 from ..errors import NmgradError
-from ..evaluate import EvalConfig, EvalReport
+from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
+from ..methods import METHODS
 from .common import check_new_file, console, err_console, user_errors, write_json
+from .progress import cli_progress
 
 
 class Axis(str, enum.Enum):
@@ -34,8 +35,13 @@ class Axis(str, enum.Enum):
 
 CSV_FIELDS = (
     "level", "file", "layer", "module_type", "axis", "method", "records", "norm2",
-    "mse", "bias", "variance", "angle", "angle_se", "gemm", "gemm_err", "gemm_err_se",
+    "mse", "bias", "variance", "angle", "angle_se", "gemm", "gemm_mse", "gemm_bias", "gemm_variance",
+    "gemm_norm2", "gemm_mc_mse", "gemm_mc_mse_se",
 )
+GEMM_CSV = {"gemm_mse": "mse", "gemm_bias": "bias", "gemm_variance": "variance", "gemm_norm2": "norm2",
+            "gemm_mc_mse": "mc_mse", "gemm_mc_mse_se": "mc_mse_se"}
+ROUNDING = 1e-12
+"""A relative bias below this, of a method that is exactly unbiased, is rounding noise: shown as 0."""
 
 
 def evaluate(
@@ -48,9 +54,19 @@ def evaluate(
     axis: Axis = typer.Option(
         Axis.features, "--axis", help="Block axis: features (for dX = dY W), tokens (for dW = dY^T X), or both."
     ),
-    layers: str = typer.Option(None, "--layers", help="Glob on layer names, e.g. 'blocks.*.mlp.*'."),
+    layers: str = typer.Option(
+        None, "--layers", help="Comma-separated globs on layer names, e.g. 'fc1,blocks.*.mlp.*'."
+    ),
+    steps: str = typer.Option(None, "--steps", help="Steps A:B (A <= step < B), A:, :B or N."),
+    every: int = typer.Option(1, "--every", help="Every K-th of the selected steps."),
+    max_records: int = typer.Option(
+        None, "--max-records", help="At most N grad records per layer (the first selected)."
+    ),
     samples: int = typer.Option(
-        16, "--samples", "-s", help="Monte-Carlo draws for the angle and GEMM errors (0: none)."
+        16, "--samples", "-s", help=f"Monte-Carlo draws for the angle (0: none; at most {MAX_SAMPLES})."
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="torch threads (0: auto, 1 for records under 4M elements, all cores above)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo draws."),
     json_out: Path = typer.Option(None, "--json", help="Write the full results as JSON to FILE, or '-' for stdout."),
@@ -72,8 +88,8 @@ def evaluate(
         if methods is not None:
             names = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = EvalConfig(
-            pattern=pattern, methods=names, axis=axis.value, layers=layers, samples=samples, seed=seed,
-            mc_check=mc_check,
+            pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
+            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, threads=threads,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:
@@ -106,15 +122,8 @@ def evaluate(
 
 
 def _run(dumps: list[Path], config: EvalConfig) -> EvalReport:
-    """Run the library evaluation with a rich progress bar on stderr (shown on terminals only)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=escape(f"evaluating {label}".rstrip()))
-
-        return lib.evaluate(dumps, config, progress)
+    """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines)."""
+    return lib.evaluate(dumps, config, cli_progress())
 
 
 def _num(x, fmt: str = ".2e") -> str:
@@ -128,11 +137,22 @@ def _angle(row: dict) -> str:
     return f"{row['angle']:.2f}" + (f"±{se:.2f}" if se is not None else "")
 
 
-def _gemm(row: dict) -> str:
+def _bias(row: dict, value) -> str:
+    """An exactly unbiased method's bias that is only rounding noise prints as 0 (JSON keeps it)."""
+    if value is not None and value < ROUNDING and METHODS[row["method"]].unbiased:
+        return "0"
+    return _num(value)
+
+
+def _gemm(row: dict, key: str) -> str:
     g = row.get("gemm")
-    if not g:
+    if not g or g.get(key) is None:
         return "-"
-    return f"{g['err']:.2e}" + (f"±{g['err_se']:.1e}" if g["err_se"] is not None else "")
+    if key == "bias":
+        return _bias(row, g[key])
+    if key == "mc_mse":
+        return f"{g[key]:.2e}" + (f"±{g['mc_mse_se']:.1e}" if g.get("mc_mse_se") is not None else "")
+    return _num(g[key])
 
 
 def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool) -> Table:
@@ -150,9 +170,20 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
     mc = any(r.get("mc_mse") is not None for r in rows)
     if mc:
         table.add_column("MC mse", justify="right")
+    gemm_cols = []
     if gemm_targets:
-        table.add_column(f"{'|'.join(gemm_targets)} err", justify="right")
+        gemm_cols = ["mse", "bias", "variance"]
+        if any((r.get("gemm") or {}).get("mc_mse") is not None for r in rows):
+            gemm_cols.append("mc_mse")
+        names = {"mse": "mse", "bias": "bias", "variance": "var", "mc_mse": "MC mse"}
+        for col in gemm_cols:
+            table.add_column(f"{'|'.join(gemm_targets)} {names[col]}", justify="right")
     table.add_column("n", justify="right")
+    table.caption = "n: grad records evaluated" + (
+        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to "
+        "||dX||^2 (||dW||^2)" if gemm_targets else ""
+    )
+    table.caption_justify = "left"
     prev = None
     for r in rows:
         labels = [str(r[c]) for c in label_cols]
@@ -161,11 +192,10 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         shown = labels if labels != prev else [""] * len(labels)
         prev = labels
         cells = [*shown, *([r["axis"]] if show_axis else []), r["method"]]
-        cells += [_num(r["mse"]), _num(r["bias"]), _num(r["variance"]), _angle(r)]
+        cells += [_num(r["mse"]), _bias(r, r["bias"]), _num(r["variance"]), _angle(r)]
         if mc:
             cells.append(_num(r.get("mc_mse")))
-        if gemm_targets:
-            cells.append(_gemm(r))
+        cells += [_gemm(r, col) for col in gemm_cols]
         cells.append(str(r["records"]))
         table.add_row(*map(Text, cells))  # Text: a '[' in a layer or file name is not markup
     return table
@@ -201,11 +231,9 @@ def write_csv(path: Path, report: EvalReport) -> None:
     """One row per (file, layer, axis, method) and one per (axis, method) summary."""
     def flat(level: str, row: dict) -> dict:
         g = row.get("gemm") or {}
-        return {
-            **{k: row.get(k, "") for k in CSV_FIELDS if k not in ("level", "gemm", "gemm_err", "gemm_err_se")},
-            "level": level, "gemm": g.get("target", ""), "gemm_err": g.get("err", ""),
-            "gemm_err_se": g.get("err_se", ""),
-        }
+        out = {k: row.get(k, "") for k in CSV_FIELDS if k != "level" and not k.startswith("gemm")}
+        out.update({k: g.get(v, "") for k, v in GEMM_CSV.items()})
+        return {**out, "level": level, "gemm": g.get("target", "")}
 
     with contextlib.ExitStack() as stack:
         fh = sys.stdout if str(path) == "-" else stack.enter_context(open(path, "w", newline=""))

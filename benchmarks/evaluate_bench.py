@@ -1,0 +1,135 @@
+"""What `nmgrad evaluate` costs, side by side in one run (not a test).
+
+R = evaluate wall time / (dY floats x methods x samples x time per float of one ``x.abs()`` pass),
+the measure of issue 9: how many passes over memory one Monte-Carlo draw of one method costs.
+Every evaluate runs as its own ``nmgrad evaluate`` process (what a user runs), on the same dump:
+
+- ``warm``: torch.compile's cache (TORCHINDUCTOR_CACHE_DIR) filled by an earlier run;
+- ``cold``: an empty cache, as on a fresh machine (compiling the fused CPU kernels);
+- ``busy``: warm, beside two busy-loop processes (every core of a 2-core machine busy).
+
+The abs pass is timed in this process right before each run, over as many floats as evaluate reads,
+so R stays comparable on a loaded machine; the ratios (cold - warm, busy / warm) are the targets:
+R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
+
+    nmgrad capture --model gpt --steps 1 --out /tmp/g1.h5          # 39 MB, 25 layers
+    python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*,blocks.1.*'
+    python benchmarks/evaluate_bench.py /tmp/g.h5                    # the README's 2-step dump
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nmgrad_cli.dump import DumpReader
+from nmgrad_cli.evaluate import EvalConfig
+from nmgrad_cli.evaluate.run import _open_all, _selected_records
+
+
+def selected_floats(dump: Path, cfg: EvalConfig) -> tuple[int, int, int]:
+    """(dY floats, records, largest record) that evaluate will prune with ``cfg``."""
+    opened = _open_all([dump], cfg)
+    try:
+        recs = [r for reader, sel in opened for r in _selected_records(reader, sel, cfg)]
+    finally:
+        for reader, _ in opened:
+            reader.close()
+    sizes = [math.prod(r.shape) for r in recs]
+    return sum(sizes), len(sizes), max(sizes)
+
+
+def abs_seconds_per_float(numel: int, reps: int = 5) -> float:
+    """Median time per float of one ``x.abs()`` pass (output allocated, as evaluate's passes are) over
+    as many floats as evaluate reads (at most 2^26), one thread (evaluate's auto policy)."""
+    x = torch.randn(min(numel, 1 << 26))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        y = x.abs()
+        times.append(time.perf_counter() - t)
+        del y
+    torch.set_num_threads(before)
+    return sorted(times)[len(times) // 2] / x.numel()
+
+
+def run_evaluate(dump: Path, args: argparse.Namespace, cache: Path) -> float:
+    cmd = [sys.executable, "-m", "nmgrad_cli", "evaluate", str(dump), "--pattern", args.pattern,
+           "--samples", str(args.samples), "--json", os.devnull, "--force"]
+    for flag in ("layers", "steps", "max_records", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def busy_loops(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dump", type=Path)
+    ap.add_argument("--layers", default=None)
+    ap.add_argument("--steps", default=None)
+    ap.add_argument("--max-records", dest="max_records", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--busy", type=int, default=2, help="busy-loop processes beside the 'busy' run")
+    args = ap.parse_args()
+
+    cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
+                     samples=args.samples)
+    methods, _ = cfg.resolve_methods()
+    floats, records, _ = selected_floats(args.dump, cfg)
+    with DumpReader(args.dump) as r:
+        size_mb = args.dump.stat().st_size / 1e6
+        layers = len(r.layers)
+    print(f"dump {args.dump} ({size_mb:.0f} MB, {layers} layers): {records} grad records selected, "
+          f"{floats / 1e6:.1f} M floats, {len(methods)} methods x {args.samples} samples, "
+          f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm_cache = Path(tmp) / "warm"
+        run_evaluate(args.dump, args, warm_cache)  # fills the warm cache
+        for label, cache, busy in (
+            ("warm", warm_cache, 0),
+            ("cold", Path(tmp) / "cold", 0),
+            (f"warm, {args.busy} busy", warm_cache, args.busy),
+        ):
+            per_float = abs_seconds_per_float(floats)
+            procs = busy_loops(busy)
+            try:
+                wall = run_evaluate(args.dump, args, cache)
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+            r = wall / (floats * len(methods) * args.samples * per_float)
+            rows.append((label, wall, per_float, r))
+
+    warm = rows[0][1]
+    print(f"{'run':<16} {'wall s':>8} {'abs ns/float':>13} {'R':>7} {'vs warm':>9}")
+    for label, wall, per_float, r in rows:
+        print(f"{label:<16} {wall:8.1f} {per_float * 1e9:13.3f} {r:7.1f} {wall / warm:8.2f}x")
+    print(f"cold - warm: {rows[1][1] - warm:+.1f} s (target <= 10 s); busy / warm: {rows[2][1] / warm:.2f}x "
+          f"(target <= 3x); R warm: {rows[0][3]:.1f} (target <= 6)")
+
+
+if __name__ == "__main__":
+    main()
