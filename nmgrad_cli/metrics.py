@@ -111,6 +111,15 @@ which ``prune``'s auto backend switches to the compiled kernel, so batching neve
 backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
 
 
+def mc_backends(pattern, methods, dtype: torch.dtype = torch.float32, device="cpu") -> dict:
+    """{method: :func:`nmgrad_cli.backend.backend_record`} of the Monte-Carlo draws (generator
+    stream) for ``dtype`` tensors on ``device``: which backend prunes a record of at least / below
+    ``min_numel`` elements, for evaluate's JSON."""
+    from .backend import backend_record
+
+    return {m: backend_record(m, pattern, dtype, device, stream="generator") for m in methods}
+
+
 def monte_carlo(
     g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True
 ) -> dict:

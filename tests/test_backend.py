@@ -154,3 +154,18 @@ def test_resolve_gemm_on_the_cpu_is_the_pruning_backend_and_a_dense_gemm(monkeyp
     monkeypatch.setenv("NMGRAD_SPARSE_FP32", "fp8")
     with pytest.raises(NmgradError, match="NMGRAD_SPARSE_FP32"):
         resolve_gemm("mvue", "2:4", F32, "cuda", 64, 256, 32)
+
+
+def test_evaluate_json_records_the_monte_carlo_backend(tmp_path):
+    from _dumps import make_mlp_dump
+
+    from nmgrad_cli.evaluate import EvalConfig, evaluate
+
+    dump = make_mlp_dump(tmp_path / "d.h5", steps=1)
+    report = evaluate([dump], EvalConfig(methods=("mvue", "greedy"), samples=2)).to_dict()
+    assert set(report["backend"]) == {"mvue", "greedy"}
+    small = report["backend"]["mvue"]["small"]
+    assert small == {"name": "reference", "uniforms": "generator", "reason": small["reason"]}
+    assert report["backend"]["greedy"]["large"]["uniforms"] == "none"
+    assert report["backend"]["mvue"]["large"]["uniforms"] == "generator"  # on every backend
+    json.dumps(report, allow_nan=False)

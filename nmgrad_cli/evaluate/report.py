@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .. import __version__
+from ..metrics import mc_backends
 from .config import EvalConfig
 from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
 
@@ -121,6 +122,7 @@ class EvalReport:
             "nmgrad_version": __version__,
             "config": self.config.to_dict(),
             "methods": self.methods,
+            "backend": mc_backends(self.config.pattern, self.methods),
             "files": self.files,
             "notes": self.notes,
             "errors": [asdict(e) for e in self.errors],
