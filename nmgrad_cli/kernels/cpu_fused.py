@@ -5,10 +5,11 @@ blocks with the block in registers; the eager reference needs a dozen passes ove
 among them). Same function of the same uniforms as the reference up to float32 rounding.
 
 Uniforms are either given, or made inside the fused loop from a counter-based hash of
-(seed, block, j) (:func:`hash_uniforms`, the CPU analogue of in-kernel Philox on the GPU), which
-saves the separate pass of ``torch.rand``. The seed is drawn from the caller's generator, so draws
-stay reproducible; they differ from the reference backend's draws for the same generator state
-(same law, other random numbers).
+(key, block, j) with key = splitmix64(seed) (:func:`hash_uniforms`, the CPU analogue of in-kernel
+Philox on the GPU), which saves the separate pass of ``torch.rand``. The seed is drawn from the
+caller's generator, so draws stay reproducible; they differ from the reference backend's draws for
+the same generator state (same law, other random numbers). Which methods run here and how many
+uniforms each takes come from the registry (``kernel_code``, ``n_uniforms``).
 """
 
 from __future__ import annotations
