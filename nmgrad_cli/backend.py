@@ -219,6 +219,6 @@ def resolve_gemm(
         return GemmChoice(prune, "dense", f"no Triton prune kernel for {meth.name} {pat} ({prune.reason})", dtype)
     capability = torch.cuda.get_device_capability(device) if cuda else None
     plan = sparse_gemm.plan_gemm(
-        capability, sparse_gemm._cusparselt_available(), sparse_dtype, str(pat), m, k, n, backend, min_mnk
+        capability, sparse_gemm._cusparselt_available(), sparse_dtype, pat, m, k, n, backend, min_mnk
     )
     return GemmChoice(prune, plan.backend, plan.reason, sparse_dtype if plan.backend != "dense" else dtype)

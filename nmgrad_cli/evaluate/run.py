@@ -97,7 +97,7 @@ def gemm_error(
     """:class:`GemmError` of ``samples`` draws of ``method`` on g (T, F) along ``axis``."""
     acc = GemmError(g, other, axis)
     for _ in range(samples):
-        acc.add(prune(g, method, pattern, AXIS_DIM[axis], generator))
+        acc.add(prune(g, method, pattern, AXIS_DIM[axis], generator, stream="generator"))
     return acc.result()
 
 
