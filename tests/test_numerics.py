@@ -188,6 +188,21 @@ def test_fp16_is_computed_in_float32_and_an_out_of_range_kept_value_is_inf():
         assert sorted(half[0, 2:].tolist()) == [0.0, 60000.0]
 
 
+def test_fp16_overflow_on_the_triton_kernel_is_the_same_cast(monkeypatch):
+    """The kernel loads fp16, computes in float32 and rounds once to fp16: as the reference."""
+    pytest.importorskip("triton")
+    from nmgrad_cli.kernels import triton_prune
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.tensor([[40000.0, -40000.0, 30000.0, 30000.0]] * 4, dtype=torch.float16)
+    for method in ("mvue", "approx-mvue", "mvue12", "random"):
+        u = uniforms(8, method, "1:2")
+        out = triton_prune.prune_2d(x, method, "1:2", uniforms=u, tile=(4, 2))
+        assert out.dtype == torch.float16
+        assert torch.equal(out, prune(x.float(), method, "1:2", uniforms=u).half())
+        assert (out[:, :2].isinf().sum(-1) == 1).all() and (out[:, 2:].abs().max(-1).values == 60000).all()
+
+
 # --- 1:2: approx-mvue is mvue -----------------------------------------------------------------------
 
 
