@@ -594,8 +594,10 @@ def out_dir(arg: str | None) -> Path:
 
 def write_outputs(folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"GPU: {info['versions']['gpu']}, torch {info['versions']['torch']}, triton {info['versions']['triton']}, "
-             f"cuSPARSELt {info['versions']['cusparselt']}", ""]
+    v = info["versions"]
+    cap = f" (sm{v['capability'][0]}{v['capability'][1]})" if v["capability"] else ""
+    lines = [f"GPU: {v['gpu']}{cap}; torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, "
+             f"cuSPARSELt {v['cusparselt']}; python {v['python']}, {v['platform']}", ""]
     for tab in REPORT["tables"]:
         widths = [max(len(h), *(len(r[i]) for r in tab["rows"])) if tab["rows"] else len(h)
                   for i, h in enumerate(tab["header"])]
