@@ -448,10 +448,11 @@ def gemm_layouts(dev, t: int, width: int, backend: str, clock) -> list[list]:
     return rows
 
 
-def cslt_search(a: torch.Tensor, b: torch.Tensor, clock, budget: Budget) -> dict:
+def cslt_search(a: torch.Tensor, b: torch.Tensor, clock, budget: Budget, max_s: float = 15.0) -> dict:
     """Time ``_cslt_sparse_mm(A, B, alg_id=i, split_k=s)`` for every alg_id up to the maximum torch
     reports and split_k in 1, 2, 4, 8 (torch 2.11: ``torch._C._cusparselt.mm_search`` gives torch's
-    own pick and the maximum id; the deprecated ``torch._cslt_sparse_mm_search`` is not used)."""
+    own pick and the maximum id; the deprecated ``torch._cslt_sparse_mm_search`` is not used).
+    At most ``max_s`` seconds per GEMM ("truncated" says whether it stopped early)."""
     ca = torch._cslt_compress(a)
     torch_pick, max_id = None, 15
     search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
@@ -460,9 +461,12 @@ def cslt_search(a: torch.Tensor, b: torch.Tensor, clock, budget: Budget) -> dict
             alg, split_k, split_k_mode, max_id = search(ca, b, None, None, None, False)
             torch_pick = {"alg_id": int(alg), "split_k": int(split_k), "split_k_mode": int(split_k_mode)}
     timings = []
+    stop = time.perf_counter() + max_s
+    truncated = False
     for alg in range(int(max_id) + 1):
         for split_k in (1, 2, 4, 8):
-            if not budget.allows("the rest of the cuSPARSELt algorithm search", 20):
+            truncated = time.perf_counter() > stop
+            if truncated or not budget.allows("the rest of the cuSPARSELt algorithm search", 20):
                 break
             try:
                 tm = measure(lambda alg=alg, sk=split_k: torch._cslt_sparse_mm(ca, b, alg_id=alg, split_k=sk),
@@ -472,7 +476,9 @@ def cslt_search(a: torch.Tensor, b: torch.Tensor, clock, budget: Budget) -> dict
                     break
                 continue
             timings.append({"alg_id": alg, "split_k": split_k, "ms": tm["call_ms"]})
-    return {"torch_pick": torch_pick, "max_alg_id": int(max_id), "timings": timings}
+        if truncated:
+            break
+    return {"torch_pick": torch_pick, "max_alg_id": int(max_id), "timings": timings, "truncated": truncated}
 
 
 def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
@@ -521,7 +527,8 @@ def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
             rows.append([width, name, f"{default:.3f}" if default else "-",
                          f"{best['ms']:.3f} (alg {best['alg_id']}, split_k {best['split_k']})",
                          f"alg {pick['alg_id']}, split_k {pick['split_k']}" if pick else "n/a",
-                         f"{len(res['timings'])} configs, max alg_id {res['max_alg_id']}"])
+                         f"{len(res['timings'])} configs, max alg_id {res['max_alg_id']}"
+                         + (" (truncated at 15 s)" if res["truncated"] else "")])
     table("cuSPARSELt algorithm search (call ms per GEMM; every alg_id x split_k timed)",
           ["width", "GEMM", "default (alg 0, split_k 1)", "best", "torch's mm_search pick", "searched"], rows)
 
@@ -587,8 +594,10 @@ def out_dir(arg: str | None) -> Path:
 
 def write_outputs(folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"GPU: {info['versions']['gpu']}, torch {info['versions']['torch']}, triton {info['versions']['triton']}, "
-             f"cuSPARSELt {info['versions']['cusparselt']}", ""]
+    v = info["versions"]
+    cap = f" (sm{v['capability'][0]}{v['capability'][1]})" if v["capability"] else ""
+    lines = [f"GPU: {v['gpu']}{cap}; torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, "
+             f"cuSPARSELt {v['cusparselt']}; python {v['python']}, {v['platform']}", ""]
     for tab in REPORT["tables"]:
         widths = [max(len(h), *(len(r[i]) for r in tab["rows"])) if tab["rows"] else len(h)
                   for i, h in enumerate(tab["header"])]

@@ -75,6 +75,15 @@ def test_default_tiles_compile(method, pattern, dtype, philox, compress, axis):
     assert triton_prune.compile_ahead(v, tile=triton_prune._DEFAULT_TILE[axis])[:4] == b"\x7fELF"
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_small_seed_compiles(arch):
+    """A seed below 2^31 reaches the kernel as i32 (seed=1 in the benchmarks): the Philox key still compiles."""
+    if not _has_nvidia_backend():
+        pytest.skip("this triton has no NVIDIA backend")
+    v = triton_prune.Variant("mvue", (2, 4), torch.bfloat16, torch.bfloat16, True, False, arch)
+    assert triton_prune.compile_ahead(v, tile=(4, 16), seed_type="i32")[:4] == b"\x7fELF"
+
+
 # ---- launch grid ----------------------------------------------------------------------------------
 
 

@@ -351,9 +351,10 @@ def kernel_variants(archs: tuple[int, ...] = (80, 90)) -> list[Variant]:
     return out
 
 
-def compile_ahead(v: Variant, tile: tuple[int, int] = (16, 64), num_warps: int = 4) -> bytes:
+def compile_ahead(v: Variant, tile: tuple[int, int] = (16, 64), num_warps: int = 4, seed_type: str = "i64") -> bytes:
     """Compile one variant for ``v.arch`` without a GPU (Triton -> PTX -> cubin with Triton's bundled
-    ptxas) and return the cubin: catches what the interpreter accepts but the compiler rejects."""
+    ptxas) and return the cubin: catches what the interpreter accepts but the compiler rejects.
+    ``seed_type``: Triton passes a seed below 2^31 (e.g. ``seed=1``) as i32, larger ones as i64."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -362,7 +363,7 @@ def compile_ahead(v: Variant, tile: tuple[int, int] = (16, 64), num_warps: int =
     fn = _jit_module(False).prune_kernel
     t_in, t_out = _TRITON_DTYPES[v.dtype], _TRITON_DTYPES[v.out_dtype]
     sig = {"x_ptr": f"*{t_in}", "y_ptr": f"*{t_out}", "u_ptr": "*fp32", "vals_ptr": f"*{t_out}", "meta_ptr": "*i16"}
-    sig |= {name: "i32" for name in ("R", "L", "G", "sxr", "sxl", "syr", "syl")} | {"seed": "i64"}
+    sig |= {name: "i32" for name in ("R", "L", "G", "sxr", "sxl", "syr", "syl")} | {"seed": seed_type}
     const = dict(METHOD=_METHOD_CODES[v.method], N=n, M=m, U=n_uniforms(v.method, m), PHILOX=v.philox,
                  COMPRESS=v.compress, OUT_BF16=v.out_dtype == torch.bfloat16, BLOCK_R=tile[0], BLOCK_G=tile[1])
     sig |= {name: "constexpr" for name in const}
