@@ -260,8 +260,10 @@ def eager_sample(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch
     return _fused(a, u, method, n)
 
 
+@functools.cache
 def compile_available() -> bool:
-    """Whether torch.compile can build CPU kernels here (it needs a C++ compiler)."""
+    """Whether torch.compile can build CPU kernels here (it needs a C++ compiler); looked up once,
+    since the backend resolver asks on every call."""
     import shutil
 
     return any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "g++", "c++"))
