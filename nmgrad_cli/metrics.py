@@ -114,15 +114,19 @@ def monte_carlo(
     total = torch.zeros_like(g64) if moments else None
     total2 = torch.zeros_like(g64) if moments else None
     err2 = 0.0
-    per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1
+    meth, pat = resolve(method, pattern)
+    fixed = prune(g, meth, pat, dim) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
+    per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
     bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
     done = 0
     while done < samples:
         c = min(per, samples - done)
-        if batch:
-            draws = prune(g.unsqueeze(0).expand(c, *g.shape), method, pattern, bdim, generator)
+        if fixed is not None:
+            draws = fixed.unsqueeze(0).expand(c, *g.shape)
+        elif batch:
+            draws = prune(g.unsqueeze(0).expand(c, *g.shape), meth, pat, bdim, generator)
         else:
-            draws = prune(g, method, pattern, dim, generator).unsqueeze(0)
+            draws = prune(g, meth, pat, dim, generator).unsqueeze(0)
         done += c
         if on_sample is not None:
             for d in draws:
