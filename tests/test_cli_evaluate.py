@@ -153,6 +153,7 @@ def test_fail_if_malformed_is_a_user_error(dump, expr, match):
         (["--every", "0"], "--every 0 is invalid"),
         (["--max-records", "0"], "--max-records 0 is invalid"),
         (["--threads", "-1"], "--threads -1 is invalid"),
+        (["--workers", "0"], "--workers 0 is invalid"),
         (["--json", "-", "--csv", "-"], "both ask for stdout"),
         (["--json", ".", "--force"], "is a directory"),
         (["--csv", "no/such/folder/x.csv"], "folder no/such/folder does not exist"),

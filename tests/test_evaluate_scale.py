@@ -117,3 +117,18 @@ def test_huge_float64_gradients(tmp_path):
     assert math.isfinite(rep.summary[0]["angle"])
     r = invoke("evaluate", path, "--samples", "2")
     assert r.exit_code == 1 and "overflows float64" in r.stderr and "Traceback" not in r.output
+
+
+def test_two_workers_give_the_report_of_one_process(dump, tmp_path):
+    """Records sharded over 2 worker processes: every number, note and row is the same."""
+    import dataclasses
+    import shutil
+
+    other = tmp_path / "copy.h5"
+    shutil.copy(dump, other)
+    cfg = EvalConfig(methods=("mvue", "greedy"), samples=3, axis="both", steps="0:3", seed=4)
+    one = evaluate([dump, other], cfg).to_dict()
+    two = evaluate([dump, other], dataclasses.replace(cfg, workers=2)).to_dict()
+    assert two["config"].pop("workers") == 2 and one["config"].pop("workers") == 1
+    assert two == one
+    assert len(one["records"]) == 2 * 2 * 3 * 2 * 2  # files x layers x steps x axes x methods

@@ -65,6 +65,9 @@ def evaluate(
     samples: int = typer.Option(
         16, "--samples", "-s", help=f"Monte-Carlo draws for the angle (0: none; at most {MAX_SAMPLES})."
     ),
+    workers: int = typer.Option(
+        1, "--workers", help="Processes evaluating records in parallel (same results as one)."
+    ),
     threads: int = typer.Option(
         0, "--threads", help="torch threads (0: auto, 1 for records under 4M elements, all cores above)."
     ),
@@ -89,7 +92,8 @@ def evaluate(
             names = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = EvalConfig(
             pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
-            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, threads=threads,
+            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, workers=workers,
+            threads=threads,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:

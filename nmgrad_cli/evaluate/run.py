@@ -213,13 +213,14 @@ def _selected_records(reader: DumpReader, selected: list[LayerInfo], config: Eva
     return out
 
 
-def thread_policy(numel: int, threads: int = 0) -> int:
+def thread_policy(numel: int, threads: int = 0, workers: int = 1) -> int:
     """torch threads for a record of ``numel`` elements: ``threads`` when given, else 1 below 2^22
     elements (on a 2-core machine with both cores busy torch's default threads stall in every small
-    op: issue 9 measured 114.8 s vs 13.3 s with one thread on an mlp layer) and every core above."""
+    op: issue 9 measured 114.8 s vs 13.3 s with one thread on an mlp layer) and above it the cores
+    shared among the ``workers`` processes."""
     if threads:
         return threads
-    return 1 if numel < THREADS_MIN_NUMEL else max(1, os.cpu_count() or 1)
+    return 1 if numel < THREADS_MIN_NUMEL else max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 THREADS_MIN_NUMEL = 1 << 22
@@ -277,6 +278,7 @@ def iter_evaluate(
             )
         done = 0
         bar.start(total, "evaluate")
+        results = _record_results(opened, chosen, methods, config)
         for (reader, selected), records in zip(opened, chosen):
             info = _file_info(reader, selected)
             yield FileStarted(info)
@@ -285,10 +287,14 @@ def iter_evaluate(
                     f"{info['path']} is incomplete (interrupted or still being written): "
                     "evaluating the records it holds"
                 )
-            gemm_notes: set[str] = set()
+            seen: set[str] = set()
             for rec in records:
-                with _torch_threads(thread_policy(math.prod(rec.shape), config.threads)):
-                    yield from _evaluate_record(reader, rec, info["path"], methods, config, gemm_notes)
+                for event in next(results):
+                    if isinstance(event, Note):  # e.g. "GEMM skipped" once per file, not per record
+                        if event.text in seen:
+                            continue
+                        seen.add(event.text)
+                    yield event
                 done += 1
                 bar.update(done, rec.layer.name)
     finally:
@@ -297,8 +303,47 @@ def iter_evaluate(
             reader.close()
 
 
+def _record_results(opened, chosen, methods: list[str], config: EvalConfig) -> Iterator[list[Event]]:
+    """The events of every selected record, in order: here, or sharded over ``config.workers``
+    processes (each record is a job; its streams depend only on its own name, and the results come
+    back in order, so the report is identical to one process's)."""
+    if config.workers <= 1:
+        for (reader, _), records in zip(opened, chosen):
+            for rec in records:
+                yield record_events(reader, rec, str(reader.path), methods, config)
+        return
+    import concurrent.futures
+
+    import torch.multiprocessing as mp
+
+    jobs = [
+        (str(reader.path), rec.layer.key, rec.name, methods, config)
+        for (reader, _), records in zip(opened, chosen) for rec in records
+    ]
+    pool = concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"))
+    try:
+        yield from pool.map(_worker_job, jobs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_job(job) -> list[Event]:
+    """One record in a worker process: opens the dump itself (h5py handles do not cross processes)."""
+    path, layer_key, name, methods, config = job
+    with DumpReader(path) as reader:
+        (rec,) = [r for r in reader.records("grad", [reader.layers[layer_key]]) if r.name == name]
+        return record_events(reader, rec, str(reader.path), methods, config)
+
+
+def record_events(reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig) -> list[Event]:
+    """Every event of one grad record, with the thread policy applied."""
+    threads = thread_policy(math.prod(rec.shape), config.threads, config.workers)
+    with _torch_threads(threads):
+        return list(_evaluate_record(reader, rec, file, methods, config))
+
+
 def _evaluate_record(
-    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, gemm_notes: set[str]
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig
 ) -> Iterator[Event]:
     g = rec.load()
     layer = rec.layer
@@ -320,8 +365,7 @@ def _evaluate_record(
         return
     zero = not bool(g2.any())
     operands, gemm_note = _gemm_operands(reader, rec, g, g2, config.axes)
-    if gemm_note and gemm_note not in gemm_notes:
-        gemm_notes.add(gemm_note)
+    if gemm_note:
         yield Note(gemm_note)
     for axis in config.axes:
         for method in methods:
