@@ -132,3 +132,24 @@ def test_two_workers_give_the_report_of_one_process(dump, tmp_path):
     assert two["config"].pop("workers") == 2 and one["config"].pop("workers") == 1
     assert two == one
     assert len(one["records"]) == 2 * 2 * 3 * 2 * 2  # files x layers x steps x axes x methods
+
+
+def test_two_gloo_ranks_give_the_report_of_one_process(dump, tmp_path):
+    """torchrun's setting: 2 CPU ranks (gloo), records sharded by rank and all-gathered; every rank
+    ends with the very report of one process."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    from _dist_eval import rank_main
+
+    cfg = EvalConfig(methods=("mvue", "random"), samples=3, axis="both", steps="1:4", seed=9)
+    one = json.loads(json.dumps(evaluate([dump], cfg).to_dict()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.spawn(rank_main, args=(2, port, [str(dump)], cfg, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        with open(f"{out}.{rank}") as fh:
+            assert json.load(fh) == one

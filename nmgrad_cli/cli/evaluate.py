@@ -23,6 +23,7 @@ from .. import evaluate as lib
 from ..errors import NmgradError
 from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
 from ..methods import METHODS
+from ..train.distributed import dist_info
 from .common import check_new_file, console, err_console, user_errors, write_json
 from .progress import cli_progress
 
@@ -105,7 +106,10 @@ def evaluate(
         check_new_file(csv_out, force)
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
-        report = _run(dumps, config)
+        main = dist_info().is_main  # under torchrun every rank evaluates a shard; rank 0 reports
+        report = _run(dumps, config, quiet=not main)
+        if not main:
+            return
         render(report, out)
         try:
             write_json(json_out, report.to_dict())
@@ -125,9 +129,9 @@ def evaluate(
         raise typer.Exit(code)
 
 
-def _run(dumps: list[Path], config: EvalConfig) -> EvalReport:
+def _run(dumps: list[Path], config: EvalConfig, quiet: bool = False) -> EvalReport:
     """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines)."""
-    return lib.evaluate(dumps, config, cli_progress())
+    return lib.evaluate(dumps, config, cli_progress(quiet))
 
 
 def _num(x, fmt: str = ".2e") -> str:
@@ -183,9 +187,10 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         for col in gemm_cols:
             table.add_column(f"{'|'.join(gemm_targets)} {names[col]}", justify="right")
     table.add_column("n", justify="right")
+    norms = " (".join(f"||{t}||^2" for t in gemm_targets) + ")" * (len(gemm_targets) - 1)
     table.caption = "n: grad records evaluated" + (
-        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to "
-        "||dX||^2 (||dW||^2)" if gemm_targets else ""
+        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to {norms}"
+        if gemm_targets else ""
     )
     table.caption_justify = "left"
     prev = None

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..dump import DumpReader, LayerInfo, Record
 from ..dump.reader import select_records
@@ -28,6 +29,7 @@ from ..layers import LayerSelectionError, layer_matches, no_match_message, parse
 from ..metrics import evaluate_tensor, gemm_moments
 from ..progress import ProgressLike, resolve_progress
 from ..prune import prune
+from ..train.distributed import dist_info, process_group
 from .config import AXIS_DIM, GEMM_OF_AXIS, EvalConfig
 from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
 from .report import EvalReport, ReportBuilder
@@ -304,9 +306,20 @@ def iter_evaluate(
 
 
 def _record_results(opened, chosen, methods: list[str], config: EvalConfig) -> Iterator[list[Event]]:
-    """The events of every selected record, in order: here, or sharded over ``config.workers``
-    processes (each record is a job; its streams depend only on its own name, and the results come
-    back in order, so the report is identical to one process's)."""
+    """The events of every selected record, in order: here, sharded over the ranks of a torchrun
+    process group, or over ``config.workers`` spawned processes. Each record is a job whose streams
+    depend only on its own name, and the results come back in record order, so the report is
+    identical to one process's."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:  # torchrun: rank r evaluates records r, r + world, ...; every rank gets them all
+        rank = dist.get_rank()
+        pairs = [(reader, rec) for (reader, _), records in zip(opened, chosen) for rec in records]
+        mine = [record_events(reader, rec, str(reader.path), methods, config) for reader, rec in pairs[rank::world]]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        for i in range(len(pairs)):
+            yield gathered[i % world][i // world]
+        return
     if config.workers <= 1:
         for (reader, _), records in zip(opened, chosen):
             for rec in records:
@@ -407,6 +420,7 @@ def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: Progress
         raise NmgradError("no dump given: pass at least one .h5 file written by `nmgrad capture`")
     methods, _ = config.resolve_methods()
     builder = ReportBuilder(config, methods)
-    for event in iter_evaluate(paths, config, progress):
-        builder.add(event)
+    with process_group(dist_info(), torch.device("cpu")):  # under torchrun: records sharded over ranks
+        for event in iter_evaluate(paths, config, progress):
+            builder.add(event)
     return builder.report()
