@@ -153,3 +153,22 @@ def test_two_gloo_ranks_give_the_report_of_one_process(dump, tmp_path):
     for rank in (0, 1):
         with open(f"{out}.{rank}") as fh:
             assert json.load(fh) == one
+
+
+def test_several_files_get_one_summary_each_and_the_pooled_one(dump, tmp_path):
+    other = make_mlp_dump(tmp_path / "other.h5", steps=1)
+    cfg = EvalConfig(methods=("mvue", "greedy"), samples=4, axis="both", seed=2)
+    both = evaluate([dump, other], cfg)
+    for path in (dump, other):
+        alone = evaluate([path], cfg).summary
+        mine = [{k: v for k, v in r.items() if k != "file"} for r in both.file_summary if r["file"] == str(path)]
+        assert len(mine) == 4
+        for a, b in zip(mine, alone, strict=True):
+            assert {k: v for k, v in a.items() if k != "gemm"} == pytest.approx(
+                {k: v for k, v in b.items() if k != "gemm"}, rel=1e-12
+            )
+            assert a["gemm"].pop("target") == b["gemm"].pop("target")
+            assert a["gemm"] == pytest.approx(b["gemm"], rel=1e-12)
+    assert evaluate([dump], cfg).file_summary == []  # one file: the summary is its summary
+    r = invoke("evaluate", dump, other, "--samples", "2", "--methods", "mvue")
+    assert r.exit_code == 0 and "summary of each file" in r.stdout and "summary over layers of every file" in r.stdout

@@ -230,14 +230,19 @@ def render(report: EvalReport, out: Console) -> None:
     head = f"nmgrad evaluate: pattern {cfg.pattern}, axis {cfg.axis}, {cfg.samples} samples, seed {cfg.seed}"
     if rows:
         _print(out, _table(f"{head}: per layer", rows, label_cols, show_axis))
+    if report.file_summary:
+        frows = [{**r, "file": Path(r["file"]).name} for r in report.file_summary]
+        _print(out, _table("summary of each file (weighted by ||g||^2)", frows, ["file"], show_axis))
     if report.summary:
-        _print(out, _table("summary over layers (weighted by ||g||^2)", report.summary, [], show_axis))
+        title = "summary over layers" + (" of every file" if several else "") + " (weighted by ||g||^2)"
+        _print(out, _table(title, report.summary, [], show_axis))
     for note in report.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def write_csv(path: Path, report: EvalReport) -> None:
-    """One row per (file, layer, axis, method) and one per (axis, method) summary."""
+    """One row per (file, layer, axis, method) (level "layer"), per (file, axis, method) with several
+    files ("file"), and per (axis, method) over everything ("summary")."""
     def flat(level: str, row: dict) -> dict:
         g = row.get("gemm") or {}
         out = {k: row.get(k, "") for k in CSV_FIELDS if k != "level" and not k.startswith("gemm")}
@@ -250,6 +255,8 @@ def write_csv(path: Path, report: EvalReport) -> None:
         w.writeheader()
         for row in report.layers:
             w.writerow(flat("layer", row))
+        for row in report.file_summary:
+            w.writerow(flat("file", row))
         for row in report.summary:
             w.writerow(flat("summary", row))
 
