@@ -63,17 +63,19 @@ def evaluate_tensor(
     generator: torch.Generator | None = None,
     mc_check: bool = False,
     on_sample: Callable[[torch.Tensor], None] | None = None,
+    backend: str = "auto",
 ) -> Metrics:
     """Exact mse/bias/variance of ``method`` on ``g`` along ``dim``, plus the Monte-Carlo angle
     from ``samples`` draws (and Monte-Carlo mse/bias/variance when ``mc_check``). ``on_sample``
-    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws."""
+    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws.
+    ``backend``: :func:`nmgrad_cli.prune.prune`'s, for the draws."""
     meth, pat = resolve(method, pattern)
     scale = _pow2_scale(g)
     if scale != 1.0:  # squares of |g| > 1e154 overflow float64: evaluate g / 2^k (every method is
         # scale-equivariant), the relative metrics are exact, the absolute ones are scaled back
         m = evaluate_tensor(
             g / scale, meth, pat, dim, samples, generator, mc_check,
-            None if on_sample is None else (lambda d: on_sample(d * scale)),
+            None if on_sample is None else (lambda d: on_sample(d * scale)), backend,
         )
         m.norm2, m.mse_abs = m.norm2 * scale * scale, m.mse_abs * scale * scale
         return m
@@ -84,7 +86,7 @@ def evaluate_tensor(
         mse=(bias + var) / norm2, bias=bias / norm2, variance=var / norm2, norm2=norm2, mse_abs=bias + var
     )
     if samples > 0:
-        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample)
+        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample, backend=backend)
         metrics.angle, metrics.angle_se, metrics.samples = mc["angle"], mc["angle_se"], samples
         if mc_check:
             metrics.mc_mse, metrics.mc_bias, metrics.mc_variance = mc["mse"], mc["bias"], mc["variance"]
@@ -99,7 +101,8 @@ backend (a cold compile cache costs minutes) nor, on the reference backend, the 
 
 
 def monte_carlo(
-    g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True
+    g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True,
+    backend: str = "auto",
 ) -> dict:
     """Angle (degrees, mean and standard error) over ``samples`` draws; with ``moments`` also
     Monte-Carlo mse, bias (of the sample mean, which carries variance/samples on top) and
@@ -115,7 +118,7 @@ def monte_carlo(
     total2 = torch.zeros_like(g64) if moments else None
     err2 = 0.0
     meth, pat = resolve(method, pattern)
-    fixed = prune(g, meth, pat, dim) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
+    fixed = prune(g, meth, pat, dim, backend=backend) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
     per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
     bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
     done = 0
@@ -124,9 +127,9 @@ def monte_carlo(
         if fixed is not None:
             draws = fixed.unsqueeze(0).expand(c, *g.shape)
         elif batch:
-            draws = prune(g.unsqueeze(0).expand(c, *g.shape), meth, pat, bdim, generator)
+            draws = prune(g.unsqueeze(0).expand(c, *g.shape), meth, pat, bdim, generator, backend=backend)
         else:
-            draws = prune(g, meth, pat, dim, generator).unsqueeze(0)
+            draws = prune(g, meth, pat, dim, generator, backend=backend).unsqueeze(0)
         done += c
         if on_sample is not None:
             for d in draws:

@@ -154,6 +154,8 @@ def test_fail_if_malformed_is_a_user_error(dump, expr, match):
         (["--max-records", "0"], "--max-records 0 is invalid"),
         (["--threads", "-1"], "--threads -1 is invalid"),
         (["--workers", "0"], "--workers 0 is invalid"),
+        (["--device", "tpu"], "--device 'tpu' is unknown"),
+        (["--backend", "gpu"], "--backend 'gpu' is unknown: choose one of auto, reference"),
         (["--json", "-", "--csv", "-"], "both ask for stdout"),
         (["--json", ".", "--force"], "is a directory"),
         (["--csv", "no/such/folder/x.csv"], "folder no/such/folder does not exist"),

@@ -172,3 +172,25 @@ def test_several_files_get_one_summary_each_and_the_pooled_one(dump, tmp_path):
     assert evaluate([dump], cfg).file_summary == []  # one file: the summary is its summary
     r = invoke("evaluate", dump, other, "--samples", "2", "--methods", "mvue")
     assert r.exit_code == 0 and "summary of each file" in r.stdout and "summary over layers of every file" in r.stdout
+
+
+def test_triton_kernels_agree_with_the_cpu_within_monte_carlo_error(dump, monkeypatch):
+    """What `--device cuda` runs (the Triton kernels), here under the Triton interpreter on CPU
+    tensors: same exact metrics, and Monte-Carlo angles within a few standard errors of the CPU's
+    (the kernels compute the reference's function of the same uniforms)."""
+    pytest.importorskip("triton")
+    from nmgrad_cli.kernels import triton_prune
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    methods = tuple(m for m in METHODS if triton_prune.supports(m, 2, 4))
+    assert {"mvue", "greedy", "random"} <= set(methods)
+    cfg = EvalConfig(methods=methods, samples=6, axis="both", max_records=1, device="cpu", seed=1)
+    cpu = evaluate([dump], EvalConfig(**{**cfg.to_dict(), "methods": methods, "backend": "reference"}))
+    tri = evaluate([dump], EvalConfig(**{**cfg.to_dict(), "methods": methods, "backend": "triton"}))
+    assert len(cpu.records) == len(tri.records) == 2 * 2 * len(methods)
+    for a, b in zip(cpu.records, tri.records, strict=True):
+        for k in ("mse", "bias", "variance", "norm2"):
+            assert a.metrics[k] == b.metrics[k]
+        assert a.gemm == b.gemm
+        se = math.hypot(a.metrics["angle_se"], b.metrics["angle_se"])
+        assert abs(a.metrics["angle"] - b.metrics["angle"]) <= 4 * se + 1e-4, (a.layer, a.axis, a.method)

@@ -66,6 +66,12 @@ def evaluate(
     samples: int = typer.Option(
         16, "--samples", "-s", help=f"Monte-Carlo draws for the angle (0: none; at most {MAX_SAMPLES})."
     ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N; CUDA runs the Triton kernels."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Pruning backend of the draws: auto, reference, fused or triton."
+    ),
     workers: int = typer.Option(
         1, "--workers", help="Processes evaluating records in parallel (same results as one)."
     ),
@@ -93,8 +99,8 @@ def evaluate(
             names = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = EvalConfig(
             pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
-            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, workers=workers,
-            threads=threads,
+            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, device=device,
+            backend=backend, workers=workers, threads=threads,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:

@@ -16,6 +16,7 @@ AXIS_DIM = {"features": -1, "tokens": 0}
 """Block axis -> dim of the (T, F) matrix the N:M blocks run along."""
 GEMM_OF_AXIS = {"features": "dX", "tokens": "dW"}
 METRICS = ("mse", "bias", "variance", "angle")
+BACKENDS = ("auto", "reference", "fused", "triton")
 MAX_SAMPLES = 100_000
 """--samples above this is refused: it would run for days and gain nothing."""
 
@@ -48,6 +49,11 @@ class EvalConfig:
     derived from it, so a result does not depend on which other layers or methods are evaluated."""
     mc_check: bool = False
     """Also estimate mse/bias/variance by Monte Carlo, as a cross-check of the exact values."""
+    device: str = "auto"
+    """Where to evaluate: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    On CUDA the draws run the Triton kernels (same law, other random numbers than the CPU's)."""
+    backend: str = "auto"
+    """The draws' pruning backend (:func:`nmgrad_cli.prune.prune`): auto, reference, fused or triton."""
     workers: int = 1
     """Processes evaluating records in parallel (records are sharded; the report is identical)."""
     threads: int = 0
@@ -69,6 +75,10 @@ class EvalConfig:
             raise NmgradError(f"--every {self.every} is invalid: give 1 (every step) or more, e.g. 10")
         if self.max_records is not None and self.max_records < 1:
             raise NmgradError(f"--max-records {self.max_records} is invalid: give 1 or more, or leave it out")
+        if self.backend not in BACKENDS:
+            raise NmgradError(f"--backend '{self.backend}' is unknown: choose one of {', '.join(BACKENDS)}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise NmgradError(f"--device '{self.device}' is unknown: use auto, cpu, cuda or cuda:N")
         if self.workers < 1:
             raise NmgradError(f"--workers {self.workers} is invalid: give 1 (this process) or more, e.g. 2")
         if self.threads < 0:

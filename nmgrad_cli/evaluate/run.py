@@ -29,7 +29,7 @@ from ..layers import LayerSelectionError, layer_matches, no_match_message, parse
 from ..metrics import evaluate_tensor, gemm_moments
 from ..progress import ProgressLike, resolve_progress
 from ..prune import prune
-from ..train.distributed import dist_info, process_group
+from ..train.distributed import dist_info, process_group, resolve_device
 from .config import AXIS_DIM, GEMM_OF_AXIS, EvalConfig
 from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
 from .report import EvalReport, ReportBuilder
@@ -268,6 +268,7 @@ def iter_evaluate(
     unique = list(first.values())
     if len(unique) < len(paths):
         yield Note("a dump given more than once is evaluated once")
+    device = resolve_device(config.device, dist_info())
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
     try:
@@ -280,7 +281,7 @@ def iter_evaluate(
             )
         done = 0
         bar.start(total, "evaluate")
-        results = _record_results(opened, chosen, methods, config)
+        results = _record_results(opened, chosen, methods, config, device)
         for (reader, selected), records in zip(opened, chosen):
             info = _file_info(reader, selected)
             yield FileStarted(info)
@@ -305,7 +306,7 @@ def iter_evaluate(
             reader.close()
 
 
-def _record_results(opened, chosen, methods: list[str], config: EvalConfig) -> Iterator[list[Event]]:
+def _record_results(opened, chosen, methods: list[str], config: EvalConfig, device) -> Iterator[list[Event]]:
     """The events of every selected record, in order: here, sharded over the ranks of a torchrun
     process group, or over ``config.workers`` spawned processes. Each record is a job whose streams
     depend only on its own name, and the results come back in record order, so the report is
@@ -314,7 +315,9 @@ def _record_results(opened, chosen, methods: list[str], config: EvalConfig) -> I
     if world > 1:  # torchrun: rank r evaluates records r, r + world, ...; every rank gets them all
         rank = dist.get_rank()
         pairs = [(reader, rec) for (reader, _), records in zip(opened, chosen) for rec in records]
-        mine = [record_events(reader, rec, str(reader.path), methods, config) for reader, rec in pairs[rank::world]]
+        mine = [
+            record_events(reader, rec, str(reader.path), methods, config, device) for reader, rec in pairs[rank::world]
+        ]
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
         for i in range(len(pairs)):
@@ -323,14 +326,14 @@ def _record_results(opened, chosen, methods: list[str], config: EvalConfig) -> I
     if config.workers <= 1:
         for (reader, _), records in zip(opened, chosen):
             for rec in records:
-                yield record_events(reader, rec, str(reader.path), methods, config)
+                yield record_events(reader, rec, str(reader.path), methods, config, device)
         return
     import concurrent.futures
 
     import torch.multiprocessing as mp
 
     jobs = [
-        (str(reader.path), rec.layer.key, rec.name, methods, config)
+        (str(reader.path), rec.layer.key, rec.name, methods, config, str(device))
         for (reader, _), records in zip(opened, chosen) for rec in records
     ]
     pool = concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"))
@@ -342,23 +345,25 @@ def _record_results(opened, chosen, methods: list[str], config: EvalConfig) -> I
 
 def _worker_job(job) -> list[Event]:
     """One record in a worker process: opens the dump itself (h5py handles do not cross processes)."""
-    path, layer_key, name, methods, config = job
+    path, layer_key, name, methods, config, device = job
     with DumpReader(path) as reader:
         (rec,) = [r for r in reader.records("grad", [reader.layers[layer_key]]) if r.name == name]
-        return record_events(reader, rec, str(reader.path), methods, config)
+        return record_events(reader, rec, str(reader.path), methods, config, torch.device(device))
 
 
-def record_events(reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig) -> list[Event]:
-    """Every event of one grad record, with the thread policy applied."""
+def record_events(
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device=None
+) -> list[Event]:
+    """Every event of one grad record on ``device`` (default CPU), with the thread policy applied."""
     threads = thread_policy(math.prod(rec.shape), config.threads, config.workers)
     with _torch_threads(threads):
-        return list(_evaluate_record(reader, rec, file, methods, config))
+        return list(_evaluate_record(reader, rec, file, methods, config, device or torch.device("cpu")))
 
 
 def _evaluate_record(
-    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device
 ) -> Iterator[Event]:
-    g = rec.load()
+    g = rec.load().to(device)
     layer = rec.layer
     bad = int((~torch.isfinite(g)).sum())
     if bad:
@@ -383,16 +388,17 @@ def _evaluate_record(
     for axis in config.axes:
         for method in methods:
             parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
-            gen = torch.Generator().manual_seed(stream_seed(config.seed, *parts))
+            gen = torch.Generator(device=device).manual_seed(stream_seed(config.seed, *parts))
             gemm, mc = None, None
             if axis in operands:
                 a, b = operands[axis]
+                b = b.to(device)
                 gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.pattern).relative()}
                 if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
                     mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
                 g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=mc.add if mc is not None else None,
+                on_sample=mc.add if mc is not None else None, backend=config.backend,
             )
             if mc is not None:
                 r = mc.result()
