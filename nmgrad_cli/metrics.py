@@ -64,17 +64,19 @@ def evaluate_tensor(
     generator: torch.Generator | None = None,
     mc_check: bool = False,
     on_sample: Callable[[torch.Tensor], None] | None = None,
+    backend: str = "auto",
 ) -> Metrics:
     """Exact mse/bias/variance of ``method`` on ``g`` along ``dim``, plus the Monte-Carlo angle
     from ``samples`` draws (and Monte-Carlo mse/bias/variance when ``mc_check``). ``on_sample``
-    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws."""
+    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws.
+    ``backend``: :func:`nmgrad_cli.prune.prune`'s, for the draws."""
     meth, pat = resolve(method, pattern)
     scale = _pow2_scale(g)
     if scale != 1.0:  # squares of |g| > 1e154 overflow float64: evaluate g / 2^k (every method is
         # scale-equivariant), the relative metrics are exact, the absolute ones are scaled back
         m = evaluate_tensor(
             g / scale, meth, pat, dim, samples, generator, mc_check,
-            None if on_sample is None else (lambda d: on_sample(d * scale)),
+            None if on_sample is None else (lambda d: on_sample(d * scale)), backend,
         )
         m.norm2, m.mse_abs = m.norm2 * scale * scale, m.mse_abs * scale * scale
         return m
@@ -85,14 +87,14 @@ def evaluate_tensor(
         mse=(bias + var) / norm2, bias=bias / norm2, variance=var / norm2, norm2=norm2, mse_abs=bias + var
     )
     if samples > 0:
-        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample)
+        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample, backend=backend)
         metrics.angle, metrics.angle_se, metrics.samples = mc["angle"], mc["angle_se"], samples
         if mc_check:
             metrics.mc_mse, metrics.mc_bias, metrics.mc_variance = mc["mse"], mc["bias"], mc["variance"]
     return metrics
 
 
-def mc_backend(g: torch.Tensor, method, pattern, dim: int = -1) -> dict:
+def mc_backend(g: torch.Tensor, method, pattern, dim: int = -1, backend: str = "auto") -> dict:
     """The backend and uniform source the Monte-Carlo draws of :func:`monte_carlo` run on for ``g``
     (:meth:`nmgrad_cli.backend.BackendChoice.to_dict`), for an output's metadata."""
     from .backend import resolve_backend
@@ -101,7 +103,17 @@ def mc_backend(g: torch.Tensor, method, pattern, dim: int = -1) -> dict:
     m = parse_pattern(pattern).m
     length = g.shape[dim] if g.dim() else 1
     padded = g.numel() // max(length, 1) * (-(-length // m) * m)  # the blocks prune() sees
-    return resolve_backend(method, pattern, compute_dtype(g.dtype), g.device, padded, stream="generator").to_dict()
+    dtype = compute_dtype(g.dtype)
+    return resolve_backend(method, pattern, dtype, g.device, padded, backend, stream="generator").to_dict()
+
+
+def mc_backends(pattern, methods, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto") -> dict:
+    """{method: :func:`nmgrad_cli.backend.backend_record`} of the Monte-Carlo draws (generator
+    stream) for ``dtype`` tensors on ``device`` with the user's ``backend``: which backend prunes a
+    record of at least / below ``min_numel`` elements, for evaluate's JSON."""
+    from .backend import backend_record
+
+    return {m: backend_record(m, pattern, dtype, device, backend, stream="generator") for m in methods}
 
 
 DRAW_CHUNK = FUSED_MIN_NUMEL - 1
@@ -111,17 +123,9 @@ which ``prune``'s auto backend switches to the compiled kernel, so batching neve
 backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
 
 
-def mc_backends(pattern, methods, dtype: torch.dtype = torch.float32, device="cpu") -> dict:
-    """{method: :func:`nmgrad_cli.backend.backend_record`} of the Monte-Carlo draws (generator
-    stream) for ``dtype`` tensors on ``device``: which backend prunes a record of at least / below
-    ``min_numel`` elements, for evaluate's JSON."""
-    from .backend import backend_record
-
-    return {m: backend_record(m, pattern, dtype, device, stream="generator") for m in methods}
-
-
 def monte_carlo(
-    g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True
+    g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True,
+    backend: str = "auto",
 ) -> dict:
     """Angle (degrees, mean and standard error) over ``samples`` draws; with ``moments`` also
     Monte-Carlo mse, bias (of the sample mean, which carries variance/samples on top) and
@@ -138,15 +142,20 @@ def monte_carlo(
     total = torch.zeros_like(g64) if moments else None
     total2 = torch.zeros_like(g64) if moments else None
     err2 = 0.0
-    per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1
+    meth, pat = resolve(method, pattern)
+    fixed = prune(g, meth, pat, dim, backend=backend) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
+    per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
     bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
     done = 0
     while done < samples:
         c = min(per, samples - done)
-        if batch:
-            draws = prune(g.unsqueeze(0).expand(c, *g.shape), method, pattern, bdim, generator, stream="generator")
+        if fixed is not None:
+            draws = fixed.unsqueeze(0).expand(c, *g.shape)
+        elif batch:
+            stacked = g.unsqueeze(0).expand(c, *g.shape)
+            draws = prune(stacked, meth, pat, bdim, generator, backend=backend, stream="generator")
         else:
-            draws = prune(g, method, pattern, dim, generator, stream="generator").unsqueeze(0)
+            draws = prune(g, meth, pat, dim, generator, backend=backend, stream="generator").unsqueeze(0)
         done += c
         if on_sample is not None:
             for d in draws:

@@ -117,3 +117,80 @@ def test_huge_float64_gradients(tmp_path):
     assert math.isfinite(rep.summary[0]["angle"])
     r = invoke("evaluate", path, "--samples", "2")
     assert r.exit_code == 1 and "overflows float64" in r.stderr and "Traceback" not in r.output
+
+
+def test_two_workers_give_the_report_of_one_process(dump, tmp_path):
+    """Records sharded over 2 worker processes: every number, note and row is the same."""
+    import dataclasses
+    import shutil
+
+    other = tmp_path / "copy.h5"
+    shutil.copy(dump, other)
+    cfg = EvalConfig(methods=("mvue", "greedy"), samples=3, axis="both", steps="0:3", seed=4)
+    one = evaluate([dump, other], cfg).to_dict()
+    two = evaluate([dump, other], dataclasses.replace(cfg, workers=2)).to_dict()
+    assert two["config"].pop("workers") == 2 and one["config"].pop("workers") == 1
+    assert two == one
+    assert len(one["records"]) == 2 * 2 * 3 * 2 * 2  # files x layers x steps x axes x methods
+
+
+def test_two_gloo_ranks_give_the_report_of_one_process(dump, tmp_path):
+    """torchrun's setting: 2 CPU ranks (gloo), records sharded by rank and all-gathered; every rank
+    ends with the very report of one process."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    from _dist_eval import rank_main
+
+    cfg = EvalConfig(methods=("mvue", "random"), samples=3, axis="both", steps="1:4", seed=9)
+    one = json.loads(json.dumps(evaluate([dump], cfg).to_dict()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.spawn(rank_main, args=(2, port, [str(dump)], cfg, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        with open(f"{out}.{rank}") as fh:
+            assert json.load(fh) == one
+
+
+def test_several_files_get_one_summary_each_and_the_pooled_one(dump, tmp_path):
+    other = make_mlp_dump(tmp_path / "other.h5", steps=1)
+    cfg = EvalConfig(methods=("mvue", "greedy"), samples=4, axis="both", seed=2)
+    both = evaluate([dump, other], cfg)
+    for path in (dump, other):
+        alone = evaluate([path], cfg).summary
+        mine = [{k: v for k, v in r.items() if k != "file"} for r in both.file_summary if r["file"] == str(path)]
+        assert len(mine) == 4
+        for a, b in zip(mine, alone, strict=True):
+            assert {k: v for k, v in a.items() if k != "gemm"} == pytest.approx(
+                {k: v for k, v in b.items() if k != "gemm"}, rel=1e-12
+            )
+            assert a["gemm"].pop("target") == b["gemm"].pop("target")
+            assert a["gemm"] == pytest.approx(b["gemm"], rel=1e-12)
+    assert evaluate([dump], cfg).file_summary == []  # one file: the summary is its summary
+    r = invoke("evaluate", dump, other, "--samples", "2", "--methods", "mvue")
+    assert r.exit_code == 0 and "summary of each file" in r.stdout and "summary over layers of every file" in r.stdout
+
+
+def test_triton_kernels_agree_with_the_cpu_within_monte_carlo_error(dump, monkeypatch):
+    """What `--device cuda` runs (the Triton kernels), here under the Triton interpreter on CPU
+    tensors: same exact metrics, and Monte-Carlo angles within a few standard errors of the CPU's
+    (the kernels compute the reference's function of the same uniforms)."""
+    pytest.importorskip("triton")
+    from nmgrad_cli.kernels import triton_prune
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    methods = tuple(m for m in METHODS if triton_prune.supports(m, 2, 4))
+    assert {"mvue", "greedy", "random"} <= set(methods)
+    cfg = EvalConfig(methods=methods, samples=6, axis="both", max_records=1, device="cpu", seed=1)
+    cpu = evaluate([dump], EvalConfig(**{**cfg.to_dict(), "methods": methods, "backend": "reference"}))
+    tri = evaluate([dump], EvalConfig(**{**cfg.to_dict(), "methods": methods, "backend": "triton"}))
+    assert len(cpu.records) == len(tri.records) == 2 * 2 * len(methods)
+    for a, b in zip(cpu.records, tri.records, strict=True):
+        for k in ("mse", "bias", "variance", "norm2"):
+            assert a.metrics[k] == b.metrics[k]
+        assert a.gemm == b.gemm
+        se = math.hypot(a.metrics["angle_se"], b.metrics["angle_se"])
+        assert abs(a.metrics["angle"] - b.metrics["angle"]) <= 4 * se + 1e-4, (a.layer, a.axis, a.method)

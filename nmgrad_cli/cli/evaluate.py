@@ -23,6 +23,7 @@ from .. import evaluate as lib
 from ..errors import NmgradError
 from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
 from ..methods import METHODS
+from ..train.distributed import dist_info
 from .common import check_new_file, console, err_console, user_errors, write_json
 from .progress import cli_progress
 
@@ -65,6 +66,15 @@ def evaluate(
     samples: int = typer.Option(
         16, "--samples", "-s", help=f"Monte-Carlo draws for the angle (0: none; at most {MAX_SAMPLES})."
     ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N; CUDA runs the Triton kernels."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Pruning backend of the draws: auto, reference, fused or triton."
+    ),
+    workers: int = typer.Option(
+        1, "--workers", help="Processes evaluating records in parallel (same results as one)."
+    ),
     threads: int = typer.Option(
         0, "--threads", help="torch threads (0: auto, 1 for records under 4M elements, all cores above)."
     ),
@@ -89,7 +99,8 @@ def evaluate(
             names = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = EvalConfig(
             pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
-            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, threads=threads,
+            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, device=device,
+            backend=backend, workers=workers, threads=threads,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:
@@ -101,7 +112,10 @@ def evaluate(
         check_new_file(csv_out, force)
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
-        report = _run(dumps, config)
+        main = dist_info().is_main  # under torchrun every rank evaluates a shard; rank 0 reports
+        report = _run(dumps, config, quiet=not main)
+        if not main:
+            return
         render(report, out)
         try:
             write_json(json_out, report.to_dict())
@@ -121,9 +135,9 @@ def evaluate(
         raise typer.Exit(code)
 
 
-def _run(dumps: list[Path], config: EvalConfig) -> EvalReport:
+def _run(dumps: list[Path], config: EvalConfig, quiet: bool = False) -> EvalReport:
     """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines)."""
-    return lib.evaluate(dumps, config, cli_progress())
+    return lib.evaluate(dumps, config, cli_progress(quiet))
 
 
 def _num(x, fmt: str = ".2e") -> str:
@@ -179,9 +193,10 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         for col in gemm_cols:
             table.add_column(f"{'|'.join(gemm_targets)} {names[col]}", justify="right")
     table.add_column("n", justify="right")
+    norms = " (".join(f"||{t}||^2" for t in gemm_targets) + ")" * (len(gemm_targets) - 1)
     table.caption = "n: grad records evaluated" + (
-        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to "
-        "||dX||^2 (||dW||^2)" if gemm_targets else ""
+        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to {norms}"
+        if gemm_targets else ""
     )
     table.caption_justify = "left"
     prev = None
@@ -221,14 +236,19 @@ def render(report: EvalReport, out: Console) -> None:
     head = f"nmgrad evaluate: pattern {cfg.pattern}, axis {cfg.axis}, {cfg.samples} samples, seed {cfg.seed}"
     if rows:
         _print(out, _table(f"{head}: per layer", rows, label_cols, show_axis))
+    if report.file_summary:
+        frows = [{**r, "file": Path(r["file"]).name} for r in report.file_summary]
+        _print(out, _table("summary of each file (weighted by ||g||^2)", frows, ["file"], show_axis))
     if report.summary:
-        _print(out, _table("summary over layers (weighted by ||g||^2)", report.summary, [], show_axis))
+        title = "summary over layers" + (" of every file" if several else "") + " (weighted by ||g||^2)"
+        _print(out, _table(title, report.summary, [], show_axis))
     for note in report.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def write_csv(path: Path, report: EvalReport) -> None:
-    """One row per (file, layer, axis, method) and one per (axis, method) summary."""
+    """One row per (file, layer, axis, method) (level "layer"), per (file, axis, method) with several
+    files ("file"), and per (axis, method) over everything ("summary")."""
     def flat(level: str, row: dict) -> dict:
         g = row.get("gemm") or {}
         out = {k: row.get(k, "") for k in CSV_FIELDS if k != "level" and not k.startswith("gemm")}
@@ -241,6 +261,8 @@ def write_csv(path: Path, report: EvalReport) -> None:
         w.writeheader()
         for row in report.layers:
             w.writerow(flat("layer", row))
+        for row in report.file_summary:
+            w.writerow(flat("file", row))
         for row in report.summary:
             w.writerow(flat("summary", row))
 

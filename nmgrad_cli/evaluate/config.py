@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from ..backend import BACKENDS
 from ..dump.reader import parse_steps
 from ..errors import NmgradError, PatternError
 from ..layers import parse_layers
@@ -48,6 +49,13 @@ class EvalConfig:
     derived from it, so a result does not depend on which other layers or methods are evaluated."""
     mc_check: bool = False
     """Also estimate mse/bias/variance by Monte Carlo, as a cross-check of the exact values."""
+    device: str = "auto"
+    """Where to evaluate: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    On CUDA the draws run the Triton kernels (same law, other random numbers than the CPU's)."""
+    backend: str = "auto"
+    """The draws' pruning backend (:func:`nmgrad_cli.prune.prune`): auto, reference, fused or triton."""
+    workers: int = 1
+    """Processes evaluating records in parallel (records are sharded; the report is identical)."""
     threads: int = 0
     """torch threads while evaluating; 0 = auto (:func:`nmgrad_cli.evaluate.run.thread_policy`:
     1 for records under 2^22 elements, where extra threads only stall on a busy machine)."""
@@ -67,6 +75,12 @@ class EvalConfig:
             raise NmgradError(f"--every {self.every} is invalid: give 1 (every step) or more, e.g. 10")
         if self.max_records is not None and self.max_records < 1:
             raise NmgradError(f"--max-records {self.max_records} is invalid: give 1 or more, or leave it out")
+        if self.backend not in BACKENDS:
+            raise NmgradError(f"--backend '{self.backend}' is unknown: choose one of {', '.join(BACKENDS)}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise NmgradError(f"--device '{self.device}' is unknown: use auto, cpu, cuda or cuda:N")
+        if self.workers < 1:
+            raise NmgradError(f"--workers {self.workers} is invalid: give 1 (this process) or more, e.g. 2")
         if self.threads < 0:
             raise NmgradError(f"--threads {self.threads} is invalid: give 0 (auto) or a count, e.g. 1")
         parse_steps(self.steps)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from .. import __version__
+from ..errors import NmgradError
 from ..metrics import mc_backends
 from .config import EvalConfig
 from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
@@ -57,6 +60,16 @@ class _Acc:
             if g.get("mc_mse") is not None:
                 se = None if g["mc_mse_se"] is None else g["mc_mse_se"] * g["norm2"]
                 self.gemm_mc.append((g["mc_mse"] * g["norm2"], se))
+
+    def merge(self, other: _Acc) -> None:
+        """Add ``other``'s sums (a layer's) into these (a file's)."""
+        for name in ("records", "norm2", "bias_abs", "var_abs", "gemm_bias_abs", "gemm_var_abs", "gemm_norm2",
+                     "gemm_records"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.angles += other.angles
+        self.mc += other.mc
+        self.gemm_mc += other.gemm_mc
+        self.gemm_target = self.gemm_target or other.gemm_target
 
     def angle(self) -> tuple[float | None, float | None]:
         if not self.angles:
@@ -116,17 +129,30 @@ class EvalReport:
     """One row per (file, layer, axis, method): file, layer, module_type, axis, method + :meth:`_Acc.row`."""
     summary: list[dict]
     """One row per (axis, method) over every layer of every file, weighted by ||g||^2."""
+    file_summary: list[dict] = field(default_factory=list)
+    """With several files: one row per (file, axis, method), the summary of that file alone."""
+
+    def mc_backend_record(self) -> dict:
+        """What prunes the Monte-Carlo draws, per method (float32 records on the evaluated device)."""
+        try:
+            from ..train.distributed import dist_info, resolve_device
+
+            device = resolve_device(self.config.device, dist_info())
+        except NmgradError:  # e.g. --device cuda on a machine without one: the report is still written
+            device = torch.device("cpu")
+        return mc_backends(self.config.pattern, self.methods, torch.float32, device, self.config.backend)
 
     def to_dict(self) -> dict:
         return {
             "nmgrad_version": __version__,
             "config": self.config.to_dict(),
             "methods": self.methods,
-            "backend": mc_backends(self.config.pattern, self.methods),
+            "backend": self.mc_backend_record(),
             "files": self.files,
             "notes": self.notes,
             "errors": [asdict(e) for e in self.errors],
             "summary": self.summary,
+            "file_summary": self.file_summary,
             "layers": self.layers,
             "records": [asdict(r) for r in self.records],
         }
@@ -175,12 +201,29 @@ class ReportBuilder:
              "method": k[3], **acc.row()}
             for k, acc in self.layer_acc.items()
         ]
-        summary = []
-        for (a, m), acc in self.summary_acc.items():
-            if acc.records:
-                angle, angle_se = weighted_angle([r for r in layers if r["axis"] == a and r["method"] == m])
-                summary.append({"axis": a, "method": m, **acc.row(), "angle": angle, "angle_se": angle_se})
-        return EvalReport(self.config, self.methods, self.files, notes, self.errors, self.records, layers, summary)
+        summary = _summaries(self.summary_acc, layers)
+        file_summary = []
+        if len(self.files) > 1:
+            for f in self.files:
+                acc: dict[tuple[str, str], _Acc] = {k: _Acc() for k in self.summary_acc}
+                for (file, _, axis, method), la in self.layer_acc.items():
+                    if file == f["path"]:
+                        acc[(axis, method)].merge(la)
+                mine = [r for r in layers if r["file"] == f["path"]]
+                file_summary += [{"file": f["path"], **row} for row in _summaries(acc, mine)]
+        return EvalReport(
+            self.config, self.methods, self.files, notes, self.errors, self.records, layers, summary, file_summary
+        )
+
+
+def _summaries(accs: dict[tuple[str, str], _Acc], layers: list[dict]) -> list[dict]:
+    """One row per (axis, method) with records: the sums, and the layers' ||g||^2-weighted angle."""
+    out = []
+    for (a, m), acc in accs.items():
+        if acc.records:
+            angle, angle_se = weighted_angle([r for r in layers if r["axis"] == a and r["method"] == m])
+            out.append({"axis": a, "method": m, **acc.row(), "angle": angle, "angle_se": angle_se})
+    return out
 
 
 def weighted_angle(layer_rows: list[dict]) -> tuple[float | None, float | None]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..dump import DumpReader, LayerInfo, Record
 from ..dump.reader import select_records
@@ -28,6 +29,7 @@ from ..layers import LayerSelectionError, layer_matches, no_match_message, parse
 from ..metrics import evaluate_tensor, gemm_moments
 from ..progress import ProgressLike, resolve_progress
 from ..prune import prune
+from ..train.distributed import dist_info, process_group, resolve_device
 from .config import AXIS_DIM, GEMM_OF_AXIS, EvalConfig
 from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
 from .report import EvalReport, ReportBuilder
@@ -213,13 +215,14 @@ def _selected_records(reader: DumpReader, selected: list[LayerInfo], config: Eva
     return out
 
 
-def thread_policy(numel: int, threads: int = 0) -> int:
+def thread_policy(numel: int, threads: int = 0, workers: int = 1) -> int:
     """torch threads for a record of ``numel`` elements: ``threads`` when given, else 1 below 2^22
     elements (on a 2-core machine with both cores busy torch's default threads stall in every small
-    op: issue 9 measured 114.8 s vs 13.3 s with one thread on an mlp layer) and every core above."""
+    op: issue 9 measured 114.8 s vs 13.3 s with one thread on an mlp layer) and above it the cores
+    shared among the ``workers`` processes."""
     if threads:
         return threads
-    return 1 if numel < THREADS_MIN_NUMEL else max(1, os.cpu_count() or 1)
+    return 1 if numel < THREADS_MIN_NUMEL else max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 THREADS_MIN_NUMEL = 1 << 22
@@ -265,6 +268,7 @@ def iter_evaluate(
     unique = list(first.values())
     if len(unique) < len(paths):
         yield Note("a dump given more than once is evaluated once")
+    device = resolve_device(config.device, dist_info())
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
     try:
@@ -277,6 +281,7 @@ def iter_evaluate(
             )
         done = 0
         bar.start(total, "evaluate")
+        results = _record_results(opened, chosen, methods, config, device)
         for (reader, selected), records in zip(opened, chosen):
             info = _file_info(reader, selected)
             yield FileStarted(info)
@@ -285,10 +290,14 @@ def iter_evaluate(
                     f"{info['path']} is incomplete (interrupted or still being written): "
                     "evaluating the records it holds"
                 )
-            gemm_notes: set[str] = set()
+            seen: set[str] = set()
             for rec in records:
-                with _torch_threads(thread_policy(math.prod(rec.shape), config.threads)):
-                    yield from _evaluate_record(reader, rec, info["path"], methods, config, gemm_notes)
+                for event in next(results):
+                    if isinstance(event, Note):  # e.g. "GEMM skipped" once per file, not per record
+                        if event.text in seen:
+                            continue
+                        seen.add(event.text)
+                    yield event
                 done += 1
                 bar.update(done, rec.layer.name)
     finally:
@@ -297,10 +306,64 @@ def iter_evaluate(
             reader.close()
 
 
+def _record_results(opened, chosen, methods: list[str], config: EvalConfig, device) -> Iterator[list[Event]]:
+    """The events of every selected record, in order: here, sharded over the ranks of a torchrun
+    process group, or over ``config.workers`` spawned processes. Each record is a job whose streams
+    depend only on its own name, and the results come back in record order, so the report is
+    identical to one process's."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:  # torchrun: rank r evaluates records r, r + world, ...; every rank gets them all
+        rank = dist.get_rank()
+        pairs = [(reader, rec) for (reader, _), records in zip(opened, chosen) for rec in records]
+        mine = [
+            record_events(reader, rec, str(reader.path), methods, config, device) for reader, rec in pairs[rank::world]
+        ]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        for i in range(len(pairs)):
+            yield gathered[i % world][i // world]
+        return
+    if config.workers <= 1:
+        for (reader, _), records in zip(opened, chosen):
+            for rec in records:
+                yield record_events(reader, rec, str(reader.path), methods, config, device)
+        return
+    import concurrent.futures
+
+    import torch.multiprocessing as mp
+
+    jobs = [
+        (str(reader.path), rec.layer.key, rec.name, methods, config, str(device))
+        for (reader, _), records in zip(opened, chosen) for rec in records
+    ]
+    pool = concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"))
+    try:
+        yield from pool.map(_worker_job, jobs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_job(job) -> list[Event]:
+    """One record in a worker process: opens the dump itself (h5py handles do not cross processes)."""
+    path, layer_key, name, methods, config, device = job
+    with DumpReader(path) as reader:
+        (rec,) = [r for r in reader.records("grad", [reader.layers[layer_key]]) if r.name == name]
+        return record_events(reader, rec, str(reader.path), methods, config, torch.device(device))
+
+
+def record_events(
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device=None
+) -> list[Event]:
+    """Every event of one grad record on ``device`` (default CPU), with the thread policy applied."""
+    threads = thread_policy(math.prod(rec.shape), config.threads, config.workers)
+    with _torch_threads(threads):
+        return list(_evaluate_record(reader, rec, file, methods, config, device or torch.device("cpu")))
+
+
 def _evaluate_record(
-    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, gemm_notes: set[str]
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device
 ) -> Iterator[Event]:
-    g = rec.load()
+    g = rec.load().to(device)
     layer = rec.layer
     bad = int((~torch.isfinite(g)).sum())
     if bad:
@@ -320,22 +383,22 @@ def _evaluate_record(
         return
     zero = not bool(g2.any())
     operands, gemm_note = _gemm_operands(reader, rec, g, g2, config.axes)
-    if gemm_note and gemm_note not in gemm_notes:
-        gemm_notes.add(gemm_note)
+    if gemm_note:
         yield Note(gemm_note)
     for axis in config.axes:
         for method in methods:
             parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
-            gen = torch.Generator().manual_seed(stream_seed(config.seed, *parts))
+            gen = torch.Generator(device=device).manual_seed(stream_seed(config.seed, *parts))
             gemm, mc = None, None
             if axis in operands:
                 a, b = operands[axis]
+                b = b.to(device)
                 gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.pattern).relative()}
                 if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
                     mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
                 g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=mc.add if mc is not None else None,
+                on_sample=mc.add if mc is not None else None, backend=config.backend,
             )
             if mc is not None:
                 r = mc.result()
@@ -363,6 +426,7 @@ def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: Progress
         raise NmgradError("no dump given: pass at least one .h5 file written by `nmgrad capture`")
     methods, _ = config.resolve_methods()
     builder = ReportBuilder(config, methods)
-    for event in iter_evaluate(paths, config, progress):
-        builder.add(event)
+    with process_group(dist_info(), torch.device("cpu")):  # under torchrun: records sharded over ranks
+        for event in iter_evaluate(paths, config, progress):
+            builder.add(event)
     return builder.report()
