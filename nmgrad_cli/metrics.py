@@ -112,8 +112,15 @@ def mc_backends(pattern, methods, dtype: torch.dtype = torch.float32, device="cp
     stream) for ``dtype`` tensors on ``device`` with the user's ``backend``: which backend prunes a
     record of at least / below ``min_numel`` elements, for evaluate's JSON."""
     from .backend import backend_record
+    from .errors import NmgradError
 
-    return {m: backend_record(m, pattern, dtype, device, backend, stream="generator") for m in methods}
+    out = {}
+    for m in methods:
+        try:
+            out[m] = backend_record(m, pattern, dtype, device, backend, stream="generator")
+        except NmgradError as exc:  # e.g. --backend fused for a pattern without a kernel
+            out[m] = {"choice": backend, "error": str(exc)}
+    return out
 
 
 DRAW_CHUNK = FUSED_MIN_NUMEL - 1

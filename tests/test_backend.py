@@ -169,3 +169,10 @@ def test_evaluate_json_records_the_monte_carlo_backend(tmp_path):
     assert report["backend"]["greedy"]["large"]["uniforms"] == "none"
     assert report["backend"]["mvue"]["large"]["uniforms"] == "generator"  # on every backend
     json.dumps(report, allow_nan=False)
+
+
+def test_backend_record_of_an_impossible_choice_says_why():
+    from nmgrad_cli.metrics import mc_backends
+
+    rec = mc_backends("2:8", ["mvue"], backend="fused")["mvue"]
+    assert rec["choice"] == "fused" and "no fused kernel for mvue 2:8" in rec["error"]
