@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
+from ..layers import parse_layers
 
-MODULE_TYPES = ("Linear", "Conv1d", "Conv2d")
+MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 OPTIMIZERS = ("adamw", "sgd")
 AMP = ("none", "bf16")
 
@@ -34,9 +35,11 @@ class CaptureConfig:
     seed: int = 0
     """Seeds the model's initialisation and the data order: same seed, same file contents."""
     layers: str | None = None
-    """Comma-separated globs on module names (e.g. ``blocks.*.mlp.*``); None selects every layer."""
+    """Comma-separated globs on GEMM site names (e.g. ``blocks.*.mlp.*``); None selects every site."""
     module_types: tuple[str, ...] = MODULE_TYPES
-    """Module classes hooked (subclasses included): a subset of Linear, Conv1d, Conv2d."""
+    """GEMM families recorded: a subset of Linear (F.linear, x @ W, addmm), Conv1d, Conv2d, Conv3d."""
+    strict: bool = False
+    """Fail (exit 2) when a parameter of 2+ dims gets a gradient outside every GEMM site."""
     with_inputs: bool = False
     """Also store each call's input X and the weight W it used (records named like the gradient's)."""
     compression: str = "lzf"
@@ -82,8 +85,7 @@ class CaptureConfig:
             raise NmgradError(f"--lr must be > 0, got {self.lr}")
         if not self.queue_mb > 0:
             raise NmgradError(f"queue_mb must be > 0, got {self.queue_mb}")
-        if self.layers is not None and not [g for g in self.layers.split(",") if g.strip()]:
-            raise NmgradError("--layers is empty: give globs on module names, e.g. 'fc*' or 'blocks.*.attn.*'")
+        parse_layers(self.layers)  # a selection with no glob is refused here
 
     @property
     def recorded_steps(self) -> int:

@@ -47,8 +47,9 @@ from ..dump.writer import DumpWriter, check_output
 from ..errors import DumpError, NmgradError
 from ..models import build_task, split_batch, to_device
 from ..models.spec import one_line
+from ..sites import ParamIndex, Site, SiteMode, site_report
 from .config import CaptureConfig
-from .hooks import GradRecorder, Target, dy_axes, select_layers
+from .hooks import SiteRecorder, dy_axes
 from .stream import StreamWriter
 
 
@@ -77,6 +78,7 @@ class CaptureResult:
     file_bytes: int
     layers: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(parameter, reason) for each parameter of 2+ dims that got a gradient outside every GEMM site."""
     silent: list[str] = field(default_factory=list)
     """Selected layers that received no gradient in any recorded step."""
     stopped: str = "done"
@@ -198,7 +200,6 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
         data_seed=data_seed, rank=rank, world_size=world,
     )
     model = task.model.to(device).train()
-    targets, skipped = select_layers(model, config.layers, config.module_types)
     step_model: nn.Module = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -210,22 +211,27 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
     )
     run_meta = config.to_dict() | {
         "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
-        "task": task.spec, "layers_skipped": [f"{n}: {why}" for n, why in skipped],
-        "torch_threads": torch.get_num_threads(),
+        "task": task.spec, "torch_threads": torch.get_num_threads(),
     }
     tmp = partial_path(path)
     writer = DumpWriter(tmp, run=run_meta, compression=config.compression, force=True)
     stream = StreamWriter(writer, int(config.queue_mb * 2**20))
-    buffer: list[tuple[int, str, int, torch.Tensor]] = []
-    recorder = GradRecorder(targets, lambda i, kind, call, t: buffer.append((i, kind, call, t)), config.with_inputs)
-    declared: set[int] = set()
-    seen: set[int] = set()
+    buffer: list[tuple[Site, str, int, torch.Tensor]] = []
+    recorder = SiteRecorder(
+        config.layers, config.module_types, lambda site, kind, call, t: buffer.append((site, kind, call, t)),
+        config.with_inputs,
+    )
+    index = ParamIndex(model)
+    mode = SiteMode(index, recorder, watch=True)
+    report = None
+    declared: set[str] = set()
+    seen: set[str] = set()
     total = config.warmup + config.steps
     steps_run = recorded = bytes_recorded = 0
     stopped = "done"
     signals: list[str] = []
     try:
-        with _stop_on_signals(handle_signals, signals), recorder:
+        with _stop_on_signals(handle_signals, signals):
             for s in range(total):
                 record = s >= config.warmup and (s - config.warmup) % config.every == 0
                 x, y = split_batch(next(task.train_batches))
@@ -233,7 +239,7 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
                 if record:
                     recorder.start_step()
                 try:
-                    with amp:
+                    with amp, mode:
                         out = step_model(x)
                         loss = task.loss_fn(out, y)
                     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -253,6 +259,13 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
                     ) from None
                 finally:
                     recorder.stop_step()
+                if report is None:  # after the first backward: what is selected, what no site covers
+                    report = site_report(
+                        index, mode, list(recorder.selected.values()), config.layers, config.strict,
+                        what="/".join(config.module_types) + " GEMM site",
+                    )
+                    mode.watch = False
+                    stream.set_run(**report.to_dict())
                 opt.step()
                 steps_run += 1
                 if record:
@@ -262,8 +275,8 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
                         buffer.clear()
                         stopped = "max-bytes"
                         break
-                    _write_step(stream, targets, buffer, declared, s)
-                    seen.update(i for i, kind, *_ in buffer if kind == "grad")
+                    _write_step(stream, list(recorder.selected.values()), recorder.shapes, buffer, declared, s)
+                    seen.update(site.name for site, kind, *_ in buffer if kind == "grad")
                     buffer.clear()
                     recorded += 1
                     bytes_recorded += step_bytes
@@ -286,34 +299,41 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
         raise NmgradError(
             f"--max-bytes {config.max_bytes} is smaller than one recorded step: raise it or select fewer --layers"
         )
-    silent = [t.name for i, t in enumerate(targets) if i not in seen] if recorded else []
+    selected = list(recorder.selected)
+    silent = [n for n in selected if n not in seen] if recorded else []
     stream.set_run(stopped=stopped, steps_run=steps_run, layers_without_gradients=silent)
     _finish(stream, path, tmp, None if stopped in ("done", "max-bytes") else stopped, recorded)
     return CaptureResult(
         path=path, steps_run=steps_run, steps_recorded=recorded, bytes_recorded=bytes_recorded,
-        file_bytes=path.stat().st_size if path.exists() else 0, layers=[t.name for t in targets],
-        skipped=skipped, silent=silent, stopped=stopped, rank=rank, world_size=world,
+        file_bytes=path.stat().st_size if path.exists() else 0, layers=selected,
+        skipped=report.not_intercepted if report else [], silent=silent, stopped=stopped, rank=rank, world_size=world,
         seconds=time.perf_counter() - t0,
     )
 
 
-def _write_step(stream: StreamWriter, targets: list[Target], buffer: list, declared: set[int], step: int) -> None:
-    """Declare new layers (in model order) and queue the step's records in a fixed order."""
+def _write_step(
+    stream: StreamWriter, sites: list[Site], shapes: dict, buffer: list, declared: set[str], step: int
+) -> None:
+    """Declare new sites (in first-seen order) and queue the step's records in a fixed order."""
     order = {"input": 0, "weight": 1, "grad": 2}
-    buffer.sort(key=lambda r: (r[0], order[r[1]], r[2]))
-    for i in sorted({i for i, kind, *_ in buffer if kind == "grad"} - declared):
-        t = targets[i]
-        g = next(r[3] for r in buffer if r[0] == i and r[1] == "grad")
-        feature_axis, token_axes = dy_axes(t.kind, g.dim())
+    rank = {site.name: i for i, site in enumerate(sites)}
+    buffer.sort(key=lambda r: (rank[r[0].name], order[r[1]], r[2]))
+    with_grad = {site.name for site, kind, *_ in buffer if kind == "grad"}
+    for site in sites:
+        if site.name in declared or site.name not in with_grad:
+            continue
+        g = next(r[3] for r in buffer if r[0].name == site.name and r[1] == "grad")
+        feature_axis, token_axes = dy_axes(site.module_type, g.dim())
         stream.add_layer(
-            name=t.name, module_type=t.kind, feature_axis=feature_axis, token_axes=token_axes,
-            weight_shape=tuple(t.weight.shape) if t.weight is not None else None,
-            module_class=t.module_class, has_input=not t.via_mha,
+            name=site.name, module_type=site.module_type, feature_axis=feature_axis, token_axes=token_axes,
+            weight_shape=shapes.get(site.name), module_class=site.owner, has_input=True,
+            gemm=site.gemm, parameter=site.param, weight_layout="(F, I/groups, *kernel)" if site.is_conv else "(F, I)",
+            **({"rows": list(site.rows)} if site.rows else {}),
         )
-        declared.add(i)
-    for i, kind, call, tensor in buffer:
-        if i in declared:
-            stream.write(targets[i].name, kind, step, call, tensor)
+        declared.add(site.name)
+    for site, kind, call, tensor in buffer:
+        if site.name in declared:
+            stream.write(site.name, kind, step, call, tensor)
     stream.step_done(step)
 
 

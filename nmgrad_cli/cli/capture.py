@@ -34,10 +34,13 @@ def capture(
     warmup: int = typer.Option(0, "--warmup", help="Optimizer steps before recording starts."),
     seed: int = typer.Option(0, "--seed", help="Seed of the model and data: same seed, same file contents."),
     layers: str = typer.Option(
-        None, "--layers", help="Comma-separated globs on module names, e.g. 'fc*,blocks.*.mlp.*'."
+        None, "--layers", help="Comma-separated globs on GEMM site names, e.g. 'fc*,blocks.*.mlp.*'."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail when a 2+-dim parameter gets a gradient outside every GEMM site."
     ),
     module_types: str = typer.Option(
-        ",".join(MODULE_TYPES), "--module-types", help="Hooked module classes: any of Linear,Conv1d,Conv2d."
+        ",".join(MODULE_TYPES), "--module-types", help="GEMM families recorded: any of Linear,Conv1d,Conv2d,Conv3d."
     ),
     with_inputs: bool = typer.Option(False, "--with-inputs", help="Also store each layer's input X and weight W."),
     compression: str = typer.Option("lzf", "--compression", help="lzf, gzip or none."),
@@ -69,7 +72,7 @@ def capture(
             torch.set_num_threads(threads)
         config = CaptureConfig(
             model=model, data=data, loss=loss, out=str(out), steps=steps, every=every, warmup=warmup, seed=seed,
-            layers=layers, module_types=module_types, with_inputs=with_inputs,
+            layers=layers, module_types=module_types, with_inputs=with_inputs, strict=strict,
             compression=_choice(compression, COMPRESSIONS, "--compression"), max_bytes=parse_bytes(max_bytes),
             batch_size=batch_size, optimizer=_choice(optimizer, OPTIMIZERS, "--optimizer"), lr=lr, device=device,
             amp=_choice(amp, AMP, "--amp"), data_dir=str(data_dir) if data_dir else None, force=force,
@@ -96,7 +99,9 @@ def capture(
             bar.stop()
     prefix = f"rank {result.rank}: " if result.world_size > 1 else ""
     for name, why in result.skipped:
-        err_console.print(f"[yellow]warning:[/] {prefix}{name} skipped: {why}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[yellow]warning:[/] {prefix}{name} not intercepted: {why}", highlight=False, soft_wrap=True
+        )
     if result.silent:
         err_console.print(
             f"[yellow]warning:[/] {prefix}no gradient reached {', '.join(result.silent)} (unused or frozen)",
@@ -104,6 +109,7 @@ def capture(
         )
     how = {"done": "complete", "max-bytes": "complete, stopped at --max-bytes"}.get(result.stopped)
     status = how or f"interrupted ({result.stopped})"
+    console.print(f"{prefix}sites: {', '.join(result.layers)}", highlight=False, soft_wrap=True)
     console.print(
         f"{prefix}wrote {result.path}: {len(result.layers)} layers, {result.steps_recorded} recorded steps "
         f"of {result.steps_run}, {result.bytes_recorded / 1e6:.1f} MB of tensors, "
