@@ -48,6 +48,28 @@ def test_single_gpt_run_with_json_on_stdout(tmp_path):
     assert "eval ppl" in r.stderr
 
 
+def test_transformer_encoder_attention_projections_train_with_pruned_gradients(tmp_path, monkeypatch):
+    """torch's own nn.TransformerEncoder: in_proj (as q, k, v) and out_proj are pruned (issue 8)."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "enc"
+    r = run("--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--layers", "*self_attn*",
+            "--compare", "dense,greedy", "--pattern", "1:2", "--steps", "4", "--backend", "reference",
+            "--device", "cpu", "--out", out, "--json", tmp_path / "t.json", "--no-plot")
+    assert r.exit_code == 0, r.output
+    runs = json.loads((tmp_path / "t.json").read_text())["runs"]
+    attn = [f"encoder.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("in_proj.q", "in_proj.k", "in_proj.v",
+                                                                            "out_proj")]
+    assert runs[0]["layers"] == [] and runs[1]["layers"] == attn
+    dense, greedy = ([json.loads(line)["loss"] for line in (out / m / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(line)] for m in ("dense", "greedy"))
+    assert dense[0] == greedy[0] and dense[1:] != greedy[1:]  # same first forward, then pruning shows
+    assert "sparse-gradient sites (8): encoder.layers.0.self_attn.in_proj.q" in " ".join(r.stdout.split())
+    assert "emb.weight not intercepted: used by embedding" in " ".join(r.stdout.split())
+    config = json.loads((out / "greedy" / "config.json").read_text())["resolved"]
+    assert [s["name"] for s in config["sites"]][:4] == attn[:4]
+    assert config["not_intercepted"] == {"emb.weight": "used by embedding, not a linear/conv GEMM"}
+
+
 def test_weight_pattern_option(tmp_path):
     r = run("--model", "cnn", "--method", "mvue", "--weight-pattern", "2:4", "--weight-every", "2", *FAST,
             "--out", tmp_path / "w", "--no-plot")
@@ -66,7 +88,9 @@ def test_weight_pattern_option(tmp_path):
         (["--compare", "mvue12", "--pattern", "1:4"], "method 'mvue12' is not defined for pattern 1:4"),
         (["--grad-gemms", "dx,dy"], "unknown grad GEMM 'dy'"),
         (["--weight-pattern", "5:4"], "pattern '5:4' is invalid"),
-        (["--layers", "nothing*"], "no Linear or Conv2d layer matches --layers 'nothing*'"),
+        (["--layers", "nothing*"], "no GEMM site matches --layers 'nothing*': the names are fc1"),
+        (["--layers", "*", "--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--strict"],
+         "--strict: 1 parameter(s) got gradients outside every GEMM site: emb.weight (used by embedding"),
         (["--model", "resnet"], "--model 'resnet' is neither a built-in model"),
         (["--model", "no_such_pkg.mod:make"], "no module named 'no_such_pkg'"),
         (["--data", "imagenet"], "--data 'imagenet' is neither a built-in data set"),

@@ -39,7 +39,12 @@ def train(
         None, "--weight-pattern", help="Also N:M-prune the weights in the forward (magnitude mask), e.g. 2:4."
     ),
     weight_every: int = typer.Option(100, "--weight-every", help="Recompute the weight masks every K steps."),
-    layers: str = typer.Option("*", "--layers", help="Globs of the Linear/Conv2d layer names to sparsify."),
+    layers: str = typer.Option(
+        "*", "--layers", help="Comma-separated globs of the GEMM site names to sparsify, e.g. '*self_attn*,fc1'."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail when a 2+-dim parameter gets a gradient outside every GEMM site."
+    ),
     steps: int = typer.Option(200, "--steps", "-n", help="Optimizer steps."),
     batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size (default: the task's)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the task's)."),
@@ -69,7 +74,7 @@ def train(
             model=model, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
             layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
             batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
-            backend=backend,
+            backend=backend, strict=strict,
         )
         methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
         if out is None:
@@ -90,6 +95,7 @@ def train(
         if quiet:
             return
         render(summaries, cfg, shown)
+        _report_sites(summaries, shown)
         if not no_plot and not plot_available():
             shown.print("note: matplotlib is not installed, no loss.png (pip install 'nmgrad[plot]')")
         shown.print(f"run files in {out}/", highlight=False)
@@ -97,6 +103,16 @@ def train(
         diverged = [s for s in summaries if s.diverged]
         if diverged:
             raise fail("; ".join(f"{s.label}: {s.diverged}" for s in diverged), 1)
+
+
+def _report_sites(summaries: list[lib.RunSummary], shown: Console) -> None:
+    """The sparse-gradient sites of the (first sparse) run, and what no GEMM site covers."""
+    sparse = next((s for s in summaries if s.layers), None)
+    if sparse is not None:
+        shown.print(f"sparse-gradient sites ({len(sparse.layers)}): {', '.join(sparse.layers)}",
+                    highlight=False, soft_wrap=True)
+    for name, why in summaries[0].not_intercepted if summaries else []:
+        shown.print(f"[yellow]warning:[/] {name} not intercepted: {why}", highlight=False, soft_wrap=True)
 
 
 def _slug(text: str) -> str:

@@ -13,7 +13,8 @@ whichever module (or none) makes it. A call is a site when a model parameter is 
   taken while a mode is active, and it only applies without grad anyway.
 
 Each site call goes to ``handler(site, x, W_FI, b, conv)``: it returns the output (capture records,
-train prunes the backward) or None for the dense GEMM. Calls under ``torch.no_grad`` pass through.
+train prunes the backward) or None for the dense GEMM (under ``torch.no_grad`` too: a weight mask
+still applies in evaluation).
 With ``watch`` on, the mode also notes which other functions used a parameter, so a parameter
 that got a gradient but was never a GEMM weight is reported with a reason.
 """
@@ -69,14 +70,13 @@ class SiteMode(TorchFunctionMode):
     # -- dispatch ---------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled():
-            route = _ROUTES.get(func)
-            if route is not None:
-                out = route(self, args, kwargs)
-                if out is not NotImplemented:
-                    return out
-            elif self.watch:
-                self._note_uses(func, args, kwargs)
+        route = _ROUTES.get(func)
+        if route is not None:
+            out = route(self, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        elif self.watch:
+            self._note_uses(func, args, kwargs)
         return func(*args, **kwargs)
 
     def _note_uses(self, func, args: tuple, kwargs: dict) -> None:

@@ -33,10 +33,11 @@ from torch import nn
 from ..errors import NmgradError, OutputExistsError
 from ..kernels import cpu_fused
 from ..models import build_task, split_batch, to_device
+from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
 from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
 from .plot import plot_loss_curves
-from .sparse_grad import refresh_weight_masks_, sparsify_gradients_
+from .sparse_grad import SparseGradSites
 
 DATA_SEED_STRIDE = 1000
 """Rank r reads the data stream of seed ``seed + r * DATA_SEED_STRIDE`` (its own shard/order)."""
@@ -86,7 +87,10 @@ class TrainConfig:
     grad_gemms: tuple[str, ...] = ("dx", "dw")
     """Backward GEMMs that get a pruned dY (dx: dX = dY W, dw: dW = dY^T X)."""
     layers: str = "*"
-    """Comma-separated globs of the Linear/Conv2d layer names to sparsify."""
+    """Comma-separated globs of the GEMM site names to sparsify (``nmgrad_cli.layers``; sites: any
+    module's F.linear, x @ W / addmm (HF Conv1D), conv1d/2d/3d, attention's q/k/v/out projections)."""
+    strict: bool = False
+    """Fail (exit 2) when a parameter of 2+ dims gets a gradient outside every GEMM site."""
     weight_pattern: str | None = None
     """Optional N:M magnitude pattern of the weights in the forward (e.g. 2:4)."""
     weight_every: int = 100
@@ -181,7 +185,9 @@ class RunSummary:
     """None, or the message of the non-finite loss that stopped the run."""
     kind: str = ""
     layers: list[str] = field(default_factory=list)
-    """The layers that got sparse gradients."""
+    """The GEMM sites that got sparse gradients (or a weight mask); empty for dense."""
+    not_intercepted: list[tuple[str, str]] = field(default_factory=list)
+    """(parameter, reason) for each parameter of 2+ dims that got a gradient outside every GEMM site."""
     init_checksum: str = ""
     """CRC32 of the initial weights: equal across the runs of a compare."""
     world_size: int = 1
@@ -257,15 +263,17 @@ def evaluate(model: nn.Module, batches, loss_fn, device: torch.device, limit: in
 
 
 class _Writer:
-    """metrics.jsonl, line by line and flushed, on rank 0 only."""
+    """metrics.jsonl, line by line and flushed, on rank 0 only (created at the first record, so a run
+    that fails in its first step, e.g. on ``--layers``, leaves no metrics file)."""
 
     def __init__(self, out: Path | None):
+        self.out = out
         self.file = None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            self.file = (out / "metrics.jsonl").open("w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
+        if self.file is None and self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -322,19 +330,18 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     checksum = _checksum(model)
     layers: list[str] = []
     scfg = cfg.sparse_config()
-    if scfg.prunes or scfg.weight_pattern is not None:
-        layers = sparsify_gradients_(model, scfg, layers=cfg.layers, seed_offset=info.rank)
+    index = ParamIndex(model)
+    sites = SparseGradSites(scfg, cfg.layers, seed_offset=info.rank)
+    mode = SiteMode(index, sites, watch=True)
+    report = None
     net = model
     if info.enabled:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d.weight_decay)
 
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
-        resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
-        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
+    resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
+    resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
     writer = _Writer(out)
     _call(hooks.start, cfg.label, cfg.steps)
 
@@ -353,8 +360,9 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
             for group in opt.param_groups:
                 group["lr"] = cur_lr
             x, y = to_device(split_batch(next(task.train_batches)), device)
-            output = net(x)
-            loss = task.loss_fn(output, y)
+            with mode:
+                output = net(x)
+                loss = task.loss_fn(output, y)
             acc = _accuracy(output.detach(), y) if isinstance(y, torch.Tensor) else None
             loss_sum, correct, counted, n = all_reduce_sum(
                 [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
@@ -368,11 +376,20 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if report is None:  # after the first backward: what is selected, what no site covers
+                report = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
+                mode.watch = False
+                if scfg.prunes or scfg.weight_pattern is not None:
+                    layers = list(sites.selected)
+                resolved |= {"layers": layers} | report.to_dict()
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
             if d.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
             opt.step()
             if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
-                refresh_weight_masks_(model)
+                sites.refresh_weight_masks_()
             t_train += time.perf_counter() - t0
             acc_val = correct / counted if counted else None
             record = {
@@ -388,12 +405,16 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
             recent = (recent + [(loss_val, acc_val)])[-keep:]
             is_last = step + 1 == cfg.steps
             if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
+                with mode:  # a weight mask applies in evaluation too
+                    last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
                 writer.write(last_eval)
                 _call(hooks.eval, cfg.label, last_eval)
         steps_done = step + (0 if diverged else 1)
     finally:
         writer.close()
+    if out is not None and report is None:  # stopped before the first backward (a non-finite loss)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
     accs = [a for _, a in recent if a is not None]
     summary = RunSummary(
         label=cfg.label,
@@ -410,6 +431,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         diverged=diverged,
         kind=task.kind,
         layers=layers,
+        not_intercepted=report.not_intercepted if report else [],
         init_checksum=checksum,
         world_size=info.world_size,
         out=str(out) if out is not None else None,
