@@ -19,9 +19,12 @@ class CaptureConfig:
     """What to train, what to record, where to write it."""
 
     model: str = "mlp"
-    """Built-in model (mlp, cnn, gpt) or ``package.module:factory`` returning an ``nn.Module``."""
+    """Built-in model (mlp, cnn, gpt), ``package.module:factory`` returning an ``nn.Module``, or
+    ``hf:<folder or hub id>`` (a Hugging Face model, loaded offline)."""
+    hf_task: str = "causal-lm"
+    """For ``hf:`` models: causal-lm (AutoModelForCausalLM) or seq-cls (AutoModelForSequenceClassification)."""
     data: str | None = None
-    """Built-in data (digits, text), ``package.module:factory``, or None for the model's default."""
+    """Built-in data (digits, text), ``text:<file>``, ``package.module:factory``, or None for the model's default."""
     loss: str | None = None
     """Built-in loss (cross_entropy), ``package.module:fn``, or None for cross-entropy."""
     out: str = "capture.h5"

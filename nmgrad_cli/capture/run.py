@@ -45,7 +45,7 @@ from torch import nn
 
 from ..dump.writer import DumpWriter, check_output
 from ..errors import DumpError, NmgradError
-from ..models import build_task, split_batch, to_device
+from ..models import build_task, forward_loss, to_device
 from ..models.spec import one_line
 from ..sites import ParamIndex, Site, SiteMode, site_report
 from .config import CaptureConfig
@@ -197,7 +197,7 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
     data_seed = config.seed + 1_000_003 * rank
     task = build_task(
         config.model, config.data, config.loss, config.seed, config.batch_size, config.data_dir,
-        data_seed=data_seed, rank=rank, world_size=world,
+        data_seed=data_seed, rank=rank, world_size=world, hf_task=config.hf_task,
     )
     model = task.model.to(device).train()
     step_model: nn.Module = model
@@ -234,14 +234,12 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
         with _stop_on_signals(handle_signals, signals):
             for s in range(total):
                 record = s >= config.warmup and (s - config.warmup) % config.every == 0
-                x, y = split_batch(next(task.train_batches))
-                x, y = to_device(x, device), to_device(y, device)
+                batch = to_device(next(task.train_batches), device)
                 if record:
                     recorder.start_step()
                 try:
                     with amp, mode:
-                        out = step_model(x)
-                        loss = task.loss_fn(out, y)
+                        _, loss, _ = forward_loss(step_model, batch, task.loss_fn)
                     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                         raise NmgradError(
                             f"the loss returned {type(loss).__name__}"

@@ -22,10 +22,14 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 
 def capture(
-    model: str = typer.Option(..., "--model", help="mlp, cnn, gpt, or package.module:factory returning an nn.Module."),
+    model: str = typer.Option(
+        ..., "--model", help="mlp, cnn, gpt, package.module:factory returning an nn.Module, or hf:FOLDER "
+        "(a Hugging Face model, offline)."
+    ),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
     data: str = typer.Option(
-        None, "--data", help="digits, text, or package.module:factory returning (input, target) batches "
-        "(default: the built-in model's data; required for your own model)."
+        None, "--data", help="digits, text, text:FILE, or package.module:factory returning (input, target) "
+        "or dict batches (default: the built-in model's data; required for your own model)."
     ),
     loss: str = typer.Option(None, "--loss", help="cross_entropy (default) or package.module:fn(output, target)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dump (.h5); under torchrun one file per rank."),
@@ -71,7 +75,8 @@ def capture(
         if threads:
             torch.set_num_threads(threads)
         config = CaptureConfig(
-            model=model, data=data, loss=loss, out=str(out), steps=steps, every=every, warmup=warmup, seed=seed,
+            model=model, hf_task=hf_task, data=data, loss=loss, out=str(out), steps=steps, every=every, warmup=warmup,
+            seed=seed,
             layers=layers, module_types=module_types, with_inputs=with_inputs, strict=strict,
             compression=_choice(compression, COMPRESSIONS, "--compression"), max_bytes=parse_bytes(max_bytes),
             batch_size=batch_size, optimizer=_choice(optimizer, OPTIMIZERS, "--optimizer"), lr=lr, device=device,

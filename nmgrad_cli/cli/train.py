@@ -24,9 +24,12 @@ from .common import check_new_file, console, err_console, fail, user_errors, wri
 
 
 def train(
-    model: str = typer.Option("mlp", "--model", help="mlp, cnn, gpt, or package.module:factory (an nn.Module)."),
+    model: str = typer.Option(
+        "mlp", "--model", help="mlp, cnn, gpt, package.module:factory (an nn.Module), or hf:FOLDER (Hugging Face)."
+    ),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
     data: str = typer.Option(
-        None, "--data", help="digits, text, or package.module:factory (default: the model's own data)."
+        None, "--data", help="digits, text, text:FILE, or package.module:factory (default: the model's own data)."
     ),
     loss: str = typer.Option(None, "--loss", help="Loss name or package.module:fn (default: cross-entropy)."),
     method: str = typer.Option("mvue", "--method", "-m", help="Gradient pruning method (`nmgrad methods`) or dense."),
@@ -71,7 +74,7 @@ def train(
     with user_errors():
         info = dist_info()
         cfg = lib.TrainConfig(
-            model=model, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
+            model=model, hf_task=hf_task, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
             layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
             batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
             backend=backend, strict=strict,

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import NmgradError, OutputExistsError
 from ..kernels import cpu_fused
-from ..models import build_task, split_batch, to_device
+from ..models import build_task, forward_loss, to_device
 from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
 from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
@@ -62,6 +62,8 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
 }
 CUSTOM_DEFAULTS = TaskDefaults(lr=1e-3, batch_size=32)
 """For ``package.module:factory`` models."""
+HF_DEFAULTS = TaskDefaults(lr=5e-4, batch_size=8)
+"""For ``hf:`` models (sequences of up to 64 tokens per batch row)."""
 
 
 class TrainingDiverged(NmgradError):
@@ -75,9 +77,11 @@ class TrainConfig:
     """One training run. Every field maps onto an ``nmgrad train`` option; written to config.json."""
 
     model: str = "mlp"
-    """Built-in model (mlp, cnn, gpt) or ``package.module:factory``."""
+    """Built-in model (mlp, cnn, gpt), ``package.module:factory`` or ``hf:<folder or hub id>``."""
     data: str | None = None
-    """Built-in data (digits, text) or ``package.module:factory``; None: the model's default."""
+    """Built-in data (digits, text), ``text:<file>`` or ``package.module:factory``; None: the model's default."""
+    hf_task: str = "causal-lm"
+    """For ``hf:`` models: causal-lm or seq-cls (the Auto class loaded)."""
     loss: str | None = None
     """Loss name or ``package.module:fn``; None: cross-entropy."""
     method: str = "mvue"
@@ -129,7 +133,7 @@ class TrainConfig:
 
     @property
     def defaults(self) -> TaskDefaults:
-        return TASK_DEFAULTS.get(self.model, CUSTOM_DEFAULTS)
+        return TASK_DEFAULTS.get(self.model, HF_DEFAULTS if self.model.startswith("hf:") else CUSTOM_DEFAULTS)
 
     def sparse_config(self) -> SparseGradConfig:
         return SparseGradConfig(
@@ -248,12 +252,11 @@ def evaluate(model: nn.Module, batches, loss_fn, device: torch.device, limit: in
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
-        x, y = to_device(split_batch(batch), device)
-        out = model(x)
+        out, loss, y = forward_loss(model, to_device(batch, device), loss_fn)
         k = y.numel() if isinstance(y, torch.Tensor) else 1
-        total += float(loss_fn(out, y)) * k
+        total += float(loss) * k
         n += k
-        acc = _accuracy(out, y) if isinstance(y, torch.Tensor) else None
+        acc = _accuracy(out, y) if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) else None
         if acc is not None:
             correct, counted = correct + acc[0], counted + acc[1]
     model.train(was_training)
@@ -325,7 +328,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     batch_size = cfg.batch_size or d.batch_size
     # each rank its own data order; DDP broadcasts rank 0's initial weights (= the 1-process run's)
     seed = cfg.seed + info.rank * DATA_SEED_STRIDE
-    task = build_task(cfg.model, cfg.data, cfg.loss, seed=seed, batch_size=batch_size)
+    task = build_task(cfg.model, cfg.data, cfg.loss, seed=seed, batch_size=batch_size, hf_task=cfg.hf_task)
     model = task.model.to(device)
     checksum = _checksum(model)
     layers: list[str] = []
@@ -359,11 +362,10 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
             cur_lr = lr_at(step, cfg.steps, lr)
             for group in opt.param_groups:
                 group["lr"] = cur_lr
-            x, y = to_device(split_batch(next(task.train_batches)), device)
             with mode:
-                output = net(x)
-                loss = task.loss_fn(output, y)
-            acc = _accuracy(output.detach(), y) if isinstance(y, torch.Tensor) else None
+                output, loss, y = forward_loss(net, to_device(next(task.train_batches), device), task.loss_fn)
+            tensors = isinstance(y, torch.Tensor) and isinstance(output, torch.Tensor)
+            acc = _accuracy(output.detach(), y) if tensors else None
             loss_sum, correct, counted, n = all_reduce_sum(
                 [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
             )
