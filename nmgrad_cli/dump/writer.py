@@ -5,33 +5,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from ..errors import DumpError, OutputError, OutputExistsError
+from ..errors import DumpError
+from ..outputs import check_output
 from .schema import KINDS, SCHEMA_NAME, SCHEMA_VERSION, dtype_name, layer_key, record_name
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 
-
-def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite an existing file without ``force``; check the folder is writable.
-
-    The one check every output file of nmgrad goes through (dumps, --json, --csv)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory: give a file path for the output")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists: pass --force to overwrite it, or choose another path")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: folder {parent} is not writable; choose another path")
-    return path
+__all__ = ["COMPRESSIONS", "DumpWriter", "check_output", "to_numpy"]
 
 
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
