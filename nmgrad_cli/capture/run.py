@@ -11,9 +11,15 @@ ways. The background writer flushes the file after writing each completed record
 - SIGINT (Ctrl-C) or SIGTERM: the current step is finished, then the file is closed with
   ``interrupted=True``, ``interrupt_reason="SIGTERM"`` (or SIGINT) and every completed step. A
   second signal abandons the current step at once (some of its records may be in the file;
-  ``steps_completed`` and ``last_step`` count whole steps only).
-- an exception (the model's forward raising, a full disk): ``interrupted=True`` with the exception's
-  name; ``<out>`` is removed again when no step was completed.
+  ``steps_completed`` and ``last_step`` count whole steps only). After the last step, while the
+  writer writes the queue out, a first signal changes nothing and a repeated one drops the queue.
+  During the setup a signal stops at once and nothing is written. The handlers stay installed until
+  the file is renamed (:class:`~.stream.CaptureFile`), so no signal kills the process mid-close.
+- an exception (the model's forward raising): ``interrupted=True`` with the exception's name;
+  ``<out>`` is removed again when no step was completed.
+- a full disk or file-size limit: checked before every record; ``interrupted=True``,
+  ``DiskFullError``, every completed step kept (:meth:`DumpWriter.abort` cuts a failed write back).
+- a second capture to the same ``<out>`` is refused (``<out>.partial`` is locked).
 
 After ``kill -9`` (or a power cut) nothing runs: ``<out>`` is never created, so an ``<out>`` that exists
 is always a closed, readable dump. ``<out>.partial`` is left behind. HDF5 without SWMR gives no
