@@ -6,10 +6,8 @@ fired (the tables are still printed and the outputs written); 2 bad input (one-l
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import enum
-import sys
 from pathlib import Path
 
 import typer
@@ -23,6 +21,7 @@ from rich.text import Text
 from .. import evaluate as lib
 from ..errors import NmgradError
 from ..evaluate import EvalConfig, EvalReport
+from ..outputs import atomic_open, check_distinct
 from .common import check_new_file, console, err_console, user_errors, write_json
 
 
@@ -83,16 +82,14 @@ def evaluate(
             raise NmgradError("--json - and --csv - both ask for stdout: send one of them to a file")
         check_new_file(json_out, force)
         check_new_file(csv_out, force)
+        check_distinct({"--json": json_out, "--csv": csv_out}, inputs=dumps)
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
         report = _run(dumps, config)
         render(report, out)
-        try:
-            write_json(json_out, report.to_dict())
-            if csv_out is not None:
-                write_csv(csv_out, report)
-        except OSError as exc:  # e.g. a read-only folder, a full disk
-            raise NmgradError(f"cannot write {exc.filename or 'the output'}: {exc.strerror}") from None
+        write_json(json_out, report.to_dict())
+        if csv_out is not None:
+            write_csv(csv_out, report)
         fired = lib.violations(report, thresholds)
     code = 0
     for entry in report.errors:
@@ -207,8 +204,7 @@ def write_csv(path: Path, report: EvalReport) -> None:
             "gemm_err_se": g.get("err_se", ""),
         }
 
-    with contextlib.ExitStack() as stack:
-        fh = sys.stdout if str(path) == "-" else stack.enter_context(open(path, "w", newline=""))
+    with atomic_open(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
         for row in report.layers:
