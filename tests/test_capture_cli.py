@@ -82,7 +82,7 @@ def test_not_intercepted_is_reported_and_strict_fails(tmp_path):
         (["--model", "mlp", "--amp", "fp8"], "--amp 'fp8' is unknown"),
         (["--model", "mlp", "--max-bytes", "lots"], "--max-bytes 'lots' is not a size"),
         (["--model", "mlp", "--max-bytes", "10"], "smaller than one recorded step"),
-        (["--model", "mlp", "--device", "tpu9"], "is not a torch device"),
+        (["--model", "mlp", "--device", "tpu9"], "--device 'tpu9' is unknown: use auto, cpu, cuda or cuda:N"),
         (["--model", "mlp", "--lr", "0"], "--lr must be > 0"),
         (["--model", "mlp", "--threads", "-1"], "--threads must be >= 0"),
         (["--model", "mlp", "--data-dir", "/nonexistent/folder"], "sample data file /nonexistent/folder/digits.npz"),

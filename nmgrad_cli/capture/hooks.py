@@ -44,7 +44,12 @@ class SiteRecorder:
     """Selects sites by ``--layers`` globs and module types; while :attr:`active`, sends every dY
     (and X, W) of the selected ones to ``sink``. ``selected`` lists them in first-seen order."""
 
-    def __init__(self, layers: str | None, module_types: tuple[str, ...], sink: Sink, with_inputs: bool = False):
+    def __init__(
+        self, layers: str | None, module_types: tuple[str, ...], sink: Sink, with_inputs: bool = False,
+        compute=None,
+    ):
+        self.compute = compute
+        """Another site handler (train's sparse-gradient one) that computes the GEMMs; None: dense."""
         self.globs = parse_layers(layers)
         self.module_types = module_types
         self.sink = sink
@@ -72,12 +77,13 @@ class SiteRecorder:
         self.active = False
 
     def __call__(self, site: Site, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: dict | None):
+        inner = self.compute(site, x, w, b, conv) if self.compute is not None else None
         if not self.chooses(site):
-            return None
+            return inner
         if site.name not in self.selected:
             self.selected[site.name] = site
             self.shapes[site.name] = tuple(w.shape)
-        y = dense_gemm(site, x, w, b, conv)
+        y = dense_gemm(site, x, w, b, conv) if inner is None else inner
         if not self.active or not y.requires_grad:
             return y
         call = self._calls.get(site.name, 0)
@@ -92,3 +98,56 @@ class SiteRecorder:
 
         y.register_hook(grad_hook)
         return y
+
+
+class StepRecords:
+    """The records of the recorded steps: a :class:`SiteRecorder` whose tensors are buffered during
+    a step and then queued to a dump's writer in a fixed order (what ``nmgrad capture`` and
+    ``nmgrad train --capture`` both attach to their step)."""
+
+    def __init__(self, layers: str | None, module_types: tuple[str, ...], with_inputs: bool = False, compute=None):
+        self.buffer: list[tuple[Site, str, int, torch.Tensor]] = []
+        self.recorder = SiteRecorder(
+            layers, module_types, lambda site, kind, call, t: self.buffer.append((site, kind, call, t)),
+            with_inputs, compute,
+        )
+        self.declared: set[str] = set()
+        self.seen: set[str] = set()
+        self.steps = 0
+
+    @property
+    def bytes(self) -> int:
+        """Uncompressed bytes buffered for the current step."""
+        return sum(t.numel() * t.element_size() for *_, t in self.buffer)
+
+    def write(self, stream, step: int) -> None:
+        """Declare new sites (in first-seen order) and queue the step's records, then end the step."""
+        sites = list(self.recorder.selected.values())
+        order = {"input": 0, "weight": 1, "grad": 2}
+        rank = {site.name: i for i, site in enumerate(sites)}
+        self.buffer.sort(key=lambda r: (rank[r[0].name], order[r[1]], r[2]))
+        with_grad = {site.name for site, kind, *_ in self.buffer if kind == "grad"}
+        for site in sites:
+            if site.name in self.declared or site.name not in with_grad:
+                continue
+            g = next(r[3] for r in self.buffer if r[0].name == site.name and r[1] == "grad")
+            feature_axis, token_axes = dy_axes(site.module_type, g.dim())
+            stream.add_layer(
+                name=site.name, module_type=site.module_type, feature_axis=feature_axis, token_axes=token_axes,
+                weight_shape=self.recorder.shapes.get(site.name), module_class=site.owner, has_input=True,
+                gemm=site.gemm, parameter=site.param,
+                weight_layout="(F, I/groups, *kernel)" if site.is_conv else "(F, I)",
+                **({"rows": list(site.rows)} if site.rows else {}),
+            )
+            self.declared.add(site.name)
+        for site, kind, call, tensor in self.buffer:
+            if site.name in self.declared:
+                stream.write(site.name, kind, step, call, tensor)
+        stream.step_done(step)
+        self.seen |= with_grad
+        self.steps += 1
+        self.buffer.clear()
+
+    def silent(self) -> list[str]:
+        """Selected sites that received no gradient in any written step."""
+        return [n for n in self.recorder.selected if n not in self.seen] if self.steps else []

@@ -36,25 +36,24 @@ whether to stop (a signal or the byte budget on any rank stops all of them at th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..errors import Interrupted, NmgradError
-from ..models import build_task, forward_loss, to_device
-from ..models.spec import one_line
+from ..models import build_task, to_device
 from ..outputs import check_output
-from ..sites import ParamIndex, Site, SiteMode, site_report
+from ..sites import ParamIndex, SiteMode, site_report
+from ..train.distributed import DistInfo, agree_any, dist_info, process_group, rank_seed, resolve_device
+from ..train.step import autocast, forward_backward
 from .config import CaptureConfig
-from .hooks import SiteRecorder, dy_axes
-from .stream import CaptureFile, StreamWriter
+from .hooks import StepRecords
+from .stream import CaptureFile
 
 
 @dataclass(frozen=True)
@@ -104,47 +103,6 @@ def output_path(out: str | os.PathLike, rank: int = 0, world_size: int = 1) -> P
     return p if world_size <= 1 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NmgradError(f"--device '{device}' is not a torch device: use cpu, cuda, cuda:1 or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NmgradError(f"--device {device} but CUDA is not available here: use --device cpu")
-    return dev
-
-
-@contextlib.contextmanager
-def _distributed(device: str) -> Iterator[tuple[int, int, int]]:
-    """(rank, world_size, local_rank); initialises the process group under torchrun if needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        yield 0, 1, 0
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
-    if not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        created = True
-    try:
-        yield dist.get_rank(), dist.get_world_size(), local_rank
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _agree(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any rank."""
-    if world_size <= 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def _optimizer(config: CaptureConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -164,17 +122,19 @@ def run_capture(
     ``handle_signals``: stop cleanly on SIGINT/SIGTERM (main thread only; handlers restored after).
     Raises :class:`NmgradError` for bad input; see the module docstring for what the file holds.
     """
-    with _distributed(config.device) as (rank, world, local_rank):
-        return _run(config, progress, handle_signals, rank, world, local_rank)
+    info = dist_info()
+    device = resolve_device(config.device, info)
+    with process_group(info, device):
+        return _run(config, progress, handle_signals, info, device)
 
 
-def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureResult:
+def _run(config, progress, handle_signals, info: DistInfo, device: torch.device) -> CaptureResult:
     t0 = time.perf_counter()
+    rank, world = info.rank, info.world_size
     path = check_output(output_path(config.out, rank, world), config.force)
     # signal handlers first, then <out>.partial (a second capture to --out is refused here)
     with CaptureFile(path, handle_signals) as cap:
-        device = resolve_device(config.device, local_rank)
-        data_seed = config.seed + 1_000_003 * rank
+        data_seed = rank_seed(config.seed, info)
         task = build_task(
             config.model, config.data, config.loss, config.seed, config.batch_size, config.data_dir,
             data_seed=data_seed, rank=rank, world_size=world, hf_task=config.hf_task,
@@ -186,24 +146,17 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
             step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         opt = _optimizer(config, model)
         torch.manual_seed(config.seed + rank)  # dropout and other randomness in the steps
-        amp = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if config.amp == "bf16" else contextlib.nullcontext()
-        )
+        amp = autocast(device, config.amp)
         run_meta = config.to_dict() | {
             "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
             "task": task.spec, "torch_threads": torch.get_num_threads(),
         }
         queue_bytes = int(config.queue_mb * 2**20)
-        buffer: list[tuple[Site, str, int, torch.Tensor]] = []
-        recorder = SiteRecorder(
-            config.layers, config.module_types, lambda site, kind, call, t: buffer.append((site, kind, call, t)),
-            config.with_inputs,
-        )
+        records = StepRecords(config.layers, config.module_types, config.with_inputs)
+        recorder = records.recorder
         index = ParamIndex(model)
         mode = SiteMode(index, recorder, watch=True)
         report = None
-        declared: set[str] = set()
-        seen: set[str] = set()
         total = config.warmup + config.steps
         steps_run = recorded = bytes_recorded = 0
         stopped = "done"
@@ -211,7 +164,7 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
         stream, signals = cap.stream, cap.requested
         try:
             for s in range(total):
-                if s == 0 and _agree(bool(signals), world, device):  # a signal during the setup
+                if s == 0 and agree_any(bool(signals), device, info):  # a signal during the setup
                     stopped = signals[0] if signals else "stopped by another rank"
                     break
                 record = s >= config.warmup and (s - config.warmup) % config.every == 0
@@ -219,23 +172,7 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
                 if record:
                     recorder.start_step()
                 try:
-                    with amp, mode:
-                        _, loss, _ = forward_loss(step_model, batch, task.loss_fn)
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise NmgradError(
-                            f"the loss returned {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-                            + ": --loss must return a scalar tensor"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                except NmgradError:
-                    raise
-                except Exception as exc:
-                    raise NmgradError(
-                        f"training step {s} failed: {one_line(exc)}; check that --data yields batches "
-                        f"the --model accepts and --loss fits its output"
-                    ) from None
+                    forward_backward(step_model, batch, task.loss_fn, mode, opt, s, amp)
                 finally:
                     recorder.stop_step()
                 if report is None:  # after the first backward: what is selected, what no site covers
@@ -248,34 +185,32 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
                 opt.step()
                 steps_run += 1
                 if record:
-                    step_bytes = sum(t.numel() * t.element_size() for *_, t in buffer)
+                    step_bytes = records.bytes
                     over = config.max_bytes is not None and bytes_recorded + step_bytes > config.max_bytes
-                    if _agree(over, world, device):
-                        buffer.clear()
+                    if agree_any(over, device, info):
+                        records.buffer.clear()
                         stopped = "max-bytes"
                         break
-                    _write_step(stream, list(recorder.selected.values()), recorder.shapes, buffer, declared, s)
-                    seen.update(site.name for site, kind, *_ in buffer if kind == "grad")
-                    buffer.clear()
+                    records.write(stream, s)
                     recorded += 1
                     bytes_recorded += step_bytes
                 if progress is not None:
                     progress(CaptureProgress(
                         steps_run, total, recorded, config.recorded_steps, bytes_recorded, stream.bytes_written
                     ))
-                if _agree(bool(signals), world, device):
+                if agree_any(bool(signals), device, info):
                     stopped = signals[0] if signals else "stopped by another rank"
                     break
         except KeyboardInterrupt:  # a second signal: the current step is abandoned
             stopped = signals[0] if signals else "SIGINT"
         finally:
-            buffer.clear()
+            records.buffer.clear()
         if recorded == 0 and stopped == "max-bytes":
             cap.finish("max-bytes")
             raise NmgradError(
                 f"--max-bytes {config.max_bytes} is smaller than one recorded step: raise it or select fewer --layers"
             )
-        silent = [n for n in recorder.selected if n not in seen] if recorded else []
+        silent = records.silent()
         stream.set_run(stopped=stopped, steps_run=steps_run, layers_without_gradients=silent)
 
         def drain(queued: int) -> None:
@@ -298,29 +233,3 @@ def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureRe
         skipped=report.not_intercepted if report else [], silent=silent, stopped=stopped, rank=rank, world_size=world,
         seconds=time.perf_counter() - t0,
     )
-
-
-def _write_step(
-    stream: StreamWriter, sites: list[Site], shapes: dict, buffer: list, declared: set[str], step: int
-) -> None:
-    """Declare new sites (in first-seen order) and queue the step's records in a fixed order."""
-    order = {"input": 0, "weight": 1, "grad": 2}
-    rank = {site.name: i for i, site in enumerate(sites)}
-    buffer.sort(key=lambda r: (rank[r[0].name], order[r[1]], r[2]))
-    with_grad = {site.name for site, kind, *_ in buffer if kind == "grad"}
-    for site in sites:
-        if site.name in declared or site.name not in with_grad:
-            continue
-        g = next(r[3] for r in buffer if r[0].name == site.name and r[1] == "grad")
-        feature_axis, token_axes = dy_axes(site.module_type, g.dim())
-        stream.add_layer(
-            name=site.name, module_type=site.module_type, feature_axis=feature_axis, token_axes=token_axes,
-            weight_shape=shapes.get(site.name), module_class=site.owner, has_input=True,
-            gemm=site.gemm, parameter=site.param, weight_layout="(F, I/groups, *kernel)" if site.is_conv else "(F, I)",
-            **({"rows": list(site.rows)} if site.rows else {}),
-        )
-        declared.add(site.name)
-    for site, kind, call, tensor in buffer:
-        if site.name in declared:
-            stream.write(site.name, kind, step, call, tensor)
-    stream.step_done(step)
