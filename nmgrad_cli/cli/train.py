@@ -67,6 +67,14 @@ def train(
         "(default: runs/MODEL-TIMESTAMP)."
     ),
     force: bool = typer.Option(False, "--force", help="Write into an existing --out (overwrites the run files only)."),
+    capture: Path = typer.Option(
+        None, "--capture", help="Also record the selected sites' neural gradients dY into this dump (as `nmgrad "
+        "capture` does); with --compare one file per method."
+    ),
+    capture_every: int = typer.Option(1, "--capture-every", help="Record one step in this many."),
+    capture_with_inputs: bool = typer.Option(
+        False, "--capture-with-inputs", help="Also store X and W of the recorded steps (for evaluate's dX/dW errors)."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Write the final table as JSON to FILE, or '-' for stdout."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Do not write loss.png."),
 ) -> None:
@@ -77,7 +85,8 @@ def train(
             model=model, hf_task=hf_task, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
             layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
             batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
-            backend=backend, strict=strict,
+            backend=backend, strict=strict, capture=str(capture) if capture else None, capture_every=capture_every,
+            capture_with_inputs=capture_with_inputs,
         )
         methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
         if out is None:

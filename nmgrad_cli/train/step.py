@@ -27,11 +27,11 @@ def autocast(device: torch.device, amp: str):
 
 def forward_backward(
     net: nn.Module, batch, loss_fn: Callable, mode, opt: torch.optim.Optimizer, step: int, amp=None,
-    check: Callable[[torch.Tensor], bool] | None = None,
+    check: Callable[[object, torch.Tensor, object], bool] | None = None,
 ) -> tuple:
     """(output, loss, target) after ``opt.zero_grad`` and ``loss.backward()`` of one batch.
 
-    ``check(loss)`` runs between forward and backward; returning False skips the backward (the
+    ``check(output, loss, target)`` runs between forward and backward; returning False skips the backward (the
     trainer stops on a non-finite loss there). Errors other than :class:`NmgradError` raised by
     the model, the loss or autograd become ``training step S failed: Type: message; ...``.
     """
@@ -44,7 +44,7 @@ def forward_backward(
                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
                 + ": --loss must return a scalar tensor"
             )
-        if check is not None and not check(loss):
+        if check is not None and not check(output, loss, y):
             return output, loss, y
         opt.zero_grad(set_to_none=True)
         loss.backward()

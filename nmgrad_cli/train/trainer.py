@@ -18,6 +18,7 @@ data order) into ``out/<method>/`` and writes ``out/summary.json`` and one plot 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,17 +31,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..capture.config import MODULE_TYPES
+from ..capture.hooks import StepRecords
+from ..capture.stream import CaptureFile
 from ..errors import NmgradError, OutputExistsError
 from ..kernels import cpu_fused
 from ..models import build_task, forward_loss, to_device
+from ..outputs import check_output
 from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
-from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
+from .distributed import DATA_SEED_STRIDE, DistInfo, all_reduce_sum, dist_info, process_group, rank_seed, resolve_device
 from .plot import plot_loss_curves
 from .sparse_grad import SparseGradSites
+from .step import forward_backward
 
-DATA_SEED_STRIDE = 1000
-"""Rank r reads the data stream of seed ``seed + r * DATA_SEED_STRIDE`` (its own shard/order)."""
+__all__ = ["DATA_SEED_STRIDE", "TrainConfig", "compare", "train"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,13 @@ class TrainConfig:
     """Seeds the initial weights, the data order and the pruning draws."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda or cuda:N."""
+    capture: str | None = None
+    """Also record the dY (the neural gradients, before pruning) of the selected sites into this dump
+    (``nmgrad capture``'s format; ``--compare`` writes ``<stem>.<method><suffix>`` per method)."""
+    capture_every: int = 1
+    """Record one step in this many (steps 0, K, 2K, ...)."""
+    capture_with_inputs: bool = False
+    """Also store each recorded call's X and W (for evaluate's dX/dW errors)."""
     backend: str = "auto"
     """Pruning backend: auto (for training: the compiled CPU kernel where it exists, which pays a
     one-time compile of ~10 s per method for several times faster steps), reference, fused, triton."""
@@ -129,6 +141,8 @@ class TrainConfig:
             raise NmgradError(f"--lr must be a positive number, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise NmgradError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.capture_every < 1:
+            raise NmgradError(f"--capture-every must be >= 1, got {self.capture_every}")
         self.sparse_config()  # validates method, pattern, weight pattern
 
     @property
@@ -308,6 +322,7 @@ def train(
     out = Path(out) if out is not None else None
     info = dist_info()
     prepare_out(out, force)
+    _check_captures([cfg], info, force)
     device = resolve_device(cfg.device, info)
     with process_group(info, device):
         summary = _run(cfg, out if info.is_main else None, hooks or Hooks(), info, device)
@@ -327,7 +342,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     lr = cfg.lr or d.lr
     batch_size = cfg.batch_size or d.batch_size
     # each rank its own data order; DDP broadcasts rank 0's initial weights (= the 1-process run's)
-    seed = cfg.seed + info.rank * DATA_SEED_STRIDE
+    seed = rank_seed(cfg.seed, info)
     task = build_task(cfg.model, cfg.data, cfg.loss, seed=seed, batch_size=batch_size, hf_task=cfg.hf_task)
     model = task.model.to(device)
     checksum = _checksum(model)
@@ -335,7 +350,9 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     scfg = cfg.sparse_config()
     index = ParamIndex(model)
     sites = SparseGradSites(scfg, cfg.layers, seed_offset=info.rank)
-    mode = SiteMode(index, sites, watch=True)
+    # --capture: a recorder in front of the sparse-gradient handler records the selected sites' dY
+    records = StepRecords(cfg.layers, MODULE_TYPES, cfg.capture_with_inputs, compute=sites) if cfg.capture else None
+    mode = SiteMode(index, records.recorder if records else sites, watch=True)
     report = None
     net = model
     if info.enabled:
@@ -355,65 +372,92 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     step = 0
     t_train = 0.0
     t_start = time.perf_counter()
-    try:
-        net.train()
-        for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            cur_lr = lr_at(step, cfg.steps, lr)
-            for group in opt.param_groups:
-                group["lr"] = cur_lr
-            with mode:
-                output, loss, y = forward_loss(net, to_device(next(task.train_batches), device), task.loss_fn)
-            tensors = isinstance(y, torch.Tensor) and isinstance(output, torch.Tensor)
-            acc = _accuracy(output.detach(), y) if tensors else None
-            loss_sum, correct, counted, n = all_reduce_sum(
-                [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
-            )
-            loss_val = loss_sum / n
-            if not math.isfinite(loss_val):
-                diverged = (
-                    f"loss became {loss_val} at step {step}: training diverged; lower --lr"
-                    f" (was {lr:g}); metrics so far are kept"
-                )
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if report is None:  # after the first backward: what is selected, what no site covers
-                report = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
-                mode.watch = False
-                if scfg.prunes or scfg.weight_pattern is not None:
-                    layers = list(sites.selected)
-                resolved |= {"layers": layers} | report.to_dict()
-                if out is not None:
-                    out.mkdir(parents=True, exist_ok=True)
-                    _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
-            if d.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-            opt.step()
-            if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
-                sites.refresh_weight_masks_()
-            t_train += time.perf_counter() - t0
-            acc_val = correct / counted if counted else None
-            record = {
-                "step": step + 1,
-                "loss": loss_val,
-                "acc": acc_val,
-                "lr": cur_lr,
-                "steps_per_s": (step + 1) / t_train,
-                "time_s": time.perf_counter() - t_start,
-            }
-            writer.write(record)
-            _call(hooks.step, cfg.label, record)
-            recent = (recent + [(loss_val, acc_val)])[-keep:]
-            is_last = step + 1 == cfg.steps
-            if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                with mode:  # a weight mask applies in evaluation too
-                    last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
-                writer.write(last_eval)
-                _call(hooks.eval, cfg.label, last_eval)
-        steps_done = step + (0 if diverged else 1)
-    finally:
-        writer.close()
+    stats: list[float] = []
+
+    def finite(output, loss, y) -> bool:  # every rank agrees: all-reduced loss and accuracy
+        tensors = isinstance(y, torch.Tensor) and isinstance(output, torch.Tensor)
+        acc = _accuracy(output.detach(), y) if tensors else None
+        stats[:] = all_reduce_sum(
+            [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
+        )
+        return math.isfinite(stats[0] / stats[3])
+
+    with contextlib.ExitStack() as stack:
+        stream = None
+        if records is not None:
+            cap = stack.enter_context(CaptureFile(capture_path(cfg, info), handle_signals=False))
+            run_meta = {"train": asdict(cfg), "task": task.spec, "task_kind": task.kind, "rank": info.rank,
+                        "world_size": info.world_size, "device": str(device), "every": cfg.capture_every,
+                        "recorded_by": "nmgrad train --capture"}
+            stream = cap.open(run_meta, "none", 256 << 20)
+        try:
+            net.train()
+            for step in range(cfg.steps):
+                t0 = time.perf_counter()
+                cur_lr = lr_at(step, cfg.steps, lr)
+                for group in opt.param_groups:
+                    group["lr"] = cur_lr
+                recording = records is not None and step % cfg.capture_every == 0
+                if recording:
+                    records.recorder.start_step()
+                try:
+                    batch = to_device(next(task.train_batches), device)
+                    forward_backward(net, batch, task.loss_fn, mode, opt, step, check=finite)
+                finally:
+                    if records is not None:
+                        records.recorder.stop_step()
+                loss_sum, correct, counted, n = stats
+                loss_val = loss_sum / n
+                if not math.isfinite(loss_val):
+                    diverged = (
+                        f"loss became {loss_val} at step {step}: training diverged; lower --lr"
+                        f" (was {lr:g}); metrics so far are kept"
+                    )
+                    break
+                if report is None:  # after the first backward: what is selected, what no site covers
+                    report = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
+                    mode.watch = False
+                    if scfg.prunes or scfg.weight_pattern is not None:
+                        layers = list(sites.selected)
+                    resolved |= {"layers": layers} | report.to_dict()
+                    if out is not None:
+                        out.mkdir(parents=True, exist_ok=True)
+                        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
+                    if stream is not None:
+                        stream.set_run(**report.to_dict())
+                if recording:
+                    records.write(stream, step)
+                if d.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
+                opt.step()
+                if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
+                    sites.refresh_weight_masks_()
+                t_train += time.perf_counter() - t0
+                acc_val = correct / counted if counted else None
+                record = {
+                    "step": step + 1,
+                    "loss": loss_val,
+                    "acc": acc_val,
+                    "lr": cur_lr,
+                    "steps_per_s": (step + 1) / t_train,
+                    "time_s": time.perf_counter() - t_start,
+                }
+                writer.write(record)
+                _call(hooks.step, cfg.label, record)
+                recent = (recent + [(loss_val, acc_val)])[-keep:]
+                is_last = step + 1 == cfg.steps
+                if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                    with mode:  # a weight mask applies in evaluation too
+                        last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
+                    writer.write(last_eval)
+                    _call(hooks.eval, cfg.label, last_eval)
+            steps_done = step + (0 if diverged else 1)
+        finally:
+            writer.close()
+        if stream is not None:
+            stream.set_run(stopped="diverged" if diverged else "done", steps_run=steps_done,
+                           layers_without_gradients=records.silent())
+            cap.finish("diverged" if diverged else None)
     if out is not None and report is None:  # stopped before the first backward (a non-finite loss)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
@@ -442,6 +486,26 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         _write_json(out / "summary.json", asdict(summary))
     _call(hooks.end, summary)
     return summary
+
+
+def capture_path(cfg: TrainConfig, info: DistInfo) -> Path:
+    """The dump ``--capture`` writes for this rank (``<stem>.rank<r><suffix>`` under several)."""
+    p = Path(cfg.capture)
+    return p if info.world_size <= 1 else p.with_name(f"{p.stem}.rank{info.rank}{p.suffix}")
+
+
+def _per_method(capture: str | None, method: str) -> str | None:
+    if capture is None:
+        return None
+    p = Path(capture)
+    return str(p.with_name(f"{p.stem}.{_safe_dirname(method)}{p.suffix}"))
+
+
+def _check_captures(configs: list[TrainConfig], info: DistInfo, force: bool) -> None:
+    """Refuse existing --capture dumps (without --force) before anything runs."""
+    for c in configs:
+        if c.capture:
+            check_output(capture_path(c, info), force)
 
 
 def _eval_record(model: nn.Module, task, device: torch.device, step: int, limit: int) -> dict:
@@ -491,10 +555,13 @@ def compare(
         raise NmgradError("--compare needs at least one method, e.g. dense,greedy,mvue")
     if len(set(methods)) != len(methods):
         raise NmgradError(f"--compare lists a method twice: {','.join(methods)}")
-    configs = [dataclasses.replace(cfg, method=m) for m in methods]  # validates each
+    configs = [  # validates each; with --capture, one dump per method
+        dataclasses.replace(cfg, method=m, capture=_per_method(cfg.capture, m)) for m in methods
+    ]
     out = Path(out) if out is not None else None
     info = dist_info()
     prepare_out(out, force)
+    _check_captures(configs, info, force)
     device = resolve_device(cfg.device, info)
     summaries = []
     with process_group(info, device):
