@@ -45,8 +45,10 @@ class CaptureConfig:
     """Fail (exit 2) when a parameter of 2+ dims gets a gradient outside every GEMM site."""
     with_inputs: bool = False
     """Also store each call's input X and the weight W it used (records named like the gradient's)."""
-    compression: str = "lzf"
-    """HDF5 compression of every dataset: lzf (fast), gzip (small) or none."""
+    compression: str = "none"
+    """HDF5 compression of every dataset: none, lzf or gzip. None by default: float32 gradients
+    compress 1.00-1.12x with lzf, which made a gpt capture at --every 1 ~2.5x slower than none
+    (benchmarks/capture_bench.py, docs/capture.md "Cost")."""
     max_bytes: int | None = None
     """Stop cleanly before the uncompressed bytes recorded would exceed this budget (None: no limit)."""
     batch_size: int | None = None

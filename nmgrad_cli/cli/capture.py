@@ -47,7 +47,9 @@ def capture(
         ",".join(MODULE_TYPES), "--module-types", help="GEMM families recorded: any of Linear,Conv1d,Conv2d,Conv3d."
     ),
     with_inputs: bool = typer.Option(False, "--with-inputs", help="Also store each layer's input X and weight W."),
-    compression: str = typer.Option("lzf", "--compression", help="lzf, gzip or none."),
+    compression: str = typer.Option(
+        "none", "--compression", help="none (default: float gradients barely compress), lzf or gzip."
+    ),
     max_bytes: str = typer.Option(
         None, "--max-bytes", help="Byte budget of the recorded tensors (e.g. 500M, 2G); stops cleanly before it."
     ),
