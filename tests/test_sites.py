@@ -282,3 +282,24 @@ def test_weight_pattern_masks_every_site_kind_in_the_forward():
     w0, w2 = (model[i].weight.t() * handler._masks[str(i)] for i in (0, 2))
     ref = F.linear(torch.tanh(F.linear(x, w0, model[0].bias)), w2, model[2].bias)
     torch.testing.assert_close(y, ref)
+
+
+def test_bf16_autocast_runs_the_site_gemms_in_bf16():
+    """Under autocast a site's sparse-gradient GEMMs take bf16 operands, like autocast's own linear:
+    dW of the last Conv1D is greedy's pruning of the bf16 dY times the bf16 X, cast back to float32."""
+    model, x, _ = KINDS["conv1D"]
+    got = {}
+    rec = SiteRecorder("2", TYPES, lambda site, kind, call, t: got.__setitem__(kind, t), True)
+    rec.start_step()
+    with SiteMode(ParamIndex(model), rec), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().sum().backward()
+    assert got["grad"].dtype == got["input"].dtype == torch.bfloat16
+    model.zero_grad(set_to_none=True)
+    with SiteMode(ParamIndex(model), sparse("greedy", "2")), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    want = prune(got["grad"], "greedy", "1:2", dim=0, backend="reference").t() @ got["input"]  # (F, I) in bf16
+    assert model[2].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(model[2].weight.grad, want.float().t())

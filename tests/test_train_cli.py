@@ -125,6 +125,8 @@ def test_weight_pattern_option(tmp_path):
         (["--model", "no_such_pkg.mod:make"], "no module named 'no_such_pkg'"),
         (["--data", "imagenet"], "--data 'imagenet' is neither a built-in data set"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--amp", "fp8"], "--amp 'fp8' is unknown: choose one of none, bf16"),
+        (["--capture-every", "0", "--capture", "x.h5"], "--capture-every must be >= 1"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--device", "tpu"], "--device 'tpu' is unknown"),
     ],

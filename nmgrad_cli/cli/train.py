@@ -55,6 +55,7 @@ def train(
     eval_batches: int = typer.Option(0, "--eval-batches", help="Held-out batches per evaluation (0: all)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the weights, the data order and the pruning draws."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: str = typer.Option("none", "--amp", help="Autocast the forward: none or bf16."),
     backend: str = typer.Option(
         "auto", "--backend", help="Pruning backend: auto (compiled CPU kernels where they exist), reference, "
         "fused or triton."
@@ -85,8 +86,8 @@ def train(
             model=model, hf_task=hf_task, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
             layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
             batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
-            backend=backend, strict=strict, capture=str(capture) if capture else None, capture_every=capture_every,
-            capture_with_inputs=capture_with_inputs,
+            backend=backend, strict=strict, amp=amp, capture=str(capture) if capture else None,
+            capture_every=capture_every, capture_with_inputs=capture_with_inputs,
         )
         methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
         if out is None:

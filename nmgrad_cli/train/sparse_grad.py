@@ -17,6 +17,7 @@ same Parameter objects under the same names, so ``state_dict`` keys and optimize
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import zlib
 
@@ -421,15 +422,24 @@ class SparseGradSites:
             return None if mask is None else (F.linear(x, w * mask, b) if conv is None else
                                               sparse_grad_conv_fwd(x, w * mask, b, _int_conv(conv, w, site)))
         gen = self.generator(site.name, x.device) if self.cfg.prunes else None
-        if conv is None:
-            if x.shape[-1] != w.shape[-1]:
-                return None  # the dense call raises torch's own shape error
-            return sparse_grad_linear(x, w, b, self.cfg, gen, mask)
-        conv = _int_conv(conv, w, site)
-        if isinstance(conv, str) or x.dim() != w.dim():
-            self.fallback.setdefault(site.name, conv if isinstance(conv, str) else "unbatched input: ran dense")
-            return None
-        return sparse_grad_conv(x, w, b, self.cfg, gen, mask, **conv)
+        if conv is not None:
+            conv = _int_conv(conv, w, site)
+            if isinstance(conv, str) or x.dim() != w.dim():
+                self.fallback.setdefault(site.name, conv if isinstance(conv, str) else "unbatched input: ran dense")
+                return None
+        elif x.shape[-1] != w.shape[-1]:
+            return None  # the dense call raises torch's own shape error
+        kind = x.device.type
+        amp = torch.is_autocast_enabled(kind)
+        if amp:  # as autocast runs linear/conv: inputs cast to its dtype (autograd casts dW, dX back)
+            dt = torch.get_autocast_dtype(kind)
+            x, w = x.to(dt), w.to(dt)
+            b = None if b is None else b.to(dt)
+            mask = None if mask is None else mask.to(dt)
+        with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
+            if conv is None:
+                return sparse_grad_linear(x, w, b, self.cfg, gen, mask)
+            return sparse_grad_conv(x, w, b, self.cfg, gen, mask, **conv)
 
 
 def _int_conv(conv: dict, w: torch.Tensor, site: Site) -> dict | str:

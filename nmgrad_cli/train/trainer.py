@@ -43,7 +43,7 @@ from .config import DENSE, SparseGradConfig, parse_gemms
 from .distributed import DATA_SEED_STRIDE, DistInfo, all_reduce_sum, dist_info, process_group, rank_seed, resolve_device
 from .plot import plot_loss_curves
 from .sparse_grad import SparseGradSites
-from .step import forward_backward
+from .step import autocast, forward_backward
 
 __all__ = ["DATA_SEED_STRIDE", "TrainConfig", "compare", "train"]
 
@@ -118,6 +118,8 @@ class TrainConfig:
     """Seeds the initial weights, the data order and the pruning draws."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda or cuda:N."""
+    amp: str = "none"
+    """Autocast the forward: none or bf16 (the sparse-gradient GEMMs then run in bf16, like autocast's)."""
     capture: str | None = None
     """Also record the dY (the neural gradients, before pruning) of the selected sites into this dump
     (``nmgrad capture``'s format; ``--compare`` writes ``<stem>.<method><suffix>`` per method)."""
@@ -141,6 +143,8 @@ class TrainConfig:
             raise NmgradError(f"--lr must be a positive number, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise NmgradError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.amp not in ("none", "bf16"):
+            raise NmgradError(f"--amp '{self.amp}' is unknown: choose one of none, bf16")
         if self.capture_every < 1:
             raise NmgradError(f"--capture-every must be >= 1, got {self.capture_every}")
         self.sparse_config()  # validates method, pattern, weight pattern
@@ -402,7 +406,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                     records.recorder.start_step()
                 try:
                     batch = to_device(next(task.train_batches), device)
-                    forward_backward(net, batch, task.loss_fn, mode, opt, step, check=finite)
+                    forward_backward(net, batch, task.loss_fn, mode, opt, step, autocast(device, cfg.amp), finite)
                 finally:
                     if records is not None:
                         records.recorder.stop_step()
