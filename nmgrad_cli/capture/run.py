@@ -13,7 +13,8 @@ ways. The background writer flushes the file after writing each completed record
   second signal abandons the current step at once (some of its records may be in the file;
   ``steps_completed`` and ``last_step`` count whole steps only). After the last step, while the
   writer writes the queue out, a first signal changes nothing and a repeated one drops the queue.
-  During the setup a signal stops at once and nothing is written. The handlers stay installed until
+  A signal during the setup stops the run before its first step (a second one stops the setup at
+  once); nothing is written. The handlers stay installed until
   the file is renamed (:class:`~.stream.CaptureFile`), so no signal kills the process mid-close.
 - an exception (the model's forward raising): ``interrupted=True`` with the exception's name;
   ``<out>`` is removed again when no step was completed.

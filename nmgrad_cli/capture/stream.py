@@ -234,8 +234,6 @@ class SignalStop:
 
     Each signal goes one level further, and none kills the process:
 
-    0. while ``immediate`` (the setup, before the file is created) any signal raises
-       KeyboardInterrupt at once: there is nothing to keep;
     1. the first is recorded in ``requested``: the loop stops after the current step;
     2. the next raises KeyboardInterrupt in the training loop (the current step is abandoned); while
        the file is being finished (``finishing``) it calls ``on_repeat`` instead (the writer drops the
@@ -250,7 +248,6 @@ class SignalStop:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested: list[str] = []
         self.finishing = False
-        self.immediate = False
         self.on_repeat = None
         self._raised = False
         self._old: dict = {}
@@ -258,9 +255,6 @@ class SignalStop:
     def _handler(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         self.requested.append(name)
-        if self.immediate and not self._raised:
-            self._raised = True
-            raise KeyboardInterrupt
         if len(self.requested) == 1:
             return
         if self.finishing or self._raised:
@@ -307,7 +301,6 @@ class CaptureFile:
         self._finished = False
 
     def __enter__(self) -> CaptureFile:
-        self.signals.immediate = True
         self.signals.__enter__()
         try:
             self._partial = PartialFile(self.path)
@@ -321,7 +314,6 @@ class CaptureFile:
         writer = DumpWriter(self._partial.tmp, run=run, compression=compression, force=True, locking=False)
         self.stream = StreamWriter(writer, queue_bytes)
         self.signals.on_repeat = self.stream.abandon
-        self.signals.immediate = False
         return self.stream
 
     def finish(self, interrupted: str | None, on_drain: Callable[[int], None] | None = None) -> None:
