@@ -50,7 +50,15 @@ from ..errors import Interrupted, NmgradError
 from ..models import build_task, to_device
 from ..outputs import check_output
 from ..sites import ParamIndex, SiteMode, site_report
-from ..train.distributed import DistInfo, agree_any, dist_info, process_group, rank_seed, resolve_device
+from ..train.distributed import (
+    DistInfo,
+    agree_any,
+    dist_info,
+    process_group,
+    rank_seed,
+    resolve_device,
+    wrap_ddp,
+)
 from ..train.step import autocast, forward_backward
 from .config import CaptureConfig
 from .hooks import StepRecords
@@ -141,10 +149,7 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
             data_seed=data_seed, rank=rank, world_size=world, hf_task=config.hf_task,
         )
         model = task.model.to(device).train()
-        step_model: nn.Module = model
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        step_model = wrap_ddp(model, device, info)
         opt = _optimizer(config, model)
         torch.manual_seed(config.seed + rank)  # dropout and other randomness in the steps
         amp = autocast(device, config.amp)

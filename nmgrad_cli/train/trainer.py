@@ -40,7 +40,16 @@ from ..models import build_task, forward_loss, to_device
 from ..outputs import check_output
 from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
-from .distributed import DATA_SEED_STRIDE, DistInfo, all_reduce_sum, dist_info, process_group, rank_seed, resolve_device
+from .distributed import (
+    DATA_SEED_STRIDE,
+    DistInfo,
+    all_reduce_sum,
+    dist_info,
+    process_group,
+    rank_seed,
+    resolve_device,
+    wrap_ddp,
+)
 from .plot import plot_loss_curves
 from .sparse_grad import SparseGradSites
 from .step import autocast, forward_backward
@@ -358,10 +367,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     records = StepRecords(cfg.layers, MODULE_TYPES, cfg.capture_with_inputs, compute=sites) if cfg.capture else None
     mode = SiteMode(index, records.recorder if records else sites, watch=True)
     report = None
-    net = model
-    if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net = wrap_ddp(model, device, info)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d.weight_decay)
 
     resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
