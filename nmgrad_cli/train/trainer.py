@@ -393,7 +393,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
             cap = stack.enter_context(CaptureFile(capture_path(cfg, info), handle_signals=False))
             run_meta = {"train": asdict(cfg), "task": task.spec, "task_kind": task.kind, "rank": info.rank,
                         "world_size": info.world_size, "device": str(device), "every": cfg.capture_every,
-                        "recorded_by": "nmgrad train --capture"}
+                        "recorded_by": "nmgrad train --capture", "backend": resolved["backend"]}
             stream = cap.open(run_meta, "none", 256 << 20)
         try:
             net.train()
