@@ -50,9 +50,10 @@ from .distributed import (
     resolve_device,
     wrap_ddp,
 )
+from .loop import StepCallbacks, run_steps
 from .plot import plot_loss_curves
 from .sparse_grad import SparseGradSites
-from .step import autocast, forward_backward
+from .step import autocast
 
 __all__ = ["DATA_SEED_STRIDE", "TrainConfig", "compare", "train"]
 
@@ -379,7 +380,6 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     keep = max(1, min(20, cfg.steps // 10))
     last_eval: dict = {"eval_loss": None, "eval_acc": None}
     diverged = None
-    step = 0
     t_train = 0.0
     t_start = time.perf_counter()
     stats: list[float] = []
@@ -400,70 +400,78 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                         "world_size": info.world_size, "device": str(device), "every": cfg.capture_every,
                         "recorded_by": "nmgrad train --capture"}
             stream = cap.open(run_meta, "none", 256 << 20)
+        st = {"t0": 0.0, "recording": False, "report": None}
+
+        def before(step: int) -> bool:
+            st["t0"] = time.perf_counter()
+            st["recording"] = records is not None and step % cfg.capture_every == 0
+            return False
+
+        def start(_step: int) -> None:
+            if st["recording"]:
+                records.recorder.start_step()
+
+        def stop(_step: int) -> None:
+            if records is not None:
+                records.recorder.stop_step()
+
+        def after_backward(step: int) -> None:
+            nonlocal layers
+            if st["report"] is None:  # after the first backward: what is selected, what no site covers
+                report = st["report"] = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
+                mode.watch = False
+                if scfg.prunes or scfg.weight_pattern is not None:
+                    layers = list(sites.selected)
+                resolved.update({"layers": layers} | report.to_dict())
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
+                if stream is not None:
+                    stream.set_run(**report.to_dict())
+            if st["recording"]:
+                records.write(stream, step)
+
+        def after(step: int) -> bool:
+            nonlocal t_train, recent, last_eval
+            if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
+                sites.refresh_weight_masks_()
+            t_train += time.perf_counter() - st["t0"]
+            loss_sum, correct, counted, n = stats
+            acc_val = correct / counted if counted else None
+            record = {
+                "step": step + 1,
+                "loss": loss_sum / n,
+                "acc": acc_val,
+                "lr": lr_at(step, cfg.steps, lr),
+                "steps_per_s": (step + 1) / t_train,
+                "time_s": time.perf_counter() - t_start,
+            }
+            writer.write(record)
+            _call(hooks.step, cfg.label, record)
+            recent = (recent + [(loss_sum / n, acc_val)])[-keep:]
+            is_last = step + 1 == cfg.steps
+            if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                with mode:  # a weight mask applies in evaluation too
+                    last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
+                writer.write(last_eval)
+                _call(hooks.eval, cfg.label, last_eval)
+            return False
+
+        callbacks = StepCallbacks(before=before, start=start, check=finite, stop=stop,
+                                  after_backward=after_backward, after=after)
         try:
-            net.train()
-            for step in range(cfg.steps):
-                t0 = time.perf_counter()
-                cur_lr = lr_at(step, cfg.steps, lr)
-                for group in opt.param_groups:
-                    group["lr"] = cur_lr
-                recording = records is not None and step % cfg.capture_every == 0
-                if recording:
-                    records.recorder.start_step()
-                try:
-                    batch = to_device(next(task.train_batches), device)
-                    forward_backward(net, batch, task.loss_fn, mode, opt, step, autocast(device, cfg.amp), finite)
-                finally:
-                    if records is not None:
-                        records.recorder.stop_step()
-                loss_sum, correct, counted, n = stats
-                loss_val = loss_sum / n
-                if not math.isfinite(loss_val):
-                    diverged = (
-                        f"loss became {loss_val} at step {step}: training diverged; lower --lr"
-                        f" (was {lr:g}); metrics so far are kept"
-                    )
-                    break
-                if report is None:  # after the first backward: what is selected, what no site covers
-                    report = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
-                    mode.watch = False
-                    if scfg.prunes or scfg.weight_pattern is not None:
-                        layers = list(sites.selected)
-                    resolved |= {"layers": layers} | report.to_dict()
-                    if out is not None:
-                        out.mkdir(parents=True, exist_ok=True)
-                        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
-                    if stream is not None:
-                        stream.set_run(**report.to_dict())
-                if recording:
-                    records.write(stream, step)
-                if d.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-                opt.step()
-                if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
-                    sites.refresh_weight_masks_()
-                t_train += time.perf_counter() - t0
-                acc_val = correct / counted if counted else None
-                record = {
-                    "step": step + 1,
-                    "loss": loss_val,
-                    "acc": acc_val,
-                    "lr": cur_lr,
-                    "steps_per_s": (step + 1) / t_train,
-                    "time_s": time.perf_counter() - t_start,
-                }
-                writer.write(record)
-                _call(hooks.step, cfg.label, record)
-                recent = (recent + [(loss_val, acc_val)])[-keep:]
-                is_last = step + 1 == cfg.steps
-                if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                    with mode:  # a weight mask applies in evaluation too
-                        last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
-                    writer.write(last_eval)
-                    _call(hooks.eval, cfg.label, last_eval)
-            steps_done = step + (0 if diverged else 1)
+            steps_done, stopped = run_steps(
+                net, task.train_batches, task.loss_fn, opt, mode, device, cfg.steps, callbacks,
+                autocast(device, cfg.amp), lambda step: lr_at(step, cfg.steps, lr), d.grad_clip,
+            )
+            if stopped:
+                diverged = (
+                    f"loss became {stats[0] / stats[3]} at step {steps_done}: training diverged; lower --lr"
+                    f" (was {lr:g}); metrics so far are kept"
+                )
         finally:
             writer.close()
+        report = st["report"]
         if stream is not None:
             stream.set_run(stopped="diverged" if diverged else "done", steps_run=steps_done,
                            layers_without_gradients=records.silent())
