@@ -128,6 +128,6 @@ def parse_bytes(text: str | None) -> int | None:
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in _UNITS or value <= 0:
+    if unit not in _UNITS or not (0 < value < float("inf")):  # also refuses nan
         raise NmgradError(f"--max-bytes '{text}' is not a size: use e.g. 500M, 2G, 1Gi or a number of bytes")
     return int(value * _UNITS[unit])
