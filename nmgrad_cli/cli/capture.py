@@ -88,6 +88,9 @@ def capture(
                 f"recorded {p.recorded}/{p.total_recorded}, {p.bytes_recorded / 1e6:.1f} MB "
                 f"({p.bytes_written / 1e6:.1f} written)"
             )
+            if p.draining and p.bytes_recorded > p.bytes_written:
+                rec = (f"writing the last {(p.bytes_recorded - p.bytes_written) / 1e6:.1f} MB "
+                       "(a repeated Ctrl-C drops them)")
             bar.update(task, completed=p.step, rec=rec)
 
         try:
