@@ -130,14 +130,13 @@ class StreamWriter:
             return
         if self.abandoned and interrupted is None:
             interrupted = self.abandon_reason
+        if interrupted is not None:
+            self.writer.mark_interrupted(interrupted)
         try:
-            if interrupted is not None:
-                self.writer.mark_interrupted(interrupted)
-            self.writer.close(complete=interrupted is None)
-        except Exception as exc:  # noqa: BLE001 - a full disk at the last flush
+            self.writer.close(complete=interrupted is None)  # on failure: cut back to the last step
+        except DumpError:
             self.failed = True
-            self.writer.abort(interrupted or type(exc).__name__)
-            raise DumpError(f"writing {self.writer.path} failed: {failure_reason(exc)}") from None
+            raise
 
     def _raise(self) -> None:
         if self._error is not None:  # kept: every later call raises it again
