@@ -1,28 +1,36 @@
 """GPU benchmark of the prune kernels and the 2:4 sparse backward GEMMs (not a test).
 
-    python benchmarks/gpu_bench.py [--quick] [--no-train] [--no-sweep]
+    PYTHONPATH=. python benchmarks/gpu_bench.py [--quick] [--no-train] [--no-sweep] [--budget S] [--out DIR]
 
-On one CUDA GPU (< 10 minutes on an H100), prints:
+One call on one CUDA GPU (under 8 minutes on an H100: a time budget, 400 s by default, skips what
+is left with a printed note) prints, and writes as ``gpu_bench.md`` + ``gpu_bench.json`` into
+``$OUT`` (when set; else ``--out``, else a new folder under ``runs/`` that it prints):
 1. correctness on the GPU: each Triton kernel (method x pattern x axis) against the torch reference
    on the same uniforms, the compressed operand, and the sparse GEMMs against a dense GEMM on the
    same pruned tensor;
 2. prune(+compress) throughput on dY [16384, 8192] bf16 next to a device-to-device copy (clone) of
-   the same tensor; "GB/s" = 2 x bytes(dY) / time for every row (read dY + write dY-sized output,
-   as a copy does), so the ratio column is copy time / kernel time (target >= 0.60);
+   the same tensor; "GB/s" = 2 x bytes(dY) / kernel time for every row (read dY + write a dY-sized
+   output, as a copy does), so the ratio column is copy time / kernel time (target >= 0.60);
 3. Linear backward (dX and dW) in bf16 at T = 16384, in = out = 4096 and 8192: dense GEMMs vs
-   prune + compress + 2:4 sparse GEMMs, pruning included (target >= 1.3x at 8192);
+   prune + compress + 2:4 sparse GEMMs, pruning included (target >= 1.3x at 8192); the GEMMs alone
+   with the dense operand B row-major and column-major; on cuSPARSELt, every (alg_id, split_k);
 4. one training step (forward, backward, AdamW) of the built-in ``gpt`` model and of a wider GPT,
    dense vs sparse-gradient (mvue 2:4);
 5. a sweep of the prune kernel's tile and warps (to choose ``triton_prune._DEFAULT_TILE``).
-Times are medians of CUDA-event timings after warmup, all rows of a table measured in one run.
-Without a GPU it says so, runs small Triton-interpreter correctness checks on the CPU and exits 0
-(1 if a check fails).
+Timing (``measure``): "kernel ms" is one CUDA-graph replay of many back-to-back calls divided by
+their number (GPU time, no host work); "call ms" is many back-to-back eager calls between one pair
+of CUDA events divided by their number (what a Python loop gets, host launch work included when it
+is the bottleneck). Medians of 5 repeats, after warmup; all rows of a table measured in one run.
+Uses only torch 2.11's API (the GPU machines: torch 2.11.0+cu130, Triton 3.6.0, cuSPARSELt cu13).
+Without a GPU it says so, runs small Triton-interpreter correctness checks on the CPU, writes the
+same files and exits 0 (1 if a check fails).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -45,6 +53,7 @@ from nmgrad_cli.patterns import parse_pattern  # noqa: E402
 KERNELS = [(m, p) for m in METHODS for p in ("1:2", "2:4") if triton_prune.supports(m, *map(int, p.split(":")))]
 AXES = ("features", "tokens")
 FAILED: list[str] = []
+REPORT: dict = {"tables": [], "notes": [], "skipped": []}  # what gets written as JSON
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -55,6 +64,12 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    REPORT["tables"].append({"title": title, "header": header, "rows": cells})
+
+
+def note(text: str) -> None:
+    print(text)
+    REPORT["notes"].append(text.strip())
 
 
 def check(ok: bool, what: str) -> str:
@@ -63,7 +78,7 @@ def check(ok: bool, what: str) -> str:
     return "ok" if ok else "FAIL"
 
 
-def versions() -> None:
+def versions() -> dict:
     try:
         import triton
 
@@ -71,13 +86,130 @@ def versions() -> None:
     except ImportError:
         tv = "not installed"
     cslt = None
-    with contextlib.suppress(AttributeError):
+    with contextlib.suppress(AttributeError, RuntimeError):
         cslt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    print(f"GPU: {gpu}" + (f" (sm{cap[0]}{cap[1]})" if cap else ""))
-    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}, cuSPARSELt {cslt}")
-    print(f"python {platform.python_version()}, {platform.platform()}")
+    cuda = torch.cuda.is_available()
+    v = {
+        "gpu": torch.cuda.get_device_name() if cuda else "none",
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": tv,
+        "cusparselt": cslt,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    cap = v["capability"]
+    print(f"GPU: {v['gpu']}" + (f" (sm{cap[0]}{cap[1]})" if cap else ""))
+    print(f"torch {v['torch']} (CUDA {v['cuda']}), triton {tv}, cuSPARSELt {cslt}")
+    print(f"python {v['python']}, {v['platform']}")
+    return v
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+
+class CudaClock:
+    """Marks are CUDA events recorded on the current stream; elapsed time is GPU time between them."""
+
+    def mark(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end)
+
+
+def time_calls(fn, clock, calls: int, repeats: int = 5, warmup: int = 2) -> float:
+    """Milliseconds per call: the median over ``repeats`` of (time between ONE pair of marks around
+    ``calls`` back-to-back calls of ``fn``) / ``calls``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    clock.sync()
+    per_call = []
+    for _ in range(repeats):
+        start = clock.mark()
+        for _ in range(calls):
+            fn()
+        end = clock.mark()
+        clock.sync()
+        per_call.append(clock.elapsed_ms(start, end) / calls)
+    return statistics.median(per_call)
+
+
+def calls_for(ms_per_call: float, target_ms: float = 20.0, most: int = 100) -> int:
+    """Back-to-back calls per timed repeat: enough for ~``target_ms`` between the two marks."""
+    return max(1, min(most, int(target_ms / max(ms_per_call, 1e-6))))
+
+
+def cuda_graph_batch(fn, calls: int):
+    """A CUDA graph of ``calls`` back-to-back calls of ``fn``; returns its replay (no host work)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as torch.cuda.graphs asks
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
+def measure(fn, clock, batch=cuda_graph_batch, repeats: int = 5, warmup: int = 2) -> dict:
+    """{"call_ms", "kernel_ms", "calls"}: end-to-end time per eager call and GPU time per call.
+
+    call: ``calls`` back-to-back eager calls between one pair of marks. kernel: one mark pair around
+    one run of ``batch(fn, calls)`` (a CUDA graph of the same calls), / calls; None when ``batch``
+    is None or fails (e.g. the calls cannot be captured), with the reason in "kernel_note"."""
+    for _ in range(warmup):
+        fn()
+    calls = calls_for(time_calls(fn, clock, calls=1, repeats=1, warmup=0))
+    out = {"calls": calls, "call_ms": time_calls(fn, clock, calls, repeats, warmup=0), "kernel_ms": None}
+    if batch is not None:
+        try:
+            run = batch(fn, calls)
+            out["kernel_ms"] = time_calls(run, clock, 1, repeats, warmup=1) / calls
+        except Exception as exc:  # capture is best effort: report the call time alone
+            first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            out["kernel_note"] = f"CUDA graph capture failed ({type(exc).__name__}: {first}): kernel ms n/a"
+            if out["kernel_note"] not in REPORT["notes"]:
+                REPORT["notes"].append(out["kernel_note"])
+    return out
+
+
+def ms(t: dict) -> float:
+    """The time a row's ratios use: GPU time when it was measured, else the call time."""
+    return t["kernel_ms"] if t["kernel_ms"] is not None else t["call_ms"]
+
+
+def fmt(t: dict) -> list[str]:
+    kernel = f"{t['kernel_ms']:.3f}" if t["kernel_ms"] is not None else "n/a"
+    return [kernel, f"{t['call_ms']:.3f}"]
+
+
+class Budget:
+    """Seconds left of the run's time budget; a section or row that would start past it is skipped."""
+
+    def __init__(self, seconds: float, clock=time.perf_counter):
+        self.clock = clock
+        self.deadline = clock() + seconds
+
+    def left(self) -> float:
+        return self.deadline - self.clock()
+
+    def allows(self, what: str, need_s: float = 0.0) -> bool:
+        if self.left() > need_s:
+            return True
+        msg = f"\n[budget] skipped {what}: {max(self.left(), 0.0):.0f} s left (needs ~{need_s:.0f} s)"
+        if what not in REPORT["skipped"]:
+            REPORT["skipped"].append(what)
+            print(msg)
+        return False
 
 
 def uniforms(method: str, pattern: str, rows: int, length: int, device, seed: int = 0) -> torch.Tensor:
@@ -138,22 +270,6 @@ def interpreter_checks() -> None:
 # ---- on a GPU --------------------------------------------------------------------------------------
 
 
-def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn() over ``iters`` CUDA-event timings after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def gpu_correctness(dev) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -164,13 +280,25 @@ def gpu_correctness(dev) -> None:
         for axis in AXES:
             dy = torch.randn(1000, 1030, generator=gen).to(dev, dtype)
             rows.append(compare_kernel(dy, "approx-mvue", "2:4", axis, 2))
+    # the Philox (seeded) path: reproducible and N:M
+    dy = torch.randn(1000, 1024, generator=gen).to(dev)
+    a, b = (triton_prune.prune_2d(dy, "mvue", "2:4", "features", seed=5) for _ in range(2))
+    nm_ok = bool(((a != 0).view(a.shape[0], -1, 4).sum(-1) <= 2).all())
+    rows.append(["mvue", "2:4", "features", "float32, Philox x2", "-", "-", nm_ok,
+                 check(torch.equal(a, b) and nm_ok, "philox reproducible")])
+    # a tokens-axis launch with more block tiles than a grid's axis 1 allows (65,535): T > 4.2M
+    tall = torch.randn((1 << 22) + (1 << 16), 64, device=dev)
+    out = triton_prune.prune_2d(tall, "greedy", "2:4", "tokens").t()
+    same = torch.equal(out, prune(tall, "greedy", "2:4", dim=0, backend="reference"))
+    rows.append(["greedy", "2:4", "tokens", f"float32, T={tall.shape[0]}", "-", "-", "-", check(same, "tall grid")])
+    del tall, out
     table("Triton kernels vs reference on the GPU (same uniforms)",
           ["method", "pattern", "axis", "dtype", "mask flips", "max rel err", "<= N per M", "check"], rows)
 
     backend, why = sparse_gemm.pick_backend(torch.cuda.get_device_capability(), sparse_gemm._cusparselt_available())
     rows = []
     if why is not None:
-        print(f"\nsparse GEMMs unavailable here: {why}")
+        note(f"\nsparse GEMMs unavailable here: {why}")
         return
     if backend == "cutlass":
         conv = torch.sparse._semi_structured_conversions
@@ -187,29 +315,33 @@ def gpu_correctness(dev) -> None:
         # the dense GEMM (float32) on the very tensors the sparse GEMMs get
         ref_dx = triton_prune.prune_2d(dy, "mvue", "2:4", "features", uniforms=u_f).float() @ w.float()
         ref_dw = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", uniforms=u_t).float() @ x.float()
-        dx = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u_f, min_mnk=0)
-        dw = sparse_gemm.grad_weight(dy, x, "mvue", uniforms=u_t, min_mnk=0)
-        for name, out, ref in (("dX = dY^ W", dx, ref_dx), ("dW = dY^^T X", dw, ref_dw)):
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            rows.append([f"{name} ({backend})", str(dtype).removeprefix("torch."), f"{err:.1e}",
-                         check(err < 1e-2, f"{name} {dtype}")])
+        for bk in ("auto", "cutlass", "cusparselt"):  # explicit backends fall back where they cannot run
+            plan = sparse_gemm.plan_gemm(torch.cuda.get_device_capability(), sparse_gemm._cusparselt_available(),
+                                         dtype, "2:4", t, f, i, bk, min_mnk=0)
+            dx = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u_f, min_mnk=0, backend=bk)
+            dw = sparse_gemm.grad_weight(dy, x, "mvue", uniforms=u_t, min_mnk=0, backend=bk)
+            for name, out, ref in (("dX = dY^ W", dx, ref_dx), ("dW = dY^^T X", dw, ref_dw)):
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                rows.append([f"{name} (backend={bk} -> {plan.backend})", str(dtype).removeprefix("torch."),
+                             f"{err:.1e}", check(err < 1e-2, f"{name} {dtype} {bk}")])
     table("2:4 sparse GEMMs vs dense GEMM on the same pruned dY (relative Frobenius error)",
           ["what", "axis/dtype", "rel err", "check"], rows)
 
 
-def throughput(dev, quick: bool) -> None:
+def throughput(dev, quick: bool, clock, budget: Budget) -> None:
     t, f = (8192, 8192) if quick else (16384, 8192)
     dy = torch.randn(t, f, device=dev, dtype=torch.bfloat16)
-    t, f = dy.shape
     nbytes = 2 * dy.numel() * dy.element_size()
     cap = torch.cuda.get_device_capability()
     backend, why = sparse_gemm.pick_backend(cap, sparse_gemm._cusparselt_available())
-    copy_ms = cuda_time(lambda: dy.clone())
-    rows = [["copy (clone)", "-", f"{copy_ms:.3f}", f"{nbytes / copy_ms / 1e6:.0f}", "1.00"]]
+    copy = measure(lambda: dy.clone(), clock)
+    rows = [["copy (clone)", "-", *fmt(copy), f"{nbytes / ms(copy) / 1e6:.0f}", "1.00"]]
 
-    def row(name, axis, fn):
-        ms = cuda_time(fn)
-        rows.append([name, axis, f"{ms:.3f}", f"{nbytes / ms / 1e6:.0f}", f"{copy_ms / ms:.2f}"])
+    def row(name, axis, fn, batch=cuda_graph_batch):
+        if not budget.allows("the rest of the throughput rows", 5):
+            return
+        tm = measure(fn, clock, batch=batch)
+        rows.append([name, axis, *fmt(tm), f"{nbytes / ms(tm) / 1e6:.0f}", f"{ms(copy) / ms(tm):.2f}"])
 
     for method, pattern in KERNELS:
         for axis in AXES:
@@ -226,37 +358,45 @@ def throughput(dev, quick: bool) -> None:
         if why is None and sparse_gemm._cusparselt_available():
             row("prune mvue 2:4 + _cslt_compress", axis,
                 lambda a=axis: torch._cslt_compress(triton_prune.prune_2d(dy, "mvue", "2:4", a, seed=1)))
-    row("reference prune mvue 2:4 (torch)", "features",
-        lambda: prune(dy, "mvue", "2:4", dim=1, backend="reference"))
-    table(f"Prune throughput, dY {t}x{f} bf16 (GB/s = 2 x bytes(dY) / time; target ratio >= 0.60)",
-          ["kernel", "axis", "ms", "GB/s", "vs copy"], rows)
+    row("reference prune mvue 2:4 (torch; call time only)", "features",
+        lambda: prune(dy, "mvue", "2:4", dim=1, backend="reference"), batch=None)
+    table(f"Prune throughput, dY {t}x{f} bf16 (GB/s = 2 x bytes(dY) / kernel time; target ratio >= 0.60)",
+          ["kernel", "axis", "kernel ms", "call ms", "GB/s", "vs copy"], rows)
 
 
-def tile_sweep(dev, quick: bool) -> None:
+def tile_sweep(dev, quick: bool, clock, budget: Budget) -> None:
     """mvue 2:4 (Philox) on dY [16384, 8192] bf16 over tiles and warps: pick the defaults from this."""
     t, f = (8192, 8192) if quick else (16384, 8192)
     dy = torch.randn(t, f, device=dev, dtype=torch.bfloat16)
     nbytes = 2 * dy.numel() * dy.element_size()
-    copy_ms = cuda_time(lambda: dy.clone())
+    copy = measure(lambda: dy.clone(), clock)
     rows = []
     for axis in AXES:
         default = triton_prune._DEFAULT_TILE[axis]
         for tile in ((16, 64), (32, 32), (8, 128), (64, 16), (128, 8), (32, 64), (64, 32)):
             for warps in (4, 8):
-                ms = cuda_time(lambda a=axis, tl_=tile, w=warps: triton_prune.prune_2d(
-                    dy, "mvue", "2:4", a, seed=1, tile=tl_, num_warps=w))
+                if not budget.allows("the rest of the tile sweep", 5):
+                    break
+                tm = measure(lambda a=axis, tl_=tile, w=warps: triton_prune.prune_2d(
+                    dy, "mvue", "2:4", a, seed=1, tile=tl_, num_warps=w), clock)
                 mark = " (default)" if tile == default and warps == 4 else ""
-                gbs = f"{nbytes / ms / 1e6:.0f}"
-                rows.append([axis, f"{tile}{mark}", warps, f"{ms:.3f}", gbs, f"{copy_ms / ms:.2f}"])
-    table(f"Tile sweep, prune mvue 2:4 (Philox), dY {t}x{f} bf16 (copy {copy_ms:.3f} ms)",
-          ["axis", "tile (rows, blocks)", "warps", "ms", "GB/s", "vs copy"], rows)
+                rows.append([axis, f"{tile}{mark}", warps, *fmt(tm), f"{nbytes / ms(tm) / 1e6:.0f}",
+                             f"{ms(copy) / ms(tm):.2f}"])
+    table(f"Tile sweep, prune mvue 2:4 (Philox), dY {t}x{f} bf16 (copy {ms(copy):.3f} ms)",
+          ["axis", "tile (rows, blocks)", "warps", "kernel ms", "call ms", "GB/s", "vs copy"], rows)
 
 
-def _linear_case(dev, t: int, width: int, backend: str) -> list:
+def _operands(dev, t: int, width: int):
+    gen = torch.Generator(dev).manual_seed(width)
+    dy = torch.randn(t, width, device=dev, dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(t, width, device=dev, dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(width, width, device=dev, dtype=torch.bfloat16, generator=gen) * width**-0.5
+    return dy, x, w
+
+
+def _linear_case(dev, t: int, width: int, backend: str, clock) -> list:
     """Times of dX + dW for dY (t, width), X (t, width), W (width, width) in bf16."""
-    dy = torch.randn(t, width, device=dev, dtype=torch.bfloat16)
-    x = torch.randn(t, width, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(width, width, device=dev, dtype=torch.bfloat16) * width**-0.5
+    dy, x, w = _operands(dev, t, width)
 
     def dense():
         return dy @ w, dy.t() @ x
@@ -272,53 +412,133 @@ def _linear_case(dev, t: int, width: int, backend: str) -> list:
             sparse_gemm.grad_weight(dy, x, "mvue", seed=2, backend=backend),
         )
 
-    d_ms, p_ms, s_ms = cuda_time(dense), cuda_time(pruned_dense), cuda_time(sparse)
+    d, p, s = measure(dense, clock), measure(pruned_dense, clock), measure(sparse, clock)
+    return [f"{t}x{width}x{width}", *fmt(d), *fmt(p), *fmt(s), f"{ms(d) / ms(s):.2f}x"]
+
+
+def _sparse_operator(a: torch.Tensor, backend: str):
+    """B -> A @ B on the sparse tensor cores for an already 2:4-pruned A (compressed once, here)."""
     if backend == "cusparselt":
-        _cslt_algorithms(dy, x, w, width)
-    return [f"{t}x{width}x{width}", f"{d_ms:.3f}", f"{p_ms:.3f}", f"{s_ms:.3f}", f"{d_ms / s_ms:.2f}x"]
+        ca = torch._cslt_compress(a)
+        return lambda b: torch._cslt_sparse_mm(ca, b)
+    conv = torch.sparse._semi_structured_conversions
+    packed, meta = conv.sparse_semi_structured_from_dense_cutlass(a)
+    return lambda b: torch._sparse_semi_structured_mm(packed, meta, b)
 
 
-def _cslt_algorithms(dy, x, w, width: int) -> None:
-    """The GEMMs alone: dense vs cuSPARSELt with its default and its searched algorithm."""
-    a = triton_prune.prune_2d(dy, "mvue", "2:4", "features", seed=1)
-    b = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", seed=2)
-    try:
-        ca, cb = torch._cslt_compress(a), torch._cslt_compress(b)
-        alg_a, alg_b = torch._cslt_sparse_mm_search(ca, w), torch._cslt_sparse_mm_search(cb, x)
-        default = cuda_time(lambda: (torch._cslt_sparse_mm(ca, w), torch._cslt_sparse_mm(cb, x)))
-        searched = cuda_time(
-            lambda: (torch._cslt_sparse_mm(ca, w, alg_id=alg_a), torch._cslt_sparse_mm(cb, x, alg_id=alg_b))
-        )
-        dense = cuda_time(lambda: (a @ w, b @ x))
-        print(
-            f"  {width}: GEMMs only: dense {dense:.3f} ms, cuSPARSELt default alg {default:.3f} ms "
-            f"({dense / default:.2f}x), searched alg ({alg_a}, {alg_b}) {searched:.3f} ms ({dense / searched:.2f}x)"
-        )
-    except RuntimeError as exc:
-        print(f"  {width}: cuSPARSELt algorithm search failed: {exc}")
+def gemm_layouts(dev, t: int, width: int, backend: str, clock) -> list[list]:
+    """The GEMMs alone, dense operand B row-major (as nmgrad passes W and X) vs column-major (as
+    torch's sparse Linear passes ``dense.t()``): which one the sparse kernels prefer."""
+    dy, x, w = _operands(dev, t, width)
+    a_x = triton_prune.prune_2d(dy, "mvue", "2:4", "features", seed=1)  # (T, F)
+    a_w = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", seed=2)  # (F, T)
+    rows = []
+    for name, a, b in (("dX = dY^ W", a_x, w), ("dW = dY^^T X", a_w, x)):
+        base = None
+        for layout, bb in (("row-major", b), ("column-major", b.t().contiguous().t())):
+            dense_t = measure(lambda a=a, bb=bb: a @ bb, clock)
+            base = base or ms(dense_t)
+            rows.append([f"{t}x{width}x{width}", name, "dense", layout, *fmt(dense_t), f"{base / ms(dense_t):.2f}x"])
+            try:
+                op = _sparse_operator(a, backend)
+                sp = measure(lambda op=op, bb=bb: op(bb), clock)
+                rows.append([f"{t}x{width}x{width}", name, backend, layout, *fmt(sp), f"{base / ms(sp):.2f}x"])
+            except RuntimeError as exc:
+                rows.append([f"{t}x{width}x{width}", name, backend, layout, "error", str(exc)[:60], "-"])
+    return rows
 
 
-def linear_backward(dev, quick: bool) -> None:
+def cslt_search(a: torch.Tensor, b: torch.Tensor, clock, budget: Budget, max_s: float = 15.0) -> dict:
+    """Time ``_cslt_sparse_mm(A, B, alg_id=i, split_k=s)`` for every alg_id up to the maximum torch
+    reports and split_k in 1, 2, 4, 8 (torch 2.11: ``torch._C._cusparselt.mm_search`` gives torch's
+    own pick and the maximum id; the deprecated ``torch._cslt_sparse_mm_search`` is not used).
+    At most ``max_s`` seconds per GEMM ("truncated" says whether it stopped early)."""
+    ca = torch._cslt_compress(a)
+    torch_pick, max_id = None, 15
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    if search is not None:
+        with contextlib.suppress(RuntimeError, TypeError):
+            alg, split_k, split_k_mode, max_id = search(ca, b, None, None, None, False)
+            torch_pick = {"alg_id": int(alg), "split_k": int(split_k), "split_k_mode": int(split_k_mode)}
+    timings = []
+    stop = time.perf_counter() + max_s
+    truncated = False
+    for alg in range(int(max_id) + 1):
+        for split_k in (1, 2, 4, 8):
+            truncated = time.perf_counter() > stop
+            if truncated or not budget.allows("the rest of the cuSPARSELt algorithm search", 20):
+                break
+            try:
+                tm = measure(lambda alg=alg, sk=split_k: torch._cslt_sparse_mm(ca, b, alg_id=alg, split_k=sk),
+                             clock, batch=None, repeats=3)
+            except (RuntimeError, TypeError):  # an id past the last, or a split_k this algorithm rejects
+                if split_k == 1:
+                    break
+                continue
+            timings.append({"alg_id": alg, "split_k": split_k, "ms": tm["call_ms"]})
+        if truncated:
+            break
+    return {"torch_pick": torch_pick, "max_alg_id": int(max_id), "timings": timings, "truncated": truncated}
+
+
+def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
     cap = torch.cuda.get_device_capability()
     backend, why = sparse_gemm.pick_backend(cap, sparse_gemm._cusparselt_available())
     if why is not None:
-        print(f"\nLinear backward: sparse GEMMs unavailable ({why}); skipped")
+        note(f"\nLinear backward: sparse GEMMs unavailable ({why}); skipped")
         return
-    rows = [_linear_case(dev, 16384, width, backend) for width in ((4096,) if quick else (4096, 8192))]
+    widths = (4096,) if quick else (4096, 8192)
+    rows = []
+    for width in widths:
+        if budget.allows(f"Linear backward from width {width}", 30):
+            rows.append(_linear_case(dev, 16384, width, backend, clock))
     table(
         f"Linear backward bf16 (dX + dW), ms; sparse = prune + compress + 2:4 GEMMs ({backend}); "
         "target >= 1.3x at 8192",
-        ["T x in x out", "dense", "prune + dense", "sparse", "dense/sparse"],
+        ["T x in x out", "dense kernel", "dense call", "prune+dense kernel", "prune+dense call",
+         "sparse kernel", "sparse call", "dense/sparse"],
         rows,
     )
+    rows = []
+    for width in widths:
+        if budget.allows(f"GEMM operand layouts from width {width}", 30):
+            rows += gemm_layouts(dev, 16384, width, backend, clock)
+    table("GEMMs alone (pruned dY, bf16): dense operand B row-major vs column-major, ms",
+          ["T x in x out", "GEMM", "backend", "B layout", "kernel ms", "call ms", "vs dense row-major"], rows)
+    if not sparse_gemm._cusparselt_available():
+        return
+    rows = []
+    REPORT["cslt_search"] = []
+    for width in widths:
+        dy, x, w = _operands(dev, 16384, width)
+        a_x = triton_prune.prune_2d(dy, "mvue", "2:4", "features", seed=1)
+        a_w = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", seed=2)
+        for name, a, b in (("dX = dY^ W", a_x, w), ("dW = dY^^T X", a_w, x)):
+            if not budget.allows("the rest of the cuSPARSELt algorithm search", 30):
+                continue
+            res = cslt_search(a, b, clock, budget)
+            REPORT["cslt_search"].append({"gemm": name, "width": width, **res})
+            if not res["timings"]:
+                rows.append([width, name, "no algorithm ran", "-", "-", "-"])
+                continue
+            default = next((r["ms"] for r in res["timings"] if (r["alg_id"], r["split_k"]) == (0, 1)), None)
+            best = min(res["timings"], key=lambda r: r["ms"])
+            pick = res["torch_pick"]
+            rows.append([width, name, f"{default:.3f}" if default else "-",
+                         f"{best['ms']:.3f} (alg {best['alg_id']}, split_k {best['split_k']})",
+                         f"alg {pick['alg_id']}, split_k {pick['split_k']}" if pick else "n/a",
+                         f"{len(res['timings'])} configs, max alg_id {res['max_alg_id']}"
+                         + (" (truncated at 15 s)" if res["truncated"] else "")])
+    table("cuSPARSELt algorithm search (call ms per GEMM; every alg_id x split_k timed)",
+          ["width", "GEMM", "default (alg 0, split_k 1)", "best", "torch's mm_search pick", "searched"], rows)
 
 
-def train_step(dev, quick: bool) -> None:
+def train_step(dev, quick: bool, clock, budget: Budget) -> None:
     try:
         from nmgrad_cli.models.gpt import GPT, GPTConfig
         from nmgrad_cli.train import sparsify_gradients_
     except ImportError as exc:
-        print(f"\ntraining step skipped: {exc}")
+        note(f"\ntraining step skipped: {exc}")
         return
     import torch.nn.functional as F
 
@@ -329,57 +549,108 @@ def train_step(dev, quick: bool) -> None:
         cases.append(("gpt 1024 wide x 4, T=16384 (bf16)", wide, 16, torch.bfloat16))
     rows = []
     for name, cfg, batch, dtype in cases:
+        if not budget.allows(f"training steps from '{name}'", 30):
+            break
         times = {}
-        for mode in ("dense", "sparse"):
-            torch.manual_seed(0)
-            model = GPT(cfg).to(dev, dtype)
-            if mode == "sparse":
-                sparsify_gradients_(model, "mvue", "2:4")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+        try:
+            for mode in ("dense", "sparse"):
+                torch.manual_seed(0)
+                model = GPT(cfg).to(dev, dtype)
+                if mode == "sparse":
+                    sparsify_gradients_(model, "mvue", "2:4")
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
 
-            def step(model=model, opt=opt, idx=idx):
-                logits = model(idx)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), idx.reshape(-1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                def step(model=model, opt=opt, idx=idx):
+                    logits = model(idx)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), idx.reshape(-1))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
 
-            times[mode] = cuda_time(step, warmup=3, iters=10)
-            del model, opt
-        ratio = times["dense"] / times["sparse"]
-        rows.append([name, f"{times['dense']:.2f}", f"{times['sparse']:.2f}", f"{ratio:.2f}x"])
-    table("One training step (forward + backward + AdamW), ms; sparse = mvue 2:4 on dX and dW of every Linear",
+                times[mode] = measure(step, clock, batch=None)  # host work is part of a step
+                del model, opt
+        except Exception as exc:  # report and go on: the other tables still count
+            rows.append([name, "error", f"{type(exc).__name__}: {str(exc)[:80]}", "-"])
+            FAILED.append(f"training step {name}")
+            continue
+        ratio = ms(times["dense"]) / ms(times["sparse"])
+        rows.append([name, f"{ms(times['dense']):.2f}", f"{ms(times['sparse']):.2f}", f"{ratio:.2f}x"])
+    table("One training step (forward + backward + AdamW), call ms; sparse = mvue 2:4 on dX and dW of every Linear",
           ["model", "dense", "sparse", "dense/sparse"], rows)
 
 
-def main() -> int:
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def out_dir(arg: str | None) -> Path:
+    """$OUT when set (the GPU machines' result folder), else --out, else a new folder under runs/."""
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    if arg:
+        return Path(arg)
+    return Path(__file__).resolve().parents[1] / "runs" / time.strftime("gpu_bench-%Y%m%d-%H%M%S")
+
+
+def write_outputs(folder: Path, info: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    v = info["versions"]
+    cap = f" (sm{v['capability'][0]}{v['capability'][1]})" if v["capability"] else ""
+    lines = [f"GPU: {v['gpu']}{cap}; torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, "
+             f"cuSPARSELt {v['cusparselt']}; python {v['python']}, {v['platform']}", ""]
+    for tab in REPORT["tables"]:
+        widths = [max(len(h), *(len(r[i]) for r in tab["rows"])) if tab["rows"] else len(h)
+                  for i, h in enumerate(tab["header"])]
+        lines += [f"## {tab['title']}", "", "| " + " | ".join(tab["header"]) + " |",
+                  "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in tab["rows"]]
+        lines.append("")
+    lines += [n for n in REPORT["notes"]] + [f"skipped (time budget): {s}" for s in REPORT["skipped"]]
+    lines.append(info["summary"])
+    (folder / "gpu_bench.md").write_text("\n".join(lines) + "\n")
+    (folder / "gpu_bench.json").write_text(json.dumps({**info, **REPORT}, indent=1, default=str) + "\n")
+    print(f"\nwrote {folder / 'gpu_bench.md'} and {folder / 'gpu_bench.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     ap.add_argument("--no-train", action="store_true", help="skip the training-step table")
     ap.add_argument("--no-sweep", action="store_true", help="skip the tile/warps sweep of the prune kernel")
-    args = ap.parse_args()
-    versions()
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds; what would start later is skipped")
+    ap.add_argument("--out", default=None, help="folder for gpu_bench.md/.json ($OUT wins when set)")
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    budget = Budget(args.budget)
+    info = {"versions": versions(), "args": vars(args), "budget_s": args.budget}
     if not torch.cuda.is_available():
-        print("\nNo CUDA GPU: nothing to time. Running the small Triton-interpreter checks on the CPU instead.")
+        note("\nNo CUDA GPU: nothing to time. Running the small Triton-interpreter checks on the CPU instead.")
         try:
             import triton  # noqa: F401
         except ImportError:
-            print("triton is not installed: no interpreter checks either (pip install triton)")
-            return 0
-        interpreter_checks()
+            note("triton is not installed: no interpreter checks either (pip install triton)")
+        else:
+            interpreter_checks()
     else:
         dev = torch.device("cuda")
         os.environ.pop("TRITON_INTERPRET", None)
-        gpu_correctness(dev)
-        throughput(dev, args.quick)
-        if not args.no_sweep:
-            tile_sweep(dev, args.quick)
-        linear_backward(dev, args.quick)
+        clock = CudaClock()
+        sections = [("correctness", lambda: gpu_correctness(dev)),
+                    ("throughput", lambda: throughput(dev, args.quick, clock, budget)),
+                    ("Linear backward GEMMs", lambda: linear_backward(dev, args.quick, clock, budget))]
         if not args.no_train:
-            train_step(dev, args.quick)
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s; " + (f"FAILED: {FAILED}" if FAILED else "all checks ok"))
+            sections.append(("training step", lambda: train_step(dev, args.quick, clock, budget)))
+        if not args.no_sweep:
+            sections.append(("tile sweep", lambda: tile_sweep(dev, args.quick, clock, budget)))
+        for name, run in sections:
+            if budget.allows(f"section '{name}' and the rest", 10):
+                run()
+                torch.cuda.empty_cache()
+    info["total_s"] = round(time.perf_counter() - t0, 1)
+    info["failed"] = FAILED
+    info["summary"] = f"total {info['total_s']:.0f} s; " + (f"FAILED: {FAILED}" if FAILED else "all checks ok")
+    print(f"\n{info['summary']}")
+    write_outputs(out_dir(args.out), info)
     return 1 if FAILED else 0
 
 

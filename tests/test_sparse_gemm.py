@@ -10,7 +10,7 @@ import torch
 from conftest import requires_cuda
 
 from nmgrad_cli import prune
-from nmgrad_cli.errors import PatternError
+from nmgrad_cli.errors import NmgradError, PatternError
 from nmgrad_cli.kernels import sparse_gemm
 from nmgrad_cli.methods import METHODS
 from nmgrad_cli.patterns import parse_pattern
@@ -58,6 +58,51 @@ def test_pick_backend(capability, cusparselt, backend, reason):
 def test_dense_reason(m, k, n, dtype, backend, pattern, expect):
     why = sparse_gemm.dense_reason(m, k, n, dtype, backend, pattern)
     assert (why is None) if expect is None else (expect in why)
+
+
+BIG = (4096, 4096, 4096)  # aligned for both backends, above MIN_SPARSE_MNK
+H100, A100, T4 = (9, 0), (8, 0), (7, 5)
+
+
+@pytest.mark.parametrize(
+    "capability, cusparselt, dtype, pattern, shape, backend, expect, reason",
+    [
+        # an explicit backend that cannot run falls back to auto's choice, saying why
+        (H100, True, torch.bfloat16, "2:4", BIG, "cutlass", "cusparselt", "run only on sm8x, this GPU is sm90"),
+        (H100, False, torch.bfloat16, "2:4", BIG, "cutlass", "dense", "run only on sm8x"),
+        (A100, False, torch.bfloat16, "2:4", BIG, "cusparselt", "cutlass", "no cuSPARSELt"),
+        (H100, False, torch.float16, "2:4", BIG, "cusparselt", "dense", "no cuSPARSELt"),
+        (T4, True, torch.float16, "2:4", BIG, "cusparselt", "dense", "sm75 has no sparse tensor cores"),
+        # an explicit backend that can run, runs
+        (A100, True, torch.bfloat16, "2:4", BIG, "cusparselt", "cusparselt", None),
+        (A100, True, torch.bfloat16, "2:4", BIG, "cutlass", "cutlass", None),
+        (H100, True, torch.bfloat16, "2:4", BIG, "auto", "cusparselt", None),
+        (A100, True, torch.float16, "2:4", BIG, "auto", "cutlass", None),
+        (A100, True, torch.float16, "1:2", BIG, "auto", "cusparselt", None),  # the fused compressor is 2:4
+        (A100, False, torch.float16, "1:2", BIG, "auto", "cutlass", None),
+        # after a fallback, the operand's own reasons still apply (and both are said)
+        (H100, True, torch.bfloat16, "2:4", (4096, 4080, 4096), "cutlass", "cusparselt", "run only on sm8x"),
+        (H100, True, torch.float32, "2:4", BIG, "cutlass", "dense", "float16/bfloat16"),
+        (H100, True, torch.bfloat16, "2:4", (256, 256, 256), "auto", "dense", "MIN_SPARSE_MNK"),
+        (H100, True, torch.bfloat16, "4:8", BIG, "cusparselt", "dense", "not 2:4-compatible"),
+        (None, True, torch.bfloat16, "2:4", BIG, "cusparselt", "dense", "not a CUDA tensor"),
+        (H100, True, torch.bfloat16, "2:4", BIG, "dense", "dense", "backend 'dense'"),
+    ],
+)
+def test_plan_gemm(capability, cusparselt, dtype, pattern, shape, backend, expect, reason):
+    plan = sparse_gemm.plan_gemm(capability, cusparselt, dtype, pattern, *shape, backend=backend)
+    assert plan.backend == expect
+    assert (plan.reason is None) if reason is None else (reason in plan.reason), plan.reason
+
+
+def test_plan_gemm_fallback_says_both_reasons():
+    plan = sparse_gemm.plan_gemm(H100, True, torch.float32, "2:4", *BIG, backend="cutlass")
+    assert "backend 'cutlass' cannot run here" in plan.reason and "float16/bfloat16" in plan.reason
+
+
+def test_plan_gemm_unknown_backend_is_an_error():
+    with pytest.raises(NmgradError, match="auto, cusparselt, cutlass or dense"):
+        sparse_gemm.plan_gemm(H100, True, torch.bfloat16, "2:4", *BIG, backend="cublas")
 
 
 @pytest.mark.parametrize("method, pattern", [("mvue", "2:4"), ("approx-mvue", "2:4"), ("mvue", "1:2"), ("mvue", "4:8")])

@@ -36,7 +36,7 @@ def _rand4x(seed, offset):
     c1 = (offset >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
-    seed64 = tl.to_tensor(seed).to(tl.uint64)
+    seed64 = seed.to(tl.uint64)  # seed: a scalar tensor (do_not_specialize); tl.to_tensor is not in Triton 3.6
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
     for _ in tl.static_range(10):
@@ -325,8 +325,11 @@ def prune_kernel(
 ):
     """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally also the CUTLASS
     compressed values [R, L/2] and metadata [R, L/16] (int16, 4 blocks each, in CUTLASS's order)."""
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    # one grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65,535): row tiles vary fastest
+    pid = tl.program_id(0)
+    n_r = (R + BLOCK_R - 1) // BLOCK_R  # (tl.cdiv is jitted at import: the interpreted copy cannot call it)
+    pid_r = pid % n_r
+    pid_g = pid // n_r
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
     g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,)
     l = pid_g * (BLOCK_G * M) + tl.arange(0, BLOCK_G * M)  # (BG*M,)

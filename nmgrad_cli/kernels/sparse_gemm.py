@@ -26,10 +26,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
+from ..errors import NmgradError
 from ..methods import get_method
 from ..patterns import parse_pattern
 from ..prune import draw_uniforms, prune
@@ -50,8 +51,8 @@ SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _log_once(reason: str) -> None:
-    log.info("2:4 sparse GEMM -> dense GEMM: %s", reason)
+def _log_once(reason: str, backend: str = "dense") -> None:
+    log.info("2:4 sparse GEMM -> %s GEMM: %s", backend, reason)
 
 
 def _cusparselt_available() -> bool:
@@ -99,12 +100,64 @@ def dense_reason(
     return None
 
 
-def _device_backend(t: torch.Tensor, backend: Backend) -> tuple[str, str | None]:
-    if not t.is_cuda:
-        return "dense", "not a CUDA tensor"
-    if backend != "auto":
-        return backend, None
-    return pick_backend(torch.cuda.get_device_capability(t.device), _cusparselt_available())
+def unavailable_reason(backend: str, capability: tuple[int, int], cusparselt: bool) -> str | None:
+    """Why the sparse ``backend`` cannot run on a GPU of compute ``capability``, or None."""
+    sm = f"sm{capability[0]}{capability[1]}"
+    if capability < (8, 0):
+        return f"{sm} has no sparse tensor cores (needs sm80+)"
+    if backend == "cutlass" and capability[0] != 8:
+        return f"torch's CUTLASS sparse kernels run only on sm8x, this GPU is {sm}"
+    if backend == "cusparselt" and not cusparselt:
+        return "this torch build has no cuSPARSELt"
+    return None
+
+
+class GemmPlan(NamedTuple):
+    """Which GEMM runs (``cusparselt``, ``cutlass`` or ``dense``) and why it is not the one asked for
+    (or why dense), logged once per reason; ``reason`` is None when the requested backend runs."""
+
+    backend: str
+    reason: str | None
+
+
+def plan_gemm(
+    capability: tuple[int, int] | None,
+    cusparselt: bool,
+    dtype: torch.dtype,
+    pattern: str,
+    m: int,
+    k: int,
+    n: int,
+    backend: Backend = "auto",
+    min_mnk: int | None = None,
+) -> GemmPlan:
+    """The one decision for A (m x k, ``pattern`` along k, in ``dtype``) @ B (k x n): a pure function
+    of the device's compute ``capability`` (None: not a CUDA tensor), whether torch has cuSPARSELt,
+    the operand, and the user's ``backend``. An explicit backend that cannot run here falls back to
+    what ``auto`` picks (e.g. ``cutlass`` on Hopper -> ``cusparselt``), with the reason."""
+    if backend not in ("auto", "cusparselt", "cutlass", "dense"):
+        raise NmgradError(f"backend must be auto, cusparselt, cutlass or dense, got {backend!r}")
+    if capability is None:
+        return GemmPlan("dense", "not a CUDA tensor")
+    note = None
+    chosen = backend
+    if backend == "auto":
+        chosen, why = pick_backend(capability, cusparselt)
+        if why is not None:
+            return GemmPlan("dense", why)
+    elif backend != "dense":
+        why = unavailable_reason(backend, capability, cusparselt)
+        if why is not None:
+            chosen, auto_why = pick_backend(capability, cusparselt)
+            note = f"backend '{backend}' cannot run here ({why})"
+            if auto_why is not None:
+                return GemmPlan("dense", f"{note}; {auto_why}")
+    if chosen == "cutlass" and parse_pattern(pattern).n != 2 and cusparselt:
+        chosen = "cusparselt"  # the fused compressor is 2:4-only; 1:2 goes through _cslt_compress
+    dense_why = dense_reason(m, k, n, dtype, chosen, pattern, min_mnk)
+    if dense_why is not None:
+        return GemmPlan("dense", f"{note}; {dense_why}" if note else dense_why)
+    return GemmPlan(chosen, note)
 
 
 def sparse_mm(a: torch.Tensor, b: torch.Tensor, backend: str, compressed=None) -> torch.Tensor:
@@ -157,26 +210,26 @@ def _pruned_times(
         # the same draws prune(dy, ..., generator=generator) takes (or a seeded generator's)
         gen = generator if seed is None else torch.Generator(dy.device).manual_seed(seed)
         uniforms = draw_uniforms(n_blocks, meth, pat, dy.device, gen)
-    chosen, reason = _device_backend(dy, backend)
-    if chosen == "cutlass" and pat.n != 2 and _cusparselt_available():
-        chosen = "cusparselt"  # the fused compressor is 2:4-only; 1:2 goes through _cslt_compress
     out_dtype = dy.dtype
-    cast = False
-    if reason is None and not use_triton:
-        reason = f"no Triton prune kernel for {meth.name} {pat} (or triton is not installed)"
-    if reason is None:
-        cast = dy.dtype == torch.float32 and _fp32_mode(fp32) == "bf16"
-        dtype = torch.bfloat16 if cast else dy.dtype
-        reason = dense_reason(m_rows, k_len, b.shape[1], dtype, chosen, str(pat), min_mnk)
-    if reason is not None:
-        _log_once(reason)
+    cast = dy.is_cuda and dy.dtype == torch.float32 and _fp32_mode(fp32) == "bf16"
+    sparse_dtype = torch.bfloat16 if cast else dy.dtype
+    if dy.is_cuda and not use_triton:
+        plan = GemmPlan("dense", f"no Triton prune kernel for {meth.name} {pat} (or triton is not installed)")
+    else:
+        capability = torch.cuda.get_device_capability(dy.device) if dy.is_cuda else None
+        plan = plan_gemm(
+            capability, _cusparselt_available(), sparse_dtype, str(pat), m_rows, k_len, b.shape[1], backend, min_mnk
+        )
+    if plan.reason is not None:
+        _log_once(plan.reason, plan.backend)
+    chosen = plan.backend
+    if chosen == "dense":
         if use_triton:
             a = triton_prune.prune_2d(dy, meth.name, pat, axis, uniforms=uniforms, seed=seed)
         else:
             a = _reference_prune(dy, meth.name, str(pat), axis, uniforms)
         return a @ b
     # fp32 -> bf16: the kernel prunes the float32 dY (same decisions) and writes bf16
-    sparse_dtype = torch.bfloat16 if cast else dy.dtype
     b = b.to(sparse_dtype)
     if chosen == "cutlass" and pat.n == 2 and triton_prune.supports(meth.name, 2, 4):
         a, packed, meta = triton_prune.prune_compress_2d(

@@ -157,11 +157,10 @@ def _launch(
 ) -> None:
     """One launch over the logical matrix X[r, l] (rows x length, blocks of m along l)."""
     groups = -(-length // m)
-    block_r, block_g = tile
     kernels = _jit_module(_interpret_for(x))
     u_arg = uniforms if uniforms is not None else x  # unused pointer when PHILOX
     compress = packed is not None
-    grid = (_cdiv(rows, block_r), _cdiv(groups, block_g))
+    grid = launch_grid(rows, groups, tile)
     kernels.prune_kernel[grid](
         x,
         y,
@@ -183,8 +182,8 @@ def _launch(
         PHILOX=uniforms is None,
         COMPRESS=compress,
         OUT_BF16=y.dtype == torch.bfloat16,
-        BLOCK_R=block_r,
-        BLOCK_G=block_g,
+        BLOCK_R=tile[0],
+        BLOCK_G=tile[1],
         num_warps=num_warps,
         enable_fp_fusion=False,  # no FMA contraction: the reference's (and the interpreter's) rounding
     )
@@ -192,6 +191,27 @@ def _launch(
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+MAX_GRID_X = (1 << 31) - 1
+"""CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65,535)."""
+
+
+def launch_grid(rows: int, groups: int, tile: tuple[int, int]) -> tuple[int]:
+    """The launch grid for ``rows`` x ``groups`` blocks in tiles of (BLOCK_R rows, BLOCK_G blocks).
+
+    One axis, ``cdiv(rows, BLOCK_R) * cdiv(groups, BLOCK_G)`` programs: program p owns row tile
+    ``p % cdiv(rows, BLOCK_R)`` and block tile ``p // cdiv(rows, BLOCK_R)`` (the kernel's indexing),
+    so neither dimension is bound by the 65,535 limit of grid axes 1 and 2 (a tokens-axis launch
+    has cdiv(T / 4, BLOCK_G) block tiles: over 65,535 past ~4.2M tokens with the default tile)."""
+    block_r, block_g = tile
+    programs = _cdiv(rows, block_r) * _cdiv(groups, block_g)
+    if programs > MAX_GRID_X:
+        raise NmgradError(
+            f"{rows} x {groups} blocks in tiles of {tile} need {programs} programs, over CUDA's {MAX_GRID_X}: "
+            "use a larger tile or split the tensor"
+        )
+    return (programs,)
 
 
 def _check_uniforms(uniforms: torch.Tensor, k: int, method: str, m: int, device) -> torch.Tensor:
@@ -305,6 +325,57 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
     if not compress:
         return out
     return Compressed(out, packed, meta)
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Variant(NamedTuple):
+    """One compiled form of the kernel: everything that is a compile-time constant or a pointer type."""
+
+    method: str
+    pattern: tuple[int, int]
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    philox: bool
+    compress: bool
+    arch: int  # compute capability as 80, 90
+
+
+def kernel_variants(archs: tuple[int, ...] = (80, 90)) -> list[Variant]:
+    """Every variant: methods x patterns x dtypes x Philox/uniforms x compress x arch (output dtype =
+    input dtype; a float32 input with a half output differs from these only in its load type)."""
+    out = []
+    for method in _METHOD_CODES:
+        for n, m in sorted(_PATTERNS):
+            for dtype in _DTYPES:
+                for philox in (True, False):
+                    for compress in (False, True):
+                        if compress and ((n, m) != (2, 4) or dtype == torch.float32):
+                            continue
+                        out += [Variant(method, (n, m), dtype, dtype, philox, compress, a) for a in archs]
+    return out
+
+
+def compile_ahead(v: Variant, tile: tuple[int, int] = (16, 64), num_warps: int = 4, seed_type: str = "i64") -> bytes:
+    """Compile one variant for ``v.arch`` without a GPU (Triton -> PTX -> cubin with Triton's bundled
+    ptxas) and return the cubin: catches what the interpreter accepts but the compiler rejects.
+    ``seed_type``: Triton passes a seed below 2^31 (e.g. ``seed=1``) as i32, larger ones as i64."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    n, m = v.pattern
+    fn = _jit_module(False).prune_kernel
+    t_in, t_out = _TRITON_DTYPES[v.dtype], _TRITON_DTYPES[v.out_dtype]
+    sig = {"x_ptr": f"*{t_in}", "y_ptr": f"*{t_out}", "u_ptr": "*fp32", "vals_ptr": f"*{t_out}", "meta_ptr": "*i16"}
+    sig |= {name: "i32" for name in ("R", "L", "G", "sxr", "sxl", "syr", "syl")} | {"seed": seed_type}
+    const = dict(METHOD=_METHOD_CODES[v.method], N=n, M=m, U=n_uniforms(v.method, m), PHILOX=v.philox,
+                 COMPRESS=v.compress, OUT_BF16=v.out_dtype == torch.bfloat16, BLOCK_R=tile[0], BLOCK_G=tile[1])
+    sig |= {name: "constexpr" for name in const}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): c for k, c in const.items()})
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}  # as _launch
+    return triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options).asm["cubin"]
 
 
 @functools.cache
