@@ -132,6 +132,14 @@ def test_one_shot_generator_data_is_an_error(tmp_path, monkeypatch):
         assert d.attrs["interrupted"] and d.attrs["steps_completed"] == 1
 
 
+def test_a_leftover_partial_of_a_dead_capture_is_reused(tmp_path):
+    (tmp_path / "m.h5.partial").write_bytes(b"left by a capture killed with -9")
+    r = run_capture(CaptureConfig(model="mlp", steps=1, out=str(tmp_path / "m.h5")), None, False)
+    with DumpReader(r.path) as d:
+        assert d.attrs["complete"] and d.attrs["steps_completed"] == 1
+    assert not (tmp_path / "m.h5.partial").exists()
+
+
 def _spawn(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "nmgrad_cli", "capture", "--model", "mlp", "--steps", "100000", "--quiet",
@@ -140,13 +148,18 @@ def _spawn(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait_for_steps(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
-    """Until the .partial file exists and has had time for a few steps."""
+    """Until the .partial file holds two flushed steps (read without HDF5's lock)."""
     t0 = time.time()
-    while not path.exists():
+    while True:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                if int(f.attrs["steps_completed"]) >= 2:
+                    return
+        except (OSError, KeyError, RuntimeError):
+            pass
         assert proc.poll() is None, proc.communicate()
         assert time.time() - t0 < seconds, "capture did not start"
-        time.sleep(0.1)
-    time.sleep(1.5)
+        time.sleep(0.05)
 
 
 def test_sigterm_and_sigkill(tmp_path):

@@ -68,3 +68,19 @@ def wrong_shape_batches(batch_size: int = 4, seed: int = 0):
 
 
 NOT_CALLABLE = 5
+
+
+class _FailingLoader:
+    """A re-iterable whose iterator raises after one batch, like a DataLoader whose worker dies."""
+
+    def __iter__(self):
+        yield torch.zeros(2, SEQ, dtype=torch.long), torch.zeros(2, SEQ, dtype=torch.long)
+        raise OSError("disk read failed")
+
+
+def raising_data(batch_size: int = 4, seed: int = 0):
+    return _FailingLoader()
+
+
+def frozen_encoder() -> nn.Module:
+    return Encoder().requires_grad_(False)

@@ -11,9 +11,16 @@ ways. The background writer flushes the file after writing each completed record
 - SIGINT (Ctrl-C) or SIGTERM: the current step is finished, then the file is closed with
   ``interrupted=True``, ``interrupt_reason="SIGTERM"`` (or SIGINT) and every completed step. A
   second signal abandons the current step at once (some of its records may be in the file;
-  ``steps_completed`` and ``last_step`` count whole steps only).
-- an exception (the model's forward raising, a full disk): ``interrupted=True`` with the exception's
-  name; ``<out>`` is removed again when no step was completed.
+  ``steps_completed`` and ``last_step`` count whole steps only). After the last step, while the
+  writer writes the queue out, a first signal changes nothing and a repeated one drops the queue.
+  A signal during the setup stops the run before its first step (a second one stops the setup at
+  once); nothing is written. The handlers stay installed until
+  the file is renamed (:class:`~.stream.CaptureFile`), so no signal kills the process mid-close.
+- an exception (the model's forward raising): ``interrupted=True`` with the exception's name;
+  ``<out>`` is removed again when no step was completed.
+- a full disk or file-size limit: checked before every record; ``interrupted=True``,
+  ``DiskFullError``, every completed step kept (:meth:`DumpWriter.abort` cuts a failed write back).
+- a second capture to the same ``<out>`` is refused (``<out>.partial`` is locked).
 
 After ``kill -9`` (or a power cut) nothing runs: ``<out>`` is never created, so an ``<out>`` that exists
 is always a closed, readable dump. ``<out>.partial`` is left behind. HDF5 without SWMR gives no
@@ -32,8 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,13 +48,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..dump.writer import DumpWriter, check_output
-from ..errors import DumpError, NmgradError
+from ..errors import Interrupted, NmgradError
 from ..models import build_task, split_batch, to_device
 from ..models.spec import one_line
+from ..outputs import check_output
 from .config import CaptureConfig
 from .hooks import GradRecorder, Target, dy_axes, select_layers
-from .stream import StreamWriter
+from .stream import CaptureFile, StreamWriter
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class CaptureProgress:
     """Uncompressed bytes of the recorded tensors handed to the writer."""
     bytes_written: int
     """Of those, the bytes the writer thread has stored."""
+    draining: bool = False
+    """Sent once more after the last step: the writer still has ``bytes_recorded - bytes_written``
+    to store; a repeated Ctrl-C/SIGTERM now drops them (see the module docstring)."""
 
 
 @dataclass
@@ -94,10 +102,6 @@ def output_path(out: str | os.PathLike, rank: int = 0, world_size: int = 1) -> P
     """``out`` for one process; ``<stem>.rank<r><suffix>`` for rank r of several."""
     p = Path(out)
     return p if world_size <= 1 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -130,30 +134,6 @@ def _distributed(device: str) -> Iterator[tuple[int, int, int]]:
     finally:
         if created:
             dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def _stop_on_signals(enabled: bool, requested: list[str]) -> Iterator[None]:
-    """While active, SIGINT/SIGTERM append their name to ``requested`` (the loop stops after the
-    current step); a second signal raises KeyboardInterrupt. The previous handlers are restored."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signal.Signals(signum).name)
-
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.getsignal(s) for s in sigs}
-    for s in sigs:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _agree(flag: bool, world_size: int, device: torch.device) -> bool:
@@ -191,107 +171,122 @@ def run_capture(
 def _run(config, progress, handle_signals, rank, world, local_rank) -> CaptureResult:
     t0 = time.perf_counter()
     path = check_output(output_path(config.out, rank, world), config.force)
-    device = resolve_device(config.device, local_rank)
-    data_seed = config.seed + 1_000_003 * rank
-    task = build_task(
-        config.model, config.data, config.loss, config.seed, config.batch_size, config.data_dir,
-        data_seed=data_seed, rank=rank, world_size=world,
-    )
-    model = task.model.to(device).train()
-    targets, skipped = select_layers(model, config.layers, config.module_types)
-    step_model: nn.Module = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    opt = _optimizer(config, model)
-    torch.manual_seed(config.seed + rank)  # dropout and other randomness in the steps
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if config.amp == "bf16" else contextlib.nullcontext()
-    )
-    run_meta = config.to_dict() | {
-        "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
-        "task": task.spec, "layers_skipped": [f"{n}: {why}" for n, why in skipped],
-        "torch_threads": torch.get_num_threads(),
-    }
-    tmp = partial_path(path)
-    writer = DumpWriter(tmp, run=run_meta, compression=config.compression, force=True)
-    stream = StreamWriter(writer, int(config.queue_mb * 2**20))
-    buffer: list[tuple[int, str, int, torch.Tensor]] = []
-    recorder = GradRecorder(targets, lambda i, kind, call, t: buffer.append((i, kind, call, t)), config.with_inputs)
-    declared: set[int] = set()
-    seen: set[int] = set()
-    total = config.warmup + config.steps
-    steps_run = recorded = bytes_recorded = 0
-    stopped = "done"
-    signals: list[str] = []
-    try:
-        with _stop_on_signals(handle_signals, signals), recorder:
-            for s in range(total):
-                record = s >= config.warmup and (s - config.warmup) % config.every == 0
-                x, y = split_batch(next(task.train_batches))
-                x, y = to_device(x, device), to_device(y, device)
-                if record:
-                    recorder.start_step()
-                try:
-                    with amp:
-                        out = step_model(x)
-                        loss = task.loss_fn(out, y)
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise NmgradError(
-                            f"the loss returned {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-                            + ": --loss must return a scalar tensor"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                except NmgradError:
-                    raise
-                except Exception as exc:
-                    raise NmgradError(
-                        f"training step {s} failed: {one_line(exc)}; check that --data yields batches "
-                        f"the --model accepts and --loss fits its output"
-                    ) from None
-                finally:
-                    recorder.stop_step()
-                opt.step()
-                steps_run += 1
-                if record:
-                    step_bytes = sum(t.numel() * t.element_size() for *_, t in buffer)
-                    over = config.max_bytes is not None and bytes_recorded + step_bytes > config.max_bytes
-                    if _agree(over, world, device):
-                        buffer.clear()
-                        stopped = "max-bytes"
-                        break
-                    _write_step(stream, targets, buffer, declared, s)
-                    seen.update(i for i, kind, *_ in buffer if kind == "grad")
-                    buffer.clear()
-                    recorded += 1
-                    bytes_recorded += step_bytes
-                if progress is not None:
-                    progress(CaptureProgress(
-                        steps_run, total, recorded, config.recorded_steps, bytes_recorded, stream.bytes_written
-                    ))
-                if _agree(bool(signals), world, device):
-                    stopped = signals[0] if signals else "stopped by another rank"
-                    break
-    except KeyboardInterrupt:
-        stopped = signals[0] if signals else "SIGINT"
-    except BaseException as exc:
-        buffer.clear()
-        _finish(stream, path, tmp, type(exc).__name__, recorded)
-        raise
-    buffer.clear()
-    if recorded == 0 and stopped == "max-bytes":
-        _finish(stream, path, tmp, "max-bytes", 0)
-        raise NmgradError(
-            f"--max-bytes {config.max_bytes} is smaller than one recorded step: raise it or select fewer --layers"
+    # signal handlers first, then <out>.partial (a second capture to --out is refused here)
+    with CaptureFile(path, handle_signals) as cap:
+        device = resolve_device(config.device, local_rank)
+        data_seed = config.seed + 1_000_003 * rank
+        task = build_task(
+            config.model, config.data, config.loss, config.seed, config.batch_size, config.data_dir,
+            data_seed=data_seed, rank=rank, world_size=world,
         )
-    silent = [t.name for i, t in enumerate(targets) if i not in seen] if recorded else []
-    stream.set_run(stopped=stopped, steps_run=steps_run, layers_without_gradients=silent)
-    _finish(stream, path, tmp, None if stopped in ("done", "max-bytes") else stopped, recorded)
+        model = task.model.to(device).train()
+        targets, skipped = select_layers(model, config.layers, config.module_types)
+        step_model: nn.Module = model
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        opt = _optimizer(config, model)
+        torch.manual_seed(config.seed + rank)  # dropout and other randomness in the steps
+        amp = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if config.amp == "bf16" else contextlib.nullcontext()
+        )
+        run_meta = config.to_dict() | {
+            "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
+            "task": task.spec, "layers_skipped": [f"{n}: {why}" for n, why in skipped],
+            "torch_threads": torch.get_num_threads(),
+        }
+        queue_bytes = int(config.queue_mb * 2**20)
+        buffer: list[tuple[int, str, int, torch.Tensor]] = []
+        recorder = GradRecorder(targets, lambda i, kind, call, t: buffer.append((i, kind, call, t)), config.with_inputs)
+        declared: set[int] = set()
+        seen: set[int] = set()
+        total = config.warmup + config.steps
+        steps_run = recorded = bytes_recorded = 0
+        stopped = "done"
+        cap.open(run_meta, config.compression, queue_bytes)
+        stream, signals = cap.stream, cap.requested
+        try:
+            with recorder:
+                for s in range(total):
+                    if s == 0 and _agree(bool(signals), world, device):  # a signal during the setup
+                        stopped = signals[0] if signals else "stopped by another rank"
+                        break
+                    record = s >= config.warmup and (s - config.warmup) % config.every == 0
+                    x, y = split_batch(next(task.train_batches))
+                    x, y = to_device(x, device), to_device(y, device)
+                    if record:
+                        recorder.start_step()
+                    try:
+                        with amp:
+                            out = step_model(x)
+                            loss = task.loss_fn(out, y)
+                        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                            raise NmgradError(
+                                f"the loss returned {type(loss).__name__}"
+                                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                                + ": --loss must return a scalar tensor"
+                            )
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    except NmgradError:
+                        raise
+                    except Exception as exc:
+                        raise NmgradError(
+                            f"training step {s} failed: {one_line(exc)}; check that --data yields batches "
+                            f"the --model accepts and --loss fits its output"
+                        ) from None
+                    finally:
+                        recorder.stop_step()
+                    opt.step()
+                    steps_run += 1
+                    if record:
+                        step_bytes = sum(t.numel() * t.element_size() for *_, t in buffer)
+                        over = config.max_bytes is not None and bytes_recorded + step_bytes > config.max_bytes
+                        if _agree(over, world, device):
+                            buffer.clear()
+                            stopped = "max-bytes"
+                            break
+                        _write_step(stream, targets, buffer, declared, s)
+                        seen.update(i for i, kind, *_ in buffer if kind == "grad")
+                        buffer.clear()
+                        recorded += 1
+                        bytes_recorded += step_bytes
+                    if progress is not None:
+                        progress(CaptureProgress(
+                            steps_run, total, recorded, config.recorded_steps, bytes_recorded, stream.bytes_written
+                        ))
+                    if _agree(bool(signals), world, device):
+                        stopped = signals[0] if signals else "stopped by another rank"
+                        break
+        except KeyboardInterrupt:  # a second signal: the current step is abandoned
+            stopped = signals[0] if signals else "SIGINT"
+        finally:
+            buffer.clear()
+        if recorded == 0 and stopped == "max-bytes":
+            cap.finish("max-bytes")
+            raise NmgradError(
+                f"--max-bytes {config.max_bytes} is smaller than one recorded step: raise it or select fewer --layers"
+            )
+        silent = [t.name for i, t in enumerate(targets) if i not in seen] if recorded else []
+        stream.set_run(stopped=stopped, steps_run=steps_run, layers_without_gradients=silent)
+
+        def drain(queued: int) -> None:
+            if progress is not None:
+                progress(CaptureProgress(
+                    steps_run, total, recorded, config.recorded_steps, bytes_recorded, bytes_recorded - queued, True
+                ))
+
+        cap.finish(None if stopped in ("done", "max-bytes") else stopped, on_drain=drain)
+    if cap.stopped is not None and stopped in ("done", "max-bytes"):
+        stopped = cap.stopped  # a repeated signal while the last steps were written dropped some
+    recorded = cap.stream.writer.steps_flushed if cap.stopped is not None else recorded
+    if not path.exists():
+        raise Interrupted(
+            f"interrupted ({stopped}) before a recorded step was completed: nothing was written to {path}"
+        )
     return CaptureResult(
         path=path, steps_run=steps_run, steps_recorded=recorded, bytes_recorded=bytes_recorded,
-        file_bytes=path.stat().st_size if path.exists() else 0, layers=[t.name for t in targets],
+        file_bytes=path.stat().st_size, layers=[t.name for t in targets],
         skipped=skipped, silent=silent, stopped=stopped, rank=rank, world_size=world,
         seconds=time.perf_counter() - t0,
     )
@@ -315,16 +310,3 @@ def _write_step(stream: StreamWriter, targets: list[Target], buffer: list, decla
         if i in declared:
             stream.write(targets[i].name, kind, step, call, tensor)
     stream.step_done(step)
-
-
-def _finish(stream: StreamWriter, path: Path, tmp: Path, interrupted: str | None, recorded: int) -> None:
-    """Close the file; move ``<out>.partial`` to ``<out>`` (or delete it when nothing was recorded)."""
-    try:
-        stream.close(interrupted)
-    except DumpError:
-        tmp.unlink(missing_ok=True)
-        raise
-    if recorded == 0 and interrupted is not None:
-        tmp.unlink(missing_ok=True)
-        return
-    os.replace(tmp, path)

@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import NmgradError, OutputExistsError
+from ..errors import Interrupted, NmgradError, OutputError, OutputExistsError
 from ..kernels import cpu_fused
 from ..models import build_task, split_batch, to_device
+from ..models.spec import one_line
+from ..outputs import write_text
 from .config import DENSE, SparseGradConfig, parse_gemms
 from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
 from .plot import plot_loss_curves
@@ -179,6 +181,8 @@ class RunSummary:
     steps_per_s: float
     diverged: str | None = None
     """None, or the message of the non-finite loss that stopped the run."""
+    interrupted: str | None = None
+    """None, or why the run stopped early (``SIGINT``: Ctrl-C); ``steps_done`` counts whole steps."""
     kind: str = ""
     layers: list[str] = field(default_factory=list)
     """The layers that got sparse gradients."""
@@ -216,6 +220,10 @@ def prepare_out(out: Path | None, force: bool) -> None:
         raise OutputExistsError(
             f"--out {out} exists: pass --force to overwrite its run files, or choose another folder"
         )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, a folder we may not write to, /proc
+        raise OutputError(f"cannot write into --out {out}: {exc.strerror or exc}; choose another folder") from None
 
 
 def _checksum(model: nn.Module) -> str:
@@ -262,13 +270,19 @@ class _Writer:
     def __init__(self, out: Path | None):
         self.file = None
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            self.file = (out / "metrics.jsonl").open("w", encoding="utf-8")
+            self.path = out / "metrics.jsonl"
+            try:
+                self.file = self.path.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as exc:  # e.g. the disk filled up
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self.file is not None:
@@ -276,7 +290,7 @@ class _Writer:
 
 
 def _write_json(path: Path, payload) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")  # temporary file, then rename
 
 
 def _finite(x: float | None) -> float | None:
@@ -292,7 +306,8 @@ def train(
 ) -> RunSummary:
     """Train once as ``cfg`` says; write the run files into ``out`` (rank 0; None: write nothing).
 
-    Raises :class:`TrainingDiverged` on a NaN/Inf loss, after writing metrics and summary.
+    Raises :class:`TrainingDiverged` on a NaN/Inf loss, and :class:`Interrupted` after Ctrl-C,
+    both after writing metrics.jsonl and summary.json.
     """
     out = Path(out) if out is not None else None
     info = dist_info()
@@ -300,8 +315,13 @@ def train(
     device = resolve_device(cfg.device, info)
     with process_group(info, device):
         summary = _run(cfg, out if info.is_main else None, hooks or Hooks(), info, device)
-    if out is not None and info.is_main and plot:
+    if out is not None and info.is_main and plot and not summary.interrupted:
         plot_loss_curves({summary.label: read_curves(out)}, out / "loss.png", title=_title(cfg))
+    if summary.interrupted:
+        raise Interrupted(
+            f"interrupted ({summary.interrupted}) after {summary.steps_done} steps"
+            + (f": {out}/metrics.jsonl and summary.json hold them" if out is not None and info.is_main else "")
+        )
     if summary.diverged:
         raise TrainingDiverged(summary.diverged)
     return summary
@@ -328,10 +348,12 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     if info.enabled:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NmgradError("the model has no trainable parameters (all frozen?): train needs a model that trains")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d.weight_decay)
 
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out(out, force=True)  # a --compare run's own folder
         resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
         resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
         _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
@@ -341,8 +363,8 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     recent: list[tuple[float, float | None]] = []
     keep = max(1, min(20, cfg.steps // 10))
     last_eval: dict = {"eval_loss": None, "eval_acc": None}
-    diverged = None
-    step = 0
+    diverged = interrupted = None
+    step = written = 0
     t_train = 0.0
     t_start = time.perf_counter()
     try:
@@ -353,21 +375,33 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
             for group in opt.param_groups:
                 group["lr"] = cur_lr
             x, y = to_device(split_batch(next(task.train_batches)), device)
-            output = net(x)
-            loss = task.loss_fn(output, y)
+            try:
+                output = net(x)
+                loss = task.loss_fn(output, y)
+            except Exception as exc:
+                raise _step_error(step, exc) from None
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise NmgradError(
+                    f"the loss returned {type(loss).__name__}"
+                    + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                    + ": --loss must return a scalar tensor"
+                )
             acc = _accuracy(output.detach(), y) if isinstance(y, torch.Tensor) else None
             loss_sum, correct, counted, n = all_reduce_sum(
                 [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
             )
             loss_val = loss_sum / n
             if not math.isfinite(loss_val):
-                diverged = (
-                    f"loss became {loss_val} at step {step}: training diverged; lower --lr"
+                diverged = (  # step numbers as in metrics.jsonl: 1 is the first step
+                    f"loss became {loss_val} at step {step + 1}: training diverged; lower --lr"
                     f" (was {lr:g}); metrics so far are kept"
                 )
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss.backward()
+            except Exception as exc:
+                raise _step_error(step, exc) from None
             if d.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
             opt.step()
@@ -384,6 +418,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                 "time_s": time.perf_counter() - t_start,
             }
             writer.write(record)
+            written = step + 1
             _call(hooks.step, cfg.label, record)
             recent = (recent + [(loss_val, acc_val)])[-keep:]
             is_last = step + 1 == cfg.steps
@@ -392,6 +427,9 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                 writer.write(last_eval)
                 _call(hooks.eval, cfg.label, last_eval)
         steps_done = step + (0 if diverged else 1)
+    except KeyboardInterrupt:  # Ctrl-C: the step in progress is dropped, what is done is summarised
+        interrupted = "SIGINT"
+        steps_done = written
     finally:
         writer.close()
     accs = [a for _, a in recent if a is not None]
@@ -408,6 +446,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         wall_s=time.perf_counter() - t_start,
         steps_per_s=steps_done / t_train if t_train else 0.0,
         diverged=diverged,
+        interrupted=interrupted,
         kind=task.kind,
         layers=layers,
         init_checksum=checksum,
@@ -418,6 +457,15 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         _write_json(out / "summary.json", asdict(summary))
     _call(hooks.end, summary)
     return summary
+
+
+def _step_error(step: int, exc: Exception) -> NmgradError:
+    if isinstance(exc, NmgradError):
+        return exc
+    return NmgradError(
+        f"training step {step + 1} failed: {one_line(exc)}; check that --data yields batches the --model "
+        "accepts and --loss fits its output"
+    )
 
 
 def _eval_record(model: nn.Module, task, device: torch.device, step: int, limit: int) -> dict:
@@ -477,9 +525,14 @@ def compare(
         for c in configs:
             sub = out / _safe_dirname(c.method) if out is not None and info.is_main else None
             summaries.append(_run(c, sub, hooks or Hooks(), info, device))
+            if summaries[-1].interrupted:  # Ctrl-C: no further methods
+                break
     if out is not None and info.is_main:
         _write_json(out / "summary.json", [asdict(s) for s in summaries])
-        if plot:
+        if plot and not summaries[-1].interrupted:
             curves = {s.label: read_curves(out / _safe_dirname(s.method)) for s in summaries}
             plot_loss_curves(curves, out / "loss.png", title=_title(cfg))
+    if summaries[-1].interrupted:
+        last = summaries[-1]
+        raise Interrupted(f"interrupted ({last.interrupted}) during {last.label}: the runs so far are in summary.json")
     return summaries
