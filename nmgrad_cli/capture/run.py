@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import Interrupted, NmgradError
-from ..models import build_task, to_device
+from ..models import build_task
 from ..outputs import check_output
 from ..sites import ParamIndex, SiteMode, site_report
 from ..train.distributed import (
@@ -59,7 +59,8 @@ from ..train.distributed import (
     resolve_device,
     wrap_ddp,
 )
-from ..train.step import autocast, forward_backward
+from ..train.loop import StepCallbacks, run_steps
+from ..train.step import autocast
 from .config import CaptureConfig
 from .hooks import StepRecords
 from .stream import CaptureFile
@@ -110,6 +111,18 @@ def output_path(out: str | os.PathLike, rank: int = 0, world_size: int = 1) -> P
     """``out`` for one process; ``<stem>.rank<r><suffix>`` for rank r of several."""
     p = Path(out)
     return p if world_size <= 1 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+
+
+@dataclass
+class _State:
+    """What the step callbacks of one capture share."""
+
+    record: bool = False
+    report: object = None
+    stopped: str = "done"
+    steps_run: int = 0
+    recorded: int = 0
+    bytes_recorded: int = 0
 
 
 def _optimizer(config: CaptureConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -163,55 +176,63 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
         recorder = records.recorder
         index = ParamIndex(model)
         mode = SiteMode(index, recorder, watch=True)
-        report = None
         total = config.warmup + config.steps
-        steps_run = recorded = bytes_recorded = 0
-        stopped = "done"
         cap.open(run_meta, config.compression, queue_bytes)
         stream, signals = cap.stream, cap.requested
+        st = _State()
+
+        def before(s: int) -> bool:
+            if s == 0 and agree_any(bool(signals), device, info):  # a signal during the setup
+                st.stopped = signals[0] if signals else "stopped by another rank"
+                return True
+            st.record = s >= config.warmup and (s - config.warmup) % config.every == 0
+            return False
+
+        def start(_s: int) -> None:
+            if st.record:
+                recorder.start_step()
+
+        def after_backward(_s: int) -> None:
+            if st.report is None:  # after the first backward: what is selected, what no site covers
+                st.report = site_report(
+                    index, mode, list(recorder.selected.values()), config.layers, config.strict,
+                    what="/".join(config.module_types) + " GEMM site",
+                )
+                mode.watch = False
+                stream.set_run(**st.report.to_dict())
+
+        def after(s: int) -> bool:
+            st.steps_run += 1
+            if st.record:
+                step_bytes = records.bytes
+                over = config.max_bytes is not None and st.bytes_recorded + step_bytes > config.max_bytes
+                if agree_any(over, device, info):
+                    records.buffer.clear()
+                    st.stopped = "max-bytes"
+                    return True
+                records.write(stream, s)
+                st.recorded += 1
+                st.bytes_recorded += step_bytes
+            if progress is not None:
+                progress(CaptureProgress(
+                    st.steps_run, total, st.recorded, config.recorded_steps, st.bytes_recorded, stream.bytes_written
+                ))
+            if agree_any(bool(signals), device, info):
+                st.stopped = signals[0] if signals else "stopped by another rank"
+                return True
+            return False
+
+        callbacks = StepCallbacks(before=before, start=start, stop=lambda _s: recorder.stop_step(),
+                                  after_backward=after_backward, after=after)
         try:
-            for s in range(total):
-                if s == 0 and agree_any(bool(signals), device, info):  # a signal during the setup
-                    stopped = signals[0] if signals else "stopped by another rank"
-                    break
-                record = s >= config.warmup and (s - config.warmup) % config.every == 0
-                batch = to_device(next(task.train_batches), device)
-                if record:
-                    recorder.start_step()
-                try:
-                    forward_backward(step_model, batch, task.loss_fn, mode, opt, s, amp)
-                finally:
-                    recorder.stop_step()
-                if report is None:  # after the first backward: what is selected, what no site covers
-                    report = site_report(
-                        index, mode, list(recorder.selected.values()), config.layers, config.strict,
-                        what="/".join(config.module_types) + " GEMM site",
-                    )
-                    mode.watch = False
-                    stream.set_run(**report.to_dict())
-                opt.step()
-                steps_run += 1
-                if record:
-                    step_bytes = records.bytes
-                    over = config.max_bytes is not None and bytes_recorded + step_bytes > config.max_bytes
-                    if agree_any(over, device, info):
-                        records.buffer.clear()
-                        stopped = "max-bytes"
-                        break
-                    records.write(stream, s)
-                    recorded += 1
-                    bytes_recorded += step_bytes
-                if progress is not None:
-                    progress(CaptureProgress(
-                        steps_run, total, recorded, config.recorded_steps, bytes_recorded, stream.bytes_written
-                    ))
-                if agree_any(bool(signals), device, info):
-                    stopped = signals[0] if signals else "stopped by another rank"
-                    break
+            run_steps(step_model, task.train_batches, task.loss_fn, opt, mode, device, total, callbacks, amp)
         except KeyboardInterrupt:  # a second signal: the current step is abandoned
-            stopped = signals[0] if signals else "SIGINT"
+            st.stopped = signals[0] if signals else "SIGINT"
         finally:
             records.buffer.clear()
+        stopped, recorded, steps_run, bytes_recorded, report = (
+            st.stopped, st.recorded, st.steps_run, st.bytes_recorded, st.report
+        )
         if recorded == 0 and stopped == "max-bytes":
             cap.finish("max-bytes")
             raise NmgradError(

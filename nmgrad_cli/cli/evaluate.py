@@ -107,9 +107,9 @@ def evaluate(
         to_stdout = [p for p in (json_out, csv_out) if p is not None and str(p) == "-"]
         if len(to_stdout) > 1:
             raise NmgradError("--json - and --csv - both ask for stdout: send one of them to a file")
+        check_distinct({"--json": json_out, "--csv": csv_out}, inputs=dumps)  # even with --force
         check_new_file(json_out, force)
         check_new_file(csv_out, force)
-        check_distinct({"--json": json_out, "--csv": csv_out}, inputs=dumps)
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
         main = dist_info().is_main  # under torchrun every rank evaluates a shard; rank 0 reports

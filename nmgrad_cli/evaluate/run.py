@@ -215,6 +215,17 @@ def _selected_records(reader: DumpReader, selected: list[LayerInfo], config: Eva
     return out
 
 
+def draw_backend(config: EvalConfig, device: torch.device) -> str:
+    """The pruning backend of the Monte-Carlo draws: ``config.backend``, or for ``auto`` the Triton
+    kernels on CUDA (prune's auto) and the plain-torch reference on the CPU. The compiled CPU
+    kernel costs ~20 s of tracing in every process and minutes to compile on a cold cache, more
+    than it saves on evaluate's record sizes (BENCHMARKS.md: 29.5 s vs 9.2 s warm on 6 gpt
+    records); the reference also makes the draws independent of the machine's C compiler."""
+    if config.backend != "auto":
+        return config.backend
+    return "auto" if device.type == "cuda" else "reference"
+
+
 def thread_policy(numel: int, threads: int = 0, workers: int = 1) -> int:
     """torch threads for a record of ``numel`` elements: ``threads`` when given, else 1 below 2^22
     elements (on a 2-core machine with both cores busy torch's default threads stall in every small
@@ -271,6 +282,7 @@ def iter_evaluate(
     device = resolve_device(config.device, dist_info())
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
+    results = None
     try:
         chosen = [_selected_records(reader, selected, config) for reader, selected in opened]
         total = sum(len(recs) for recs in chosen)
@@ -301,6 +313,8 @@ def iter_evaluate(
                 done += 1
                 bar.update(done, rec.layer.name)
     finally:
+        if results is not None:
+            results.close()  # stops the worker processes when the caller gives up early (Ctrl-C)
         bar.close()
         for reader, _ in opened:
             reader.close()
@@ -398,7 +412,7 @@ def _evaluate_record(
                     mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
                 g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=mc.add if mc is not None else None, backend=config.backend,
+                on_sample=mc.add if mc is not None else None, backend=draw_backend(config, device),
             )
             if mc is not None:
                 r = mc.result()
@@ -425,7 +439,8 @@ def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: Progress
     if not paths:
         raise NmgradError("no dump given: pass at least one .h5 file written by `nmgrad capture`")
     methods, _ = config.resolve_methods()
-    builder = ReportBuilder(config, methods)
+    device = resolve_device(config.device, dist_info())
+    builder = ReportBuilder(config, methods, {"device": str(device), "draw_backend": draw_backend(config, device)})
     with process_group(dist_info(), torch.device("cpu")):  # under torchrun: records sharded over ranks
         for event in iter_evaluate(paths, config, progress):
             builder.add(event)
