@@ -94,6 +94,7 @@ def test_one_place_chooses_a_backend():
         assert "compile_available()" not in text or path.name == "cpu_fused.py", where
         assert not re.search(r"FUSED_(TRAIN_)?MIN_NUMEL\s*=", text), where
         assert "def _choose_backend" not in text and "def _backend" not in text, where
+        assert "def draw_backend" not in text, where
 
 
 def test_evaluate_monte_carlo_does_not_depend_on_the_compiler(monkeypatch):
@@ -181,6 +182,9 @@ def test_evaluate_json_records_the_monte_carlo_backend(tmp_path):
     assert small == {"name": "reference", "uniforms": "generator", "reason": small["reason"]}
     assert report["backend"]["greedy"]["large"]["uniforms"] == "none"
     assert report["backend"]["mvue"]["large"]["uniforms"] == "generator"  # on every backend
+    # what the draws really ran on: auto on the CPU is the reference at every record size (draw_backend)
+    assert report["runtime"]["draw_backend"] == "reference"
+    assert report["backend"]["mvue"]["large"]["name"] == "reference"
     json.dumps(report, allow_nan=False)
 
 

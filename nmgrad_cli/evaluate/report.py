@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import __version__
+from ..backend import draw_backend
 from ..errors import NmgradError
 from ..metrics import mc_backends
 from .config import EvalConfig
@@ -142,7 +143,8 @@ class EvalReport:
             device = resolve_device(self.config.device, dist_info())
         except NmgradError:  # e.g. --device cuda on a machine without one: the report is still written
             device = torch.device("cpu")
-        return mc_backends(self.config.pattern, self.methods, torch.float32, device, self.config.backend)
+        drawn_by = draw_backend(self.config.backend, device)
+        return mc_backends(self.config.pattern, self.methods, torch.float32, device, drawn_by)
 
     def to_dict(self) -> dict:
         return {

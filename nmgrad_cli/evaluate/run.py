@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..backend import draw_backend
 from ..dump import DumpReader, LayerInfo, Record
 from ..dump.reader import select_records
 from ..errors import DumpError, NmgradError
@@ -215,17 +216,6 @@ def _selected_records(reader: DumpReader, selected: list[LayerInfo], config: Eva
     return out
 
 
-def draw_backend(config: EvalConfig, device: torch.device) -> str:
-    """The pruning backend of the Monte-Carlo draws: ``config.backend``, or for ``auto`` the Triton
-    kernels on CUDA (prune's auto) and the plain-torch reference on the CPU. The compiled CPU
-    kernel costs ~20 s of tracing in every process and minutes to compile on a cold cache, more
-    than it saves on evaluate's record sizes (BENCHMARKS.md: 29.5 s vs 9.2 s warm on 6 gpt
-    records); the reference also makes the draws independent of the machine's C compiler."""
-    if config.backend != "auto":
-        return config.backend
-    return "auto" if device.type == "cuda" else "reference"
-
-
 def thread_policy(numel: int, threads: int = 0, workers: int = 1) -> int:
     """torch threads for a record of ``numel`` elements: ``threads`` when given, else 1 below 2^22
     elements (on a 2-core machine with both cores busy torch's default threads stall in every small
@@ -412,7 +402,7 @@ def _evaluate_record(
                     mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
                 g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=mc.add if mc is not None else None, backend=draw_backend(config, device),
+                on_sample=mc.add if mc is not None else None, backend=draw_backend(config.backend, device),
             )
             if mc is not None:
                 r = mc.result()
@@ -440,7 +430,8 @@ def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: Progress
         raise NmgradError("no dump given: pass at least one .h5 file written by `nmgrad capture`")
     methods, _ = config.resolve_methods()
     device = resolve_device(config.device, dist_info())
-    builder = ReportBuilder(config, methods, {"device": str(device), "draw_backend": draw_backend(config, device)})
+    runtime = {"device": str(device), "draw_backend": draw_backend(config.backend, device)}
+    builder = ReportBuilder(config, methods, runtime)
     with process_group(dist_info(), torch.device("cpu")):  # under torchrun: records sharded over ranks
         for event in iter_evaluate(paths, config, progress):
             builder.add(event)
