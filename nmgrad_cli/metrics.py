@@ -19,7 +19,7 @@ import torch
 
 from .methods import PruningMethod
 from .patterns import Pattern
-from .prune import marginals, prune, resolve
+from .prune import FUSED_MIN_NUMEL, marginals, prune, resolve
 
 
 @dataclass
@@ -63,11 +63,22 @@ def evaluate_tensor(
     generator: torch.Generator | None = None,
     mc_check: bool = False,
     on_sample: Callable[[torch.Tensor], None] | None = None,
+    backend: str = "auto",
 ) -> Metrics:
     """Exact mse/bias/variance of ``method`` on ``g`` along ``dim``, plus the Monte-Carlo angle
     from ``samples`` draws (and Monte-Carlo mse/bias/variance when ``mc_check``). ``on_sample``
-    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws."""
+    is called with every draw (shape and dtype of ``g``), so callers can reuse the draws.
+    ``backend``: :func:`nmgrad_cli.prune.prune`'s, for the draws."""
     meth, pat = resolve(method, pattern)
+    scale = _pow2_scale(g)
+    if scale != 1.0:  # squares of |g| > 1e154 overflow float64: evaluate g / 2^k (every method is
+        # scale-equivariant), the relative metrics are exact, the absolute ones are scaled back
+        m = evaluate_tensor(
+            g / scale, meth, pat, dim, samples, generator, mc_check,
+            None if on_sample is None else (lambda d: on_sample(d * scale)), backend,
+        )
+        m.norm2, m.mse_abs = m.norm2 * scale * scale, m.mse_abs * scale * scale
+        return m
     bias, var, norm2 = exact_moments(g, meth, pat, dim)
     if norm2 == 0.0:  # all-zero gradient: every method returns zeros exactly
         return Metrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, samples, *(3 * [0.0] if mc_check else 3 * [math.nan]))
@@ -75,34 +86,62 @@ def evaluate_tensor(
         mse=(bias + var) / norm2, bias=bias / norm2, variance=var / norm2, norm2=norm2, mse_abs=bias + var
     )
     if samples > 0:
-        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample)
+        mc = monte_carlo(g, meth, pat, dim, samples, generator, mc_check, on_sample, backend=backend)
         metrics.angle, metrics.angle_se, metrics.samples = mc["angle"], mc["angle_se"], samples
         if mc_check:
             metrics.mc_mse, metrics.mc_bias, metrics.mc_variance = mc["mse"], mc["bias"], mc["variance"]
     return metrics
 
 
-def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None) -> dict:
+DRAW_CHUNK = FUSED_MIN_NUMEL - 1
+"""Elements pruned per call when the draws are batched: draws of a record go in chunks of
+max(1, DRAW_CHUNK // numel), so memory stays bounded whatever the record size. Below the size at
+which ``prune``'s auto backend switches to the compiled kernel, so batching never changes the
+backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
+
+
+def monte_carlo(
+    g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True,
+    backend: str = "auto",
+) -> dict:
     """Angle (degrees, mean and standard error) over ``samples`` draws; with ``moments`` also
     Monte-Carlo mse, bias (of the sample mean, which carries variance/samples on top) and
-    variance (unbiased per-element sample variance), all relative to ||g||^2."""
+    variance (unbiased per-element sample variance), all relative to ||g||^2.
+
+    ``batch``: prune several draws in one call, g stacked along a new leading dim (chunks of at
+    most :data:`DRAW_CHUNK` elements). The draws keep their law; with the reference backend they
+    are the very draws of ``batch=False`` (the uniforms are drawn in the same order)."""
     g64 = g.detach().to(torch.float64).flatten()
     norm2 = torch.dot(g64, g64).item()
-    angles = []
+    angles: list[float] = []
     total = torch.zeros_like(g64) if moments else None
     total2 = torch.zeros_like(g64) if moments else None
     err2 = 0.0
-    for _ in range(samples):
-        draw = prune(g, method, pattern, dim, generator)
+    meth, pat = resolve(method, pattern)
+    fixed = prune(g, meth, pat, dim, backend=backend) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
+    per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
+    bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
+    done = 0
+    while done < samples:
+        c = min(per, samples - done)
+        if fixed is not None:
+            draws = fixed.unsqueeze(0).expand(c, *g.shape)
+        elif batch:
+            draws = prune(g.unsqueeze(0).expand(c, *g.shape), meth, pat, bdim, generator, backend=backend)
+        else:
+            draws = prune(g, meth, pat, dim, generator, backend=backend).unsqueeze(0)
+        done += c
         if on_sample is not None:
-            on_sample(draw)
-        est = draw.detach().to(torch.float64).flatten()
-        denom = math.sqrt(torch.dot(est, est).item() * norm2)
-        cos = torch.dot(est, g64).item() / denom if denom > 0 else 0.0
-        angles.append(math.degrees(math.acos(max(-1.0, min(1.0, cos)))))
+            for d in draws:
+                on_sample(d)
+        est = draws.detach().reshape(c, -1).to(torch.float64)  # (c, numel)
+        dots = est @ g64
+        denom = torch.sqrt(torch.sum(est * est, dim=1) * norm2)
+        cos = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
+        angles += torch.rad2deg(torch.arccos(cos)).tolist()
         if moments:
-            total += est
-            total2 += est * est
+            total += est.sum(0)
+            total2 += (est * est).sum(0)
             err2 += torch.sum((est - g64) ** 2).item()
     at = torch.tensor(angles, dtype=torch.float64)
     out = {
@@ -119,3 +158,96 @@ def monte_carlo(g, method, pattern, dim=-1, samples=16, generator=None, moments=
         else:
             out["variance"] = math.nan
     return out
+
+
+# --- GEMM-level errors ---------------------------------------------------------------------------
+
+GEMM_CHUNK = 1 << 22
+"""Elements of the (rows, blocks, M, M) covariance tensor built at a time: memory stays bounded."""
+
+
+@dataclass
+class GemmMoments:
+    """Exact error of the GEMM a @ b when a (R, L) is pruned along L (blocks of M), b: (L, I).
+
+    bias_abs = ||(E a^ - a) b||^2, var_abs = E||(a^ - E a^) b||^2 = sum over blocks of
+    tr(Cov(a^_block) b_block b_block^T), norm2 = ||a b||^2. Stored in units of ``scale2`` (a power
+    of two), so the relative values stay exact where the absolute ones overflow float64."""
+
+    bias: float
+    var: float
+    norm: float
+    scale2: float = 1.0
+
+    @property
+    def bias_abs(self) -> float:
+        return self.bias * self.scale2 if self.bias else 0.0
+
+    @property
+    def var_abs(self) -> float:
+        return self.var * self.scale2 if self.var else 0.0
+
+    @property
+    def norm2(self) -> float:
+        return self.norm * self.scale2
+
+    @property
+    def mse_abs(self) -> float:
+        return (self.bias + self.var) * self.scale2
+
+    def relative(self) -> dict:
+        """mse, bias, variance relative to ||a b||^2 (0 when the product is 0), and the absolute values."""
+        rel = (lambda x: x / self.norm) if self.norm > 0 else (lambda x: 0.0)
+        return {
+            "mse": rel(self.bias + self.var), "bias": rel(self.bias), "variance": rel(self.var),
+            "norm2": self.norm2, "mse_abs": self.mse_abs, "bias_abs": self.bias_abs, "var_abs": self.var_abs,
+        }
+
+
+def gemm_moments(
+    a: torch.Tensor, b: torch.Tensor, method: str | PruningMethod, pattern: str | Pattern
+) -> GemmMoments:
+    """:class:`GemmMoments` of a (R, L) @ b (L, I) with a pruned by ``method`` along L, exactly.
+
+    Blocks are independent, so E||(a^ - a) b||^2 = ||(E a^ - a) b||^2 + sum_blocks sum_ij Cov_ij G_ij
+    with G = b_block b_block^T (M, M) and Cov_ij = pi_ij v_i v_j - p_i v_i p_j v_j from the method's
+    first- and second-order inclusion probabilities (``marginals``, ``joint_marginals``). In float64;
+    L is zero-padded to a multiple of M (padding is never kept and has zero rows of b).
+    For dX = dY W: a = dY (T, F), b = W (F, I); for dW = dY^T X: a = dY^T (F, T), b = X (T, I).
+    """
+    meth, pat = resolve(method, pattern)
+    m, n = pat.m, pat.n
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    rows, length = a64.shape
+    if b64.shape[0] != length:
+        raise ValueError(f"gemm_moments: a is {tuple(a.shape)} but b is {tuple(b.shape)}")
+    # powers of two: exact, and keep squares of huge or tiny values inside float64's range
+    sa, sb = _pow2_scale(a64), _pow2_scale(b64)
+    a64, b64 = a64 / sa, b64 / sb
+    pad = (-length) % m
+    ap = torch.nn.functional.pad(a64, (0, pad))
+    bp = torch.nn.functional.pad(b64, (0, 0, 0, pad))
+    k = ap.shape[1] // m
+    gram = torch.einsum("kmi,kni->kmn", bp.view(k, m, -1), bp.view(k, m, -1))  # (K, M, M)
+    norm2 = float(torch.sum((a64 @ b64) ** 2))
+    bias = var = 0.0
+    step = max(1, GEMM_CHUNK // max(1, k * m * m))
+    for r0 in range(0, rows, step):
+        blk = ap[r0 : r0 + step].reshape(-1, m)  # (Rc*K, M)
+        p, v = meth.marginals(blk, n)
+        pi = meth.joint_marginals(blk, n)  # (Rc*K, M, M)
+        mean = p * v
+        diff = (mean - blk).view(-1, k * m)[:, :length]
+        bias += float(torch.sum((diff @ b64) ** 2))
+        cov = pi * (v[:, :, None] * v[:, None, :]) - mean[:, :, None] * mean[:, None, :]
+        var += float(torch.einsum("rkij,kij->", cov.view(-1, k, m, m), gram))
+    s = sa * sb
+    return GemmMoments(bias, max(var, 0.0), norm2, s * s)  # s * s: inf, never OverflowError
+
+
+def _pow2_scale(x: torch.Tensor) -> float:
+    """A power of two near max|x| when squares of x could leave float64's range, else 1."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    if top == 0.0 or 1e-100 < top < 1e100:
+        return 1.0
+    return 2.0 ** math.frexp(top)[1]

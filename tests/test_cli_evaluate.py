@@ -35,7 +35,10 @@ def test_prints_per_layer_and_summary_tables(dump):
     assert "per layer" in out and "summary over layers (weighted by ||g||^2)" in out
     for name in METHODS:
         assert name in out
-    assert "features" in out and "tokens" in out and "dX|dW err" in out
+    assert "features" in out and "tokens" in out
+    for col in ("dX|dW mse", "dX|dW bias", "dX|dW var"):
+        assert col in out
+    assert "n: grad records evaluated" in out  # the column n is explained
     assert "…" not in out  # numbers are not truncated off a terminal
     assert r.stderr.strip() == ""
 
@@ -63,7 +66,11 @@ def test_json_and_csv_files_and_no_overwrite_without_force(dump, tmp_path):
     by = {(row["level"], row["layer"], row["method"]): row for row in rows}
     for s in d["summary"]:
         assert float(by[("summary", "", s["method"])]["mse"]) == pytest.approx(s["mse"])
-    assert by[("layer", "0", "mvue")]["gemm"] == "dX" and float(by[("layer", "0", "mvue")]["gemm_err"]) > 0
+    mv = by[("layer", "0", "mvue")]
+    assert mv["gemm"] == "dX" and float(mv["gemm_variance"]) > 0
+    assert float(mv["gemm_mse"]) == pytest.approx(float(mv["gemm_bias"]) + float(mv["gemm_variance"]))
+    layer0 = [r for r in d["layers"] if (r["layer"], r["method"]) == ("0", "mvue")][0]
+    assert float(mv["gemm_mse"]) == pytest.approx(layer0["gemm"]["mse"])
 
     js.write_text("keep"), cs.write_text("keep")
     for flag, path in (("--json", js), ("--csv", cs)):
@@ -137,7 +144,18 @@ def test_fail_if_malformed_is_a_user_error(dump, expr, match):
         (["--pattern", "2:8", "--methods", "mvue12"], "'mvue12' is not defined for pattern 2:8"),
         (["--methods", ","], "no method given"),
         (["--samples", "-1"], "--samples -1 is invalid"),
-        (["--layers", "enc.*"], "no layer matches --layers 'enc.*'"),
+        (["--layers", "enc.*"], "no dump layer matches --layers 'enc.*'"),
+        (["--layers", ","], "--layers ',' holds no glob"),
+        (["--samples", "99999999999999999999"], "--samples 99999999999999999999 is too many: at most 100000"),
+        (["--steps", "x:3"], "--steps 'x:3' is malformed"),
+        (["--steps", "5:2"], "--steps '5:2' selects no step"),
+        (["--steps", "7:"], "no grad record is left after --steps 7:"),
+        (["--every", "0"], "--every 0 is invalid"),
+        (["--max-records", "0"], "--max-records 0 is invalid"),
+        (["--threads", "-1"], "--threads -1 is invalid"),
+        (["--workers", "0"], "--workers 0 is invalid"),
+        (["--device", "tpu"], "--device 'tpu' is unknown"),
+        (["--backend", "gpu"], "--backend 'gpu' is unknown: choose one of auto, reference"),
         (["--json", "-", "--csv", "-"], "both ask for stdout"),
         (["--json", ".", "--force"], "is a directory"),
         (["--csv", "no/such/folder/x.csv"], "folder no/such/folder does not exist"),
@@ -242,9 +260,28 @@ def test_samples_zero_prints_no_angle(dump):
     r = run(dump, "--samples", "0", "--methods", "mvue", "--json", "-")
     assert r.exit_code == 0
     d = json.loads(r.stdout)
-    assert d["summary"][0]["angle"] is None and "gemm" not in d["summary"][0]
+    assert d["summary"][0]["angle"] is None
+    assert d["summary"][0]["gemm"]["variance"] > 0  # exact: computed without draws
 
 
 def test_bad_axis_is_a_usage_error(dump):
     r = run(dump, "--axis", "rows")
     assert r.exit_code == 2 and "rows" in r.output
+
+
+def test_rounding_noise_bias_prints_as_zero_json_keeps_it(dump, tmp_path):
+    js = tmp_path / "r.json"
+    r = run(dump, "--samples", "0", "--methods", "mvue,greedy", "--json", js)
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    mvue = [s for s in d["summary"] if s["method"] == "mvue"][0]
+    assert 0 < mvue["bias"] < 1e-12 and 0 < mvue["gemm"]["bias"] < 1e-12  # float64 rounding, kept
+    head, shown = [], {}
+    for line in r.stdout.splitlines():
+        if "┃" in line:
+            head = [c.strip() for c in line.split("┃")]
+        elif "│" in line and head:
+            row = [c.strip() for c in line.split("│")]
+            shown[row[head.index("method")]] = row
+    assert shown["mvue"][head.index("bias")] == "0" and shown["mvue"][head.index("dX bias")] == "0"
+    assert shown["greedy"][head.index("bias")] not in ("0", "-")  # a real bias is printed

@@ -188,7 +188,9 @@ def test_gemm_error_estimator_matches_the_random_closed_form(pattern, axis):
 
 def test_random_gemm_errors_on_the_dump_match_the_closed_form(dump, steps):
     samples = 300
-    rep = evaluate([dump], EvalConfig(pattern="2:4", methods=("random",), axis="both", samples=samples, seed=5))
+    rep = evaluate(
+        [dump], EvalConfig(pattern="2:4", methods=("random",), axis="both", samples=samples, seed=5, mc_check=True)
+    )
     assert len(rep.records) == 8
     for rec in rep.records:
         s = steps[int(rec.record[1:8])][rec.layer]
@@ -201,9 +203,17 @@ def test_random_gemm_errors_on_the_dump_match_the_closed_form(dump, steps):
         gemm = rec.gemm
         assert gemm["target"] == ("dX" if rec.axis == "features" else "dW")
         assert gemm["norm2"] == pytest.approx(float((exact.double() ** 2).sum()), rel=1e-5)
-        assert abs(gemm["err_abs"] - expected) <= 4 * gemm["err_abs_se"], (rec.layer, rec.axis)
-        assert gemm["err_abs_se"] < 0.1 * expected
-        assert gemm["err"] == pytest.approx(gemm["err_abs"] / gemm["norm2"])
+        # exact: the pairwise-inclusion closed form, all of it variance
+        assert gemm["mse_abs"] == pytest.approx(expected, rel=1e-9)
+        assert gemm["var_abs"] == pytest.approx(expected, rel=1e-9) and gemm["bias"] < 1e-12
+        assert gemm["mse"] == pytest.approx(gemm["mse_abs"] / gemm["norm2"])
+        # --mc-check: the Monte-Carlo estimate from the same draws as the angle agrees
+        mc_se = gemm["mc_mse_se"]
+        assert abs(gemm["mc_mse"] - gemm["mse"]) <= 4 * mc_se and mc_se < 0.1 * gemm["mse"], (rec.layer, rec.axis)
+    for row in rep.layers:
+        g = row["gemm"]
+        assert g["mse"] == pytest.approx(g["bias"] + g["variance"]) and g["records"] == 2
+        assert abs(g["mc_mse"] - g["mse"]) <= 4 * g["mc_mse_se"]
 
 
 def test_greedy_gemm_error_is_the_deterministic_one(report, steps):
@@ -218,8 +228,8 @@ def test_greedy_gemm_error_is_the_deterministic_one(report, steps):
             x = s["input"].reshape(-1, s["input"].shape[-1])
             diff, exact = (prune(g, "greedy", "2:4", 0) - g).T @ x, g.T @ x
         want = float((diff.double() ** 2).sum() / (exact.double() ** 2).sum())
-        assert rec.gemm["err"] == pytest.approx(want, rel=1e-4)
-        assert rec.gemm["err_se"] == 0.0
+        assert rec.gemm["mse"] == pytest.approx(want, rel=1e-4)
+        assert rec.gemm["bias"] == rec.gemm["mse"] and rec.gemm["variance"] == 0.0  # all of it bias
 
 
 # --- config, methods, samples, seeds ------------------------------------------------------------
@@ -251,10 +261,12 @@ def test_skipped_methods_are_noted_in_the_report(dump):
     assert sum("skipped" in n for n in rep.notes) == 2
 
 
-def test_samples_zero_gives_no_angle_and_no_gemm(dump):
+def test_samples_zero_gives_no_angle_but_the_exact_gemm_errors(dump, report):
     rep = evaluate([dump], EvalConfig(samples=0, methods=("mvue",)))
-    assert all(r.metrics["angle"] is None and r.gemm is None for r in rep.records)
+    assert all(r.metrics["angle"] is None for r in rep.records)
     assert all(r["angle"] is None for r in rep.summary)
+    with_samples = {(r.layer, r.record): r.gemm for r in report.records if (r.axis, r.method) == ("features", "mvue")}
+    assert all(r.gemm == with_samples[(r.layer, r.record)] for r in rep.records)  # exact: no draws involved
 
 
 def test_results_are_reproducible_and_independent_of_the_selection(dump):
@@ -273,8 +285,9 @@ def test_results_are_reproducible_and_independent_of_the_selection(dump):
 
 def test_config_and_everything_is_in_the_json(report):
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert d["config"] == {"pattern": "2:4", "methods": None, "axis": "both", "layers": None, "samples": 8,
-                           "seed": 0, "mc_check": False}
+    assert d["config"] == {"pattern": "2:4", "methods": None, "axis": "both", "layers": None, "steps": None,
+                           "every": 1, "max_records": None, "samples": 8, "seed": 0, "mc_check": False,
+                           "device": "auto", "backend": "auto", "workers": 1, "threads": 0}
     assert d["files"][0]["layers"] == {"0": "Linear", "2": "Linear"} and d["files"][0]["complete"]
     assert len(d["records"]) == 2 * 2 * 2 * len(METHODS) and d["errors"] == []
 
@@ -323,19 +336,21 @@ def test_nan_inf_record_is_reported_and_the_rest_evaluated(tmp_path, steps):
     zero = rows(rep, layer="zero")
     assert all(r["mse"] == r["bias"] == r["variance"] == r["norm2"] == 0.0 for r in zero)
     assert all(r["angle"] is None for r in zero)  # no angle of a zero vector: not 0, not NaN
-    assert all(r["gemm"]["err"] == 0.0 and r["gemm"]["norm2"] == 0.0 for r in zero)
+    assert all(r["gemm"]["mse"] == 0.0 and r["gemm"]["norm2"] == 0.0 for r in zero)
     assert any("all-zero" in n and "zero" in n for n in rep.notes)
     assert all(r.note == "all-zero gradient" for r in rep.records if r.layer == "zero")
     json.dumps(rep.to_dict(), allow_nan=False)  # no NaN anywhere
 
 
-def test_conv2d_feature_axis_and_gemm_skipped(tmp_path):
+def test_conv2d_feature_axis_and_its_dx_gemm(tmp_path):
     path = make_conv_dump(tmp_path / "conv.h5")
     rep = evaluate([path], EvalConfig(methods=("mvue",), samples=4, axis="both"))
     conv = [r for r in rep.records if r.layer == "0"]
     lin = [r for r in rep.records if r.layer == "3"]
-    assert conv and all(r.gemm is None for r in conv) and all(r.gemm is not None for r in lin)
-    assert any("Conv2d" in n and "GEMM" in n for n in rep.notes)
+    assert conv and all((r.gemm is not None) == (r.axis == "features") for r in conv)
+    assert all(r.gemm is not None for r in lin)
+    assert any("Conv2d" in n and "dW errors skipped" in n for n in rep.notes)
+    assert all(r.gemm["variance"] > 0 and r.gemm["bias"] < 1e-12 for r in conv if r.gemm)
     assert conv[0].shape == (2 * 4 * 4, 8)  # tokens B*H*W, features C
     from nmgrad_cli.dump import DumpReader
 
@@ -381,7 +396,7 @@ def test_empty_dumps_and_no_matching_layer(tmp_path, dump):
         evaluate([tmp_path / "empty.h5"], EvalConfig())
     with pytest.raises(DumpError, match="no gradient records"):
         evaluate([tmp_path / "nogr.h5"], EvalConfig())
-    with pytest.raises(NmgradError, match="no layer matches --layers 'enc.*': the dump has 0, 2"):
+    with pytest.raises(NmgradError, match="no dump layer matches --layers 'enc.*': the names are 0, 2;"):
         evaluate([dump], EvalConfig(layers="enc.*"))
     with pytest.raises(NmgradError, match="no dump given"):
         evaluate([], EvalConfig())

@@ -14,15 +14,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from .. import evaluate as lib
 from ..errors import NmgradError
-from ..evaluate import EvalConfig, EvalReport
+from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
+from ..methods import METHODS
 from ..outputs import atomic_open, check_distinct
+from ..train.distributed import dist_info
 from .common import check_new_file, console, err_console, user_errors, write_json
+from .progress import cli_progress
 
 
 class Axis(str, enum.Enum):
@@ -33,8 +35,13 @@ class Axis(str, enum.Enum):
 
 CSV_FIELDS = (
     "level", "file", "layer", "module_type", "axis", "method", "records", "norm2",
-    "mse", "bias", "variance", "angle", "angle_se", "gemm", "gemm_err", "gemm_err_se",
+    "mse", "bias", "variance", "angle", "angle_se", "gemm", "gemm_mse", "gemm_bias", "gemm_variance",
+    "gemm_norm2", "gemm_mc_mse", "gemm_mc_mse_se",
 )
+GEMM_CSV = {"gemm_mse": "mse", "gemm_bias": "bias", "gemm_variance": "variance", "gemm_norm2": "norm2",
+            "gemm_mc_mse": "mc_mse", "gemm_mc_mse_se": "mc_mse_se"}
+ROUNDING = 1e-12
+"""A relative bias below this, of a method that is exactly unbiased, is rounding noise: shown as 0."""
 
 
 def evaluate(
@@ -47,9 +54,28 @@ def evaluate(
     axis: Axis = typer.Option(
         Axis.features, "--axis", help="Block axis: features (for dX = dY W), tokens (for dW = dY^T X), or both."
     ),
-    layers: str = typer.Option(None, "--layers", help="Glob on layer names, e.g. 'blocks.*.mlp.*'."),
+    layers: str = typer.Option(
+        None, "--layers", help="Comma-separated globs on layer names, e.g. 'fc1,blocks.*.mlp.*'."
+    ),
+    steps: str = typer.Option(None, "--steps", help="Steps A:B (A <= step < B), A:, :B or N."),
+    every: int = typer.Option(1, "--every", help="Every K-th of the selected steps."),
+    max_records: int = typer.Option(
+        None, "--max-records", help="At most N grad records per layer (the first selected)."
+    ),
     samples: int = typer.Option(
-        16, "--samples", "-s", help="Monte-Carlo draws for the angle and GEMM errors (0: none)."
+        16, "--samples", "-s", help=f"Monte-Carlo draws for the angle (0: none; at most {MAX_SAMPLES})."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N; CUDA runs the Triton kernels."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Pruning backend of the draws: auto, reference, fused or triton."
+    ),
+    workers: int = typer.Option(
+        1, "--workers", help="Processes evaluating records in parallel (same results as one)."
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="torch threads (0: auto, 1 for records under 4M elements, all cores above)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo draws."),
     json_out: Path = typer.Option(None, "--json", help="Write the full results as JSON to FILE, or '-' for stdout."),
@@ -71,8 +97,9 @@ def evaluate(
         if methods is not None:
             names = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = EvalConfig(
-            pattern=pattern, methods=names, axis=axis.value, layers=layers, samples=samples, seed=seed,
-            mc_check=mc_check,
+            pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
+            max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, device=device,
+            backend=backend, workers=workers, threads=threads,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:
@@ -85,7 +112,10 @@ def evaluate(
         check_new_file(csv_out, force)
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
-        report = _run(dumps, config)
+        main = dist_info().is_main  # under torchrun every rank evaluates a shard; rank 0 reports
+        report = _run(dumps, config, quiet=not main)
+        if not main:
+            return
         render(report, out)
         write_json(json_out, report.to_dict())
         if csv_out is not None:
@@ -102,16 +132,9 @@ def evaluate(
         raise typer.Exit(code)
 
 
-def _run(dumps: list[Path], config: EvalConfig) -> EvalReport:
-    """Run the library evaluation with a rich progress bar on stderr (shown on terminals only)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=escape(f"evaluating {label}".rstrip()))
-
-        return lib.evaluate(dumps, config, progress)
+def _run(dumps: list[Path], config: EvalConfig, quiet: bool = False) -> EvalReport:
+    """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines)."""
+    return lib.evaluate(dumps, config, cli_progress(quiet))
 
 
 def _num(x, fmt: str = ".2e") -> str:
@@ -125,11 +148,22 @@ def _angle(row: dict) -> str:
     return f"{row['angle']:.2f}" + (f"±{se:.2f}" if se is not None else "")
 
 
-def _gemm(row: dict) -> str:
+def _bias(row: dict, value) -> str:
+    """An exactly unbiased method's bias that is only rounding noise prints as 0 (JSON keeps it)."""
+    if value is not None and value < ROUNDING and METHODS[row["method"]].unbiased:
+        return "0"
+    return _num(value)
+
+
+def _gemm(row: dict, key: str) -> str:
     g = row.get("gemm")
-    if not g:
+    if not g or g.get(key) is None:
         return "-"
-    return f"{g['err']:.2e}" + (f"±{g['err_se']:.1e}" if g["err_se"] is not None else "")
+    if key == "bias":
+        return _bias(row, g[key])
+    if key == "mc_mse":
+        return f"{g[key]:.2e}" + (f"±{g['mc_mse_se']:.1e}" if g.get("mc_mse_se") is not None else "")
+    return _num(g[key])
 
 
 def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool) -> Table:
@@ -147,9 +181,21 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
     mc = any(r.get("mc_mse") is not None for r in rows)
     if mc:
         table.add_column("MC mse", justify="right")
+    gemm_cols = []
     if gemm_targets:
-        table.add_column(f"{'|'.join(gemm_targets)} err", justify="right")
+        gemm_cols = ["mse", "bias", "variance"]
+        if any((r.get("gemm") or {}).get("mc_mse") is not None for r in rows):
+            gemm_cols.append("mc_mse")
+        names = {"mse": "mse", "bias": "bias", "variance": "var", "mc_mse": "MC mse"}
+        for col in gemm_cols:
+            table.add_column(f"{'|'.join(gemm_targets)} {names[col]}", justify="right")
     table.add_column("n", justify="right")
+    norms = " (".join(f"||{t}||^2" for t in gemm_targets) + ")" * (len(gemm_targets) - 1)
+    table.caption = "n: grad records evaluated" + (
+        f"; {'|'.join(gemm_targets)}: exact error of the backward GEMM fed with the pruned dY, relative to {norms}"
+        if gemm_targets else ""
+    )
+    table.caption_justify = "left"
     prev = None
     for r in rows:
         labels = [str(r[c]) for c in label_cols]
@@ -158,11 +204,10 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         shown = labels if labels != prev else [""] * len(labels)
         prev = labels
         cells = [*shown, *([r["axis"]] if show_axis else []), r["method"]]
-        cells += [_num(r["mse"]), _num(r["bias"]), _num(r["variance"]), _angle(r)]
+        cells += [_num(r["mse"]), _bias(r, r["bias"]), _num(r["variance"]), _angle(r)]
         if mc:
             cells.append(_num(r.get("mc_mse")))
-        if gemm_targets:
-            cells.append(_gemm(r))
+        cells += [_gemm(r, col) for col in gemm_cols]
         cells.append(str(r["records"]))
         table.add_row(*map(Text, cells))  # Text: a '[' in a layer or file name is not markup
     return table
@@ -188,27 +233,32 @@ def render(report: EvalReport, out: Console) -> None:
     head = f"nmgrad evaluate: pattern {cfg.pattern}, axis {cfg.axis}, {cfg.samples} samples, seed {cfg.seed}"
     if rows:
         _print(out, _table(f"{head}: per layer", rows, label_cols, show_axis))
+    if report.file_summary:
+        frows = [{**r, "file": Path(r["file"]).name} for r in report.file_summary]
+        _print(out, _table("summary of each file (weighted by ||g||^2)", frows, ["file"], show_axis))
     if report.summary:
-        _print(out, _table("summary over layers (weighted by ||g||^2)", report.summary, [], show_axis))
+        title = "summary over layers" + (" of every file" if several else "") + " (weighted by ||g||^2)"
+        _print(out, _table(title, report.summary, [], show_axis))
     for note in report.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def write_csv(path: Path, report: EvalReport) -> None:
-    """One row per (file, layer, axis, method) and one per (axis, method) summary."""
+    """One row per (file, layer, axis, method) (level "layer"), per (file, axis, method) with several
+    files ("file"), and per (axis, method) over everything ("summary")."""
     def flat(level: str, row: dict) -> dict:
         g = row.get("gemm") or {}
-        return {
-            **{k: row.get(k, "") for k in CSV_FIELDS if k not in ("level", "gemm", "gemm_err", "gemm_err_se")},
-            "level": level, "gemm": g.get("target", ""), "gemm_err": g.get("err", ""),
-            "gemm_err_se": g.get("err_se", ""),
-        }
+        out = {k: row.get(k, "") for k in CSV_FIELDS if k != "level" and not k.startswith("gemm")}
+        out.update({k: g.get(v, "") for k, v in GEMM_CSV.items()})
+        return {**out, "level": level, "gemm": g.get("target", "")}
 
     with atomic_open(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
         for row in report.layers:
             w.writerow(flat("layer", row))
+        for row in report.file_summary:
+            w.writerow(flat("file", row))
         for row in report.summary:
             w.writerow(flat("summary", row))
 

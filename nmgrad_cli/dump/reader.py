@@ -185,3 +185,51 @@ class DumpReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- record selection (evaluate's --steps, --every, --max-records) ---------------------------------
+
+
+def parse_steps(spec: str | None) -> tuple[int | None, int | None] | None:
+    """``"A:B"`` -> (A, B), the steps A <= step < B; either end may be left out (``"10:"``, ``":5"``);
+    ``"N"`` is the one step N. None selects every step. A malformed spec raises
+    :class:`nmgrad_cli.errors.NmgradError` with an example."""
+    from ..errors import NmgradError
+
+    if spec is None:
+        return None
+    text = spec.strip()
+    try:
+        if ":" not in text:
+            n = int(text)
+            return n, n + 1
+        lo, hi = text.split(":")
+        start = int(lo) if lo.strip() else None
+        stop = int(hi) if hi.strip() else None
+    except ValueError:
+        raise NmgradError(
+            f"--steps '{spec}' is malformed: give A:B (steps A <= step < B), A:, :B or N, e.g. 0:10"
+        ) from None
+    if (start is not None and start < 0) or (stop is not None and stop < 0):
+        raise NmgradError(f"--steps '{spec}': steps are >= 0, e.g. 0:10")
+    if start is not None and stop is not None and stop <= start:
+        raise NmgradError(f"--steps '{spec}' selects no step: B must be > A, e.g. {start}:{start + 1}")
+    return start, stop
+
+
+def select_records(
+    records: list[Record], steps: tuple[int | None, int | None] | None = None, every: int = 1,
+    max_records: int | None = None,
+) -> list[Record]:
+    """The records of one layer kept by a selection, in their order: those with a step in
+    ``steps`` = [A, B), then every ``every``-th of the distinct steps left (the first, the
+    (K+1)-th, ...), then at most ``max_records`` of them (the first)."""
+    if steps is not None:
+        lo, hi = steps
+        records = [r for r in records if (lo is None or r.step >= lo) and (hi is None or r.step < hi)]
+    if every > 1:
+        kept = set(sorted({r.step for r in records})[::every])
+        records = [r for r in records if r.step in kept]
+    if max_records is not None:
+        records = records[:max_records]
+    return records

@@ -58,3 +58,24 @@ class ApproxMvue(PruningMethod):
             keep = keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0))
         _, v = self.marginals(a, n)
         return torch.where(keep, v, torch.zeros_like(v))
+
+    def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        """N = 1: one element kept, pi_ij = 0. N = 2: P(i then j) + P(j then i) =
+        t_i |a_j| / (S - |a_i|) + t_j |a_i| / (S - |a_j|), with S - |a_i| summed from the others."""
+        p, _ = self.marginals(a, n)
+        mag = a.abs()
+        m = a.shape[-1]
+        eye = torch.eye(m, dtype=torch.bool, device=a.device)
+        if n == 1:
+            out = torch.zeros(*a.shape, m, dtype=a.dtype, device=a.device)
+        else:
+            s = mag.sum(-1, keepdim=True)
+            t = safe_div(mag, s.expand_as(mag))
+            others = torch.where(eye, torch.zeros_like(mag[..., None, :]), mag[..., None, :]).sum(-1)  # (K, M)
+            first_i = safe_div(t, others)[..., :, None] * mag[..., None, :]  # i first, then j
+            out = first_i + first_i.transpose(-1, -2)
+            few = ((mag > 0).sum(-1, keepdim=True) <= n)[..., None]
+            nz = (mag > 0).to(a.dtype)
+            out = torch.where(few, nz[..., :, None] * nz[..., None, :], out)
+        out = torch.where(eye, torch.diag_embed(p), out)
+        return out

@@ -38,6 +38,12 @@ class PruningMethod:
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        """Second-order inclusion probabilities, ``(K, M, M)``: ``pi[k, i, j]`` = P(elements i and j
+        of block k are both kept), ``pi[k, i, i] = p_i``. With :meth:`marginals` they give the exact
+        covariance of a block, Cov(g^_i, g^_j) = pi_ij v_i v_j - p_i v_i p_j v_j (blocks are independent)."""
+        raise NotImplementedError
+
     def _undefined(self, pattern: Pattern, hint: str) -> PatternError:
         return PatternError(f"method '{self.name}' is not defined for pattern {pattern}: {hint}")
 
@@ -65,3 +71,22 @@ def kept_by_rank(keys: torch.Tensor, n: int, descending: bool) -> torch.Tensor:
     order = torch.sort(keys, dim=-1, descending=descending, stable=True).indices
     keep = torch.zeros_like(keys, dtype=torch.bool)
     return keep.scatter_(-1, order[..., :n], True)
+
+
+def systematic_joint(p: torch.Tensor, n: int) -> torch.Tensor:
+    """Second-order inclusion probabilities of :func:`systematic_sample`, (K, M, M).
+
+    Element i is kept iff u mod 1 falls in the arc A_i = [C_{i-1}, C_i) of the unit circle (its
+    length p_i <= 1), so P(i and j kept) = |A_i intersect A_j|: the overlap of the two intervals
+    [b_i, b_i + p_i), b_i = C_{i-1} mod 1, shifted by -1, 0 or +1.
+    """
+    c = torch.cumsum(p, dim=-1).clamp_(max=float(n))
+    prev = torch.nn.functional.pad(c[..., :-1], (1, 0))
+    start = prev - torch.floor(prev)  # (K, M) in [0, 1)
+    end = start + (c - prev)
+    bi, ei = start[..., :, None], end[..., :, None]
+    out = torch.zeros(*p.shape, p.shape[-1], dtype=p.dtype, device=p.device)
+    for shift in (-1.0, 0.0, 1.0):
+        bj, ej = start[..., None, :] + shift, end[..., None, :] + shift
+        out += (torch.minimum(ei, ej) - torch.maximum(bi, bj)).clamp_(min=0)
+    return out

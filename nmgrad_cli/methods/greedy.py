@@ -21,3 +21,7 @@ class Greedy(PruningMethod):
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         keep = kept_by_rank(a.abs(), n, descending=True)
         return torch.where(keep, a, torch.zeros_like(a))
+
+    def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        keep = kept_by_rank(a.abs(), n, descending=True).to(a.dtype)
+        return keep[..., :, None] * keep[..., None, :]  # deterministic: both kept iff each is

@@ -11,7 +11,7 @@ import torch
 
 from ..patterns import Pattern
 from . import register
-from .base import PruningMethod, safe_div, systematic_sample
+from .base import PruningMethod, safe_div, systematic_joint, systematic_sample
 
 
 def water_fill(mag: torch.Tensor, n: int) -> torch.Tensor:
@@ -48,3 +48,6 @@ class Mvue(PruningMethod):
         p, v = self.marginals(a, n)
         keep = systematic_sample(p, n, u[..., :1])
         return torch.where(keep, v, torch.zeros_like(v))
+
+    def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        return systematic_joint(water_fill(a.abs(), n), n)

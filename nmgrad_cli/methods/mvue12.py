@@ -31,3 +31,11 @@ class Mvue12(PruningMethod):
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         pairs = a.reshape(-1, 2)
         return get_method("mvue").sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)
+
+    def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        p, _ = self.marginals(a, n)
+        out = p[..., :, None] * p[..., None, :]  # different pairs are drawn independently
+        within = get_method("mvue").joint_marginals(a.reshape(-1, 2), 1).reshape(*a.shape[:-1], -1, 2, 2)
+        for q in range(a.shape[-1] // 2):
+            out[..., 2 * q : 2 * q + 2, 2 * q : 2 * q + 2] = within[..., q, :, :]
+        return out

@@ -25,3 +25,9 @@ class Random(PruningMethod):
         m = a.shape[-1]
         keep = kept_by_rank(u, n, descending=False)
         return torch.where(keep, a * (m / n), torch.zeros_like(a))
+
+    def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        m = a.shape[-1]
+        pair = n * (n - 1) / (m * (m - 1))  # a given pair among the C(M, N) equally likely subsets
+        eye = torch.eye(m, dtype=a.dtype, device=a.device)
+        return (pair + (n / m - pair) * eye).expand(*a.shape, m).clone()

@@ -1,0 +1,148 @@
+"""What `nmgrad evaluate` costs, side by side in one run (not a test).
+
+R = evaluate wall time / (dY floats x methods x samples x time per float of one ``x.abs()`` pass),
+the measure of issue 9: how many passes over memory one Monte-Carlo draw of one method costs.
+Every evaluate runs as its own ``nmgrad evaluate`` process (what a user runs), on the same dump:
+
+- ``warm``: torch.compile's cache (TORCHINDUCTOR_CACHE_DIR) filled by an earlier run;
+- ``cold``: an empty cache, as on a fresh machine (compiling the fused CPU kernels);
+- ``busy``: warm, beside two busy-loop processes (every core of a 2-core machine busy).
+
+The abs pass is timed in this process right before each run, over as many floats as evaluate
+reads; R uses the quickest of these (the machine at its least loaded; the column shows each one).
+The targets are R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
+
+    nmgrad capture --model gpt --steps 1 --out /tmp/g1.h5          # 39 MB, 25 layers
+    python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*,blocks.1.*'
+    python benchmarks/evaluate_bench.py /tmp/g.h5                    # the README's 2-step dump
+    python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*' --also-backend fused
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nmgrad_cli.dump import DumpReader
+from nmgrad_cli.evaluate import EvalConfig
+from nmgrad_cli.evaluate.run import _open_all, _selected_records
+
+
+def selected_floats(dump: Path, cfg: EvalConfig) -> tuple[int, int, int]:
+    """(dY floats, records, largest record) that evaluate will prune with ``cfg``."""
+    opened = _open_all([dump], cfg)
+    try:
+        recs = [r for reader, sel in opened for r in _selected_records(reader, sel, cfg)]
+    finally:
+        for reader, _ in opened:
+            reader.close()
+    sizes = [math.prod(r.shape) for r in recs]
+    return sum(sizes), len(sizes), max(sizes)
+
+
+def abs_seconds_per_float(numel: int, reps: int = 10) -> float:
+    """Best-of time per float of one ``x.abs()`` pass over as many floats as evaluate reads (at most
+    2^26), one thread (evaluate's auto policy): the cost of one pass over memory."""
+    x = torch.randn(min(numel, 1 << 26))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.abs()
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(before)
+    return best / x.numel()
+
+
+def run_evaluate(dump: Path, args: argparse.Namespace, cache: Path, backend: str | None = None) -> float:
+    cmd = [sys.executable, "-m", "nmgrad_cli", "evaluate", str(dump), "--pattern", args.pattern,
+           "--samples", str(args.samples), "--json", os.devnull, "--force"]
+    if backend is not None:
+        cmd += ["--backend", backend]
+    for flag in ("layers", "steps", "max_records", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"evaluate failed ({done.returncode}): {done.stderr.strip()}")
+    return time.perf_counter() - t
+
+
+def busy_loops(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dump", type=Path)
+    ap.add_argument("--layers", default=None)
+    ap.add_argument("--steps", default=None)
+    ap.add_argument("--max-records", dest="max_records", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--busy", type=int, default=2, help="busy-loop processes beside the 'busy' run")
+    ap.add_argument("--also-backend", dest="also", default=None,
+                    help="also time the draws on this backend (e.g. fused: the compiled CPU kernel), warm and busy")
+    args = ap.parse_args()
+
+    cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
+                     samples=args.samples)
+    methods, _ = cfg.resolve_methods()
+    floats, records, _ = selected_floats(args.dump, cfg)
+    with DumpReader(args.dump) as r:
+        size_mb = args.dump.stat().st_size / 1e6
+        layers = len(r.layers)
+    print(f"dump {args.dump} ({size_mb:.0f} MB, {layers} layers): {records} grad records selected, "
+          f"{floats / 1e6:.1f} M floats, {len(methods)} methods x {args.samples} samples, "
+          f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm_cache = Path(tmp) / "warm"
+        run_evaluate(args.dump, args, warm_cache)  # fills the warm cache
+        runs = [
+            ("warm", warm_cache, 0, None),
+            ("cold", Path(tmp) / "cold", 0, None),
+            (f"warm, {args.busy} busy", warm_cache, args.busy, None),
+        ]
+        if args.also:
+            other = Path(tmp) / "other"
+            run_evaluate(args.dump, args, other, args.also)  # fills its cache
+            runs += [(f"{args.also}, warm", other, 0, args.also), (f"{args.also}, {args.busy} busy", other, args.busy,
+                                                                    args.also)]
+        for label, cache, busy, backend in runs:
+            per_float = abs_seconds_per_float(floats)
+            procs = busy_loops(busy)
+            try:
+                wall = run_evaluate(args.dump, args, cache, backend)
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+            rows.append((label, wall, per_float))
+
+    per_float = min(p for _, _, p in rows)  # the quietest abs pass of the run: R comparable across rows
+    rows = [(label, wall, p, wall / (floats * len(methods) * args.samples * per_float)) for label, wall, p in rows]
+    warm = rows[0][1]
+    print(f"{'run':<20} {'wall s':>8} {'abs ns/float':>13} {'R':>7} {'vs warm':>9}")
+    for label, wall, per_float, r in rows:
+        print(f"{label:<20} {wall:8.1f} {per_float * 1e9:13.3f} {r:7.1f} {wall / warm:8.2f}x")
+    print(f"cold - warm: {rows[1][1] - warm:+.1f} s (target <= 10 s); busy / warm: {rows[2][1] / warm:.2f}x "
+          f"(target <= 3x); R warm: {rows[0][3]:.1f} (target <= 6)")
+
+
+if __name__ == "__main__":
+    main()

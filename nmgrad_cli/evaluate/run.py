@@ -1,0 +1,447 @@
+"""Running an evaluation: open the dumps, stream their grad records, yield typed events.
+
+For every grad record dY of a layer, dY is viewed as a 2-D matrix g: (T, F) (the layer's
+``feature_axis`` moved last, every other dim flattened into tokens). The block axis is named by the
+backward GEMM that consumes the pruned dY (docs/methods.md):
+
+- ``features``: blocks along F (dim -1), for the input gradient  dX = dY W    (T, F) @ (F, I)
+- ``tokens``:   blocks along T (dim 0),  for the weight gradient dW = dY^T X  (F, T) @ (T, I)
+
+A record with NaN/Inf values is reported as an error event and skipped; the rest is evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..dump import DumpReader, LayerInfo, Record
+from ..dump.reader import select_records
+from ..errors import DumpError, NmgradError
+from ..layers import LayerSelectionError, layer_matches, no_match_message, parse_layers
+from ..metrics import evaluate_tensor, gemm_moments
+from ..progress import ProgressLike, resolve_progress
+from ..prune import prune
+from ..train.distributed import dist_info, process_group, resolve_device
+from .config import AXIS_DIM, GEMM_OF_AXIS, EvalConfig
+from .events import ErrorEntry, Event, FileStarted, Note, RecordResult
+from .report import EvalReport, ReportBuilder
+
+
+def as_matrix(g: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+    """dY as (T, F): ``feature_axis`` moved last, the other dims flattened into tokens."""
+    if g.dim() == 0:
+        raise DumpError(f"layer {layer.name}: gradient is a scalar, expected a tensor with a feature axis")
+    if not -g.dim() <= layer.feature_axis < g.dim():
+        raise DumpError(
+            f"layer {layer.name}: feature_axis {layer.feature_axis} is out of range for a gradient of shape "
+            f"{tuple(g.shape)}; the dump metadata is inconsistent, re-run the capture"
+        )
+    moved = g.movedim(layer.feature_axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def stream_seed(seed: int, *parts: str) -> int:
+    """A stable 63-bit seed per (seed, parts): independent of the order things are evaluated in."""
+    return (seed * 0x9E3779B1 + zlib.crc32("\x1f".join(parts).encode())) % (1 << 63)
+
+
+class GemmError:
+    """Monte-Carlo relative error of the backward GEMM fed with pruned g (docs/methods.md):
+
+    - axis ``features``: dX = g @ W with ``other`` = W (F, I), blocks along F;
+    - axis ``tokens``:   dW = g^T @ X with ``other`` = X (T, I), blocks along T.
+
+    :meth:`add` takes one draw g^ (T, F); :meth:`result` gives err = mean_s ||G^_s - G||^2 / ||G||^2
+    with its standard error (and the absolute values). Computed in float32 (float64 for float64 input)
+    as (g^ - g) @ W, one GEMM per draw.
+    """
+
+    def __init__(self, g: torch.Tensor, other: torch.Tensor, axis: str):
+        self.axis = axis
+        self.cdt = torch.float64 if torch.float64 in (g.dtype, other.dtype) else torch.float32
+        self.g, self.other = g.to(self.cdt), other.to(self.cdt)
+        self.norm2 = float(torch.sum(self._gemm(self.g).double() ** 2))
+        self.errs: list[float] = []
+
+    def _gemm(self, a: torch.Tensor) -> torch.Tensor:
+        return a @ self.other if self.axis == "features" else a.T @ self.other
+
+    def add(self, draw: torch.Tensor) -> None:
+        self.errs.append(float(torch.sum(self._gemm(draw.to(self.cdt) - self.g).double() ** 2)))
+
+    def result(self) -> dict:
+        n = len(self.errs)
+        e = torch.tensor(self.errs, dtype=torch.float64)
+        err_abs = e.mean().item() if n else 0.0  # no draws: g is all zero, so is the error
+        err_abs_se = e.std(unbiased=True).item() / math.sqrt(n) if n > 1 else (0.0 if n == 0 else None)
+        rel = (lambda x: x / self.norm2) if self.norm2 > 0 else (lambda x: 0.0)
+        return {
+            "target": GEMM_OF_AXIS[self.axis],
+            "err": rel(err_abs),
+            "err_se": None if err_abs_se is None else rel(err_abs_se),
+            "err_abs": err_abs,
+            "err_abs_se": err_abs_se,
+            "norm2": self.norm2,
+        }
+
+
+def gemm_error(
+    g: torch.Tensor, other: torch.Tensor, method: str, pattern: str, axis: str, samples: int, generator=None
+) -> dict:
+    """:class:`GemmError` of ``samples`` draws of ``method`` on g (T, F) along ``axis``."""
+    acc = GemmError(g, other, axis)
+    for _ in range(samples):
+        acc.add(prune(g, method, pattern, AXIS_DIM[axis], generator))
+    return acc.result()
+
+
+def _gemm_operands(
+    reader: DumpReader, rec: Record, g: torch.Tensor, g2: torch.Tensor, axes: tuple[str, ...]
+) -> tuple[dict, str | None]:
+    """{axis: (a, b)} with the backward GEMM a @ b whose left operand a is pruned along its last dim,
+    for the axes whose operand the dump holds; else a note on why not.
+
+    - Linear-like (feature axis last): features a = dY (T, F), b = W (F, I); tokens a = dY^T (F, T),
+      b = X (T, I).
+    - Conv2d (dY (B, F, H, W)): features a = dY as (T = B*H*W, F), b = W as (F, C_in*kh*kw)
+      (block-diagonal over groups), the implicit GEMM whose output col2im folds into dX. The tokens
+      GEMM needs the unfolded input, i.e. the conv's stride and padding, which dumps do not hold.
+    """
+    layer = rec.layer
+    kinds = {"features": "weight", "tokens": "input"}
+    present = [a for a in axes if rec.name in layer.records.get(kinds[a], [])]
+    if not present:
+        return {}, None
+    last = layer.feature_axis in (-1, g.dim() - 1)
+    conv = not last and g.dim() == 4 and layer.feature_axis == 1
+    if not last and not conv:
+        return {}, (
+            f"layer {layer.name} ({layer.module_type}): GEMM-level errors skipped, they are computed for "
+            "Linear-like layers (feature axis last) and Conv2d"
+        )
+    f = g2.shape[1]
+    out = {}
+    loaded = {kind: reader.load(layer.key, kind, rec.name) for kind in {kinds[a] for a in present}}
+    for kind, v in loaded.items():
+        if not bool(torch.isfinite(v).all()):
+            return {}, f"layer {layer.name}: the stored {kind} has NaN/Inf values; GEMM skipped"
+    for axis in present:
+        v = loaded[kinds[axis]]
+        if conv:
+            if axis == "tokens":
+                continue  # noted below
+            w = _conv_weight_matrix(v, f, reader, rec)
+            if isinstance(w, str):
+                return {}, f"layer {layer.name} (Conv2d): {w}; GEMM skipped"
+            out[axis] = (g2, w)
+        elif axis == "features":
+            if v.dim() != 2 or v.shape[0] != f:
+                return {}, f"layer {layer.name}: weight of shape {tuple(v.shape)} is not (F={f}, I); GEMM skipped"
+            out[axis] = (g2, v)
+        else:
+            if v.dim() != g.dim() or v.shape[:-1] != g.shape[:-1]:
+                return {}, (
+                    f"layer {layer.name}: input of shape {tuple(v.shape)} does not have dY's token dims "
+                    f"{tuple(g.shape[:-1])}; GEMM skipped"
+                )
+            out[axis] = (g2.T, v.reshape(-1, v.shape[-1]))
+    if conv and "tokens" in present:
+        return out, (
+            f"layer {layer.name} (Conv2d): dW errors skipped, they need the unfolded input (the conv's stride "
+            "and padding are not in the dump); dX errors are computed"
+        )
+    return out, None
+
+
+def _conv_weight_matrix(w: torch.Tensor, f: int, reader: DumpReader, rec: Record) -> torch.Tensor | str:
+    """A Conv2d weight (F, C_in/groups, kh, kw) as the (F, C_in*kh*kw) matrix of the dX GEMM,
+    block-diagonal over the groups (groups = C_in / w.shape[1], C_in from the stored input)."""
+    if w.dim() != 4 or w.shape[0] != f:
+        return f"weight of shape {tuple(w.shape)} is not (F={f}, C_in/groups, kh, kw)"
+    layer = rec.layer
+    if rec.name not in layer.records.get("input", []):
+        return "the input is needed to know the conv's groups and the dump does not hold it"
+    c_in = reader.load(layer.key, "input", rec.name).shape[1]
+    per = w.shape[1]
+    if c_in % per or f % (c_in // per):
+        return f"weight {tuple(w.shape)} does not fit an input with {c_in} channels"
+    groups = c_in // per
+    if groups == 1:
+        return w.reshape(f, -1)
+    fo, cols = f // groups, w[0].numel()
+    full = torch.zeros(f, groups * cols, dtype=w.dtype)
+    for j in range(groups):
+        full[j * fo : (j + 1) * fo, j * cols : (j + 1) * cols] = w[j * fo : (j + 1) * fo].reshape(fo, cols)
+    return full
+
+
+def _open_all(paths: Sequence[str | Path], config: EvalConfig) -> list[tuple[DumpReader, list[LayerInfo]]]:
+    """Open and check every dump before evaluating anything, so a bad path fails fast; select the
+    layers (--layers, one error when no file has a match)."""
+    opened: list[tuple[DumpReader, list[LayerInfo]]] = []
+    globs = parse_layers(config.layers)
+    try:
+        for path in paths:
+            reader = DumpReader(path)
+            opened.append((reader, []))
+            if not reader.layers:
+                raise DumpError(f"{reader.path} is an empty dump (no layers): capture at least one step")
+            if reader.n_records("grad") == 0:
+                raise DumpError(f"{reader.path} holds no gradient records: capture at least one step")
+            opened[-1] = (reader, [li for li in reader.layers.values() if layer_matches(li.name, globs)])
+        if not any(sel for _, sel in opened):
+            names = list(dict.fromkeys(li.name for reader, _ in opened for li in reader.layers.values()))
+            raise LayerSelectionError(no_match_message(names, config.layers, "dump layer"))
+    except BaseException:
+        for reader, _ in opened:
+            reader.close()
+        raise
+    return opened
+
+
+def _selected_records(reader: DumpReader, selected: list[LayerInfo], config: EvalConfig) -> list[Record]:
+    """The grad records of the selected layers that --steps, --every and --max-records keep."""
+    out: list[Record] = []
+    for li in selected:
+        out += select_records(list(reader.records("grad", [li])), config.step_range, config.every, config.max_records)
+    return out
+
+
+def draw_backend(config: EvalConfig, device: torch.device) -> str:
+    """The pruning backend of the Monte-Carlo draws: ``config.backend``, or for ``auto`` the Triton
+    kernels on CUDA (prune's auto) and the plain-torch reference on the CPU. The compiled CPU
+    kernel costs ~20 s of tracing in every process and minutes to compile on a cold cache, more
+    than it saves on evaluate's record sizes (BENCHMARKS.md: 29.5 s vs 9.2 s warm on 6 gpt
+    records); the reference also makes the draws independent of the machine's C compiler."""
+    if config.backend != "auto":
+        return config.backend
+    return "auto" if device.type == "cuda" else "reference"
+
+
+def thread_policy(numel: int, threads: int = 0, workers: int = 1) -> int:
+    """torch threads for a record of ``numel`` elements: ``threads`` when given, else 1 below 2^22
+    elements (on a 2-core machine with both cores busy torch's default threads stall in every small
+    op: issue 9 measured 114.8 s vs 13.3 s with one thread on an mlp layer) and above it the cores
+    shared among the ``workers`` processes."""
+    if threads:
+        return threads
+    return 1 if numel < THREADS_MIN_NUMEL else max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+THREADS_MIN_NUMEL = 1 << 22
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _file_info(reader: DumpReader, selected: list[LayerInfo]) -> dict:
+    attrs = reader.attrs
+    return {
+        "path": str(reader.path),
+        "schema_version": attrs.get("schema_version"),
+        "complete": bool(attrs.get("complete", False)),
+        "interrupted": bool(attrs.get("interrupted", False)),
+        "run": attrs.get("run", {}),
+        "layers": {li.name: li.module_type for li in selected},
+    }
+
+
+def iter_evaluate(
+    paths: Sequence[str | Path], config: EvalConfig, progress: ProgressLike = None
+) -> Iterator[Event]:
+    """Stream the evaluation as typed events (:mod:`nmgrad_cli.evaluate.events`): a
+    :class:`FileStarted` per file, then per grad record a :class:`RecordResult` per (axis, method)
+    or an :class:`ErrorEntry`, and :class:`Note` events. Only one record (plus its input and
+    weight) is in memory at a time. ``progress``: see :mod:`nmgrad_cli.progress` (unit: grad records)."""
+    methods, notes = config.resolve_methods()
+    for text in notes:
+        yield Note(text)
+    first: dict[Path, str | Path] = {}
+    for p in paths:
+        first.setdefault(Path(p).resolve(), p)
+    unique = list(first.values())
+    if len(unique) < len(paths):
+        yield Note("a dump given more than once is evaluated once")
+    device = resolve_device(config.device, dist_info())
+    opened = _open_all(unique, config)
+    bar = resolve_progress(progress, unit="records")
+    results = None
+    try:
+        chosen = [_selected_records(reader, selected, config) for reader, selected in opened]
+        total = sum(len(recs) for recs in chosen)
+        if total == 0:
+            raise NmgradError(
+                f"no grad record is left after --steps {config.steps} --every {config.every}: "
+                "widen the selection (`nmgrad inspect` lists the steps)"
+            )
+        done = 0
+        bar.start(total, "evaluate")
+        results = _record_results(opened, chosen, methods, config, device)
+        for (reader, selected), records in zip(opened, chosen):
+            info = _file_info(reader, selected)
+            yield FileStarted(info)
+            if not info["complete"]:
+                yield Note(
+                    f"{info['path']} is incomplete (interrupted or still being written): "
+                    "evaluating the records it holds"
+                )
+            seen: set[str] = set()
+            for rec in records:
+                for event in next(results):
+                    if isinstance(event, Note):  # e.g. "GEMM skipped" once per file, not per record
+                        if event.text in seen:
+                            continue
+                        seen.add(event.text)
+                    yield event
+                done += 1
+                bar.update(done, rec.layer.name)
+    finally:
+        if results is not None:
+            results.close()  # stops the worker processes when the caller gives up early (Ctrl-C)
+        bar.close()
+        for reader, _ in opened:
+            reader.close()
+
+
+def _record_results(opened, chosen, methods: list[str], config: EvalConfig, device) -> Iterator[list[Event]]:
+    """The events of every selected record, in order: here, sharded over the ranks of a torchrun
+    process group, or over ``config.workers`` spawned processes. Each record is a job whose streams
+    depend only on its own name, and the results come back in record order, so the report is
+    identical to one process's."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:  # torchrun: rank r evaluates records r, r + world, ...; every rank gets them all
+        rank = dist.get_rank()
+        pairs = [(reader, rec) for (reader, _), records in zip(opened, chosen) for rec in records]
+        mine = [
+            record_events(reader, rec, str(reader.path), methods, config, device) for reader, rec in pairs[rank::world]
+        ]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        for i in range(len(pairs)):
+            yield gathered[i % world][i // world]
+        return
+    if config.workers <= 1:
+        for (reader, _), records in zip(opened, chosen):
+            for rec in records:
+                yield record_events(reader, rec, str(reader.path), methods, config, device)
+        return
+    import concurrent.futures
+
+    import torch.multiprocessing as mp
+
+    jobs = [
+        (str(reader.path), rec.layer.key, rec.name, methods, config, str(device))
+        for (reader, _), records in zip(opened, chosen) for rec in records
+    ]
+    pool = concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"))
+    try:
+        yield from pool.map(_worker_job, jobs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_job(job) -> list[Event]:
+    """One record in a worker process: opens the dump itself (h5py handles do not cross processes)."""
+    path, layer_key, name, methods, config, device = job
+    with DumpReader(path) as reader:
+        (rec,) = [r for r in reader.records("grad", [reader.layers[layer_key]]) if r.name == name]
+        return record_events(reader, rec, str(reader.path), methods, config, torch.device(device))
+
+
+def record_events(
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device=None
+) -> list[Event]:
+    """Every event of one grad record on ``device`` (default CPU), with the thread policy applied."""
+    threads = thread_policy(math.prod(rec.shape), config.threads, config.workers)
+    with _torch_threads(threads):
+        return list(_evaluate_record(reader, rec, file, methods, config, device or torch.device("cpu")))
+
+
+def _evaluate_record(
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device
+) -> Iterator[Event]:
+    g = rec.load().to(device)
+    layer = rec.layer
+    bad = int((~torch.isfinite(g)).sum())
+    if bad:
+        yield ErrorEntry(
+            file, layer.name, rec.name,
+            f"{file}: layer {layer.name} record {rec.name}: {bad} of {g.numel()} gradient values are NaN/Inf;"
+            " record skipped, the rest evaluated",
+        )
+        return
+    try:
+        g2 = as_matrix(g, layer)
+    except DumpError as exc:
+        yield ErrorEntry(file, layer.name, rec.name, str(exc))
+        return
+    if g2.numel() == 0:
+        yield ErrorEntry(file, layer.name, rec.name, f"layer {layer.name} record {rec.name}: empty gradient")
+        return
+    zero = not bool(g2.any())
+    operands, gemm_note = _gemm_operands(reader, rec, g, g2, config.axes)
+    if gemm_note:
+        yield Note(gemm_note)
+    for axis in config.axes:
+        for method in methods:
+            parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
+            gen = torch.Generator(device=device).manual_seed(stream_seed(config.seed, *parts))
+            gemm, mc = None, None
+            if axis in operands:
+                a, b = operands[axis]
+                b = b.to(device)
+                gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.pattern).relative()}
+                if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
+                    mc = GemmError(g2, b, axis)
+            m = evaluate_tensor(
+                g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
+                on_sample=mc.add if mc is not None else None, backend=draw_backend(config, device),
+            )
+            if mc is not None:
+                r = mc.result()
+                gemm["mc_mse"], gemm["mc_mse_se"] = r["err"], r["err_se"]
+            if not math.isfinite(m.norm2):
+                top = float(g2.abs().max())
+                yield ErrorEntry(
+                    file, layer.name, rec.name,
+                    f"{file}: layer {layer.name} record {rec.name}: ||dY||^2 overflows float64 (max |dY| = {top:.3g}),"
+                    " so it cannot be weighted against the other records; record skipped, the rest evaluated",
+                )
+                return
+            if gemm is not None and not math.isfinite(gemm["norm2"]):
+                gemm = None  # the product overflows float64: no weight for it in the layer's GEMM error
+            yield RecordResult(
+                file, layer.name, rec.name, rec.step, axis, method, tuple(g2.shape), m.to_dict(), gemm,
+                "all-zero gradient" if zero else None,
+            )
+
+
+def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: ProgressLike = None) -> EvalReport:
+    """Evaluate ``config`` on the dumps at ``paths``; raises :class:`NmgradError` on bad input.
+    ``progress=True`` shows progress (tqdm, or plain lines off a terminal); see :mod:`nmgrad_cli.progress`."""
+    if not paths:
+        raise NmgradError("no dump given: pass at least one .h5 file written by `nmgrad capture`")
+    methods, _ = config.resolve_methods()
+    device = resolve_device(config.device, dist_info())
+    builder = ReportBuilder(config, methods, {"device": str(device), "draw_backend": draw_backend(config, device)})
+    with process_group(dist_info(), torch.device("cpu")):  # under torchrun: records sharded over ranks
+        for event in iter_evaluate(paths, config, progress):
+            builder.add(event)
+    return builder.report()
