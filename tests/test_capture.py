@@ -149,8 +149,9 @@ def test_a_leftover_partial_of_a_dead_capture_is_reused(tmp_path):
 
 def _spawn(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "nmgrad_cli", "capture", "--model", "mlp", "--steps", "100000", "--quiet",
-           "--out", str(out), *extra]
+    # --every 10: the writer keeps up, so a SIGTERM does not wait for a long queue to be written
+    cmd = [sys.executable, "-m", "nmgrad_cli", "capture", "--model", "mlp", "--steps", "100000", "--every", "10",
+           "--quiet", "--out", str(out), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
