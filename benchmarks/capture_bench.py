@@ -50,7 +50,7 @@ def bench_once(model: str, steps: int, skip: int, compression: str, folder: Path
 
     cfg = CaptureConfig(model=model, warmup=steps, steps=steps, every=1, compression=compression,
                         out=str(folder / f"{model}.h5"), force=True, device="cpu")
-    result = run_capture(cfg, progress=progress, handle_signals=False)
+    result = run_capture(cfg, on_step=progress, handle_signals=False)
     t_end = time.perf_counter()
     d = [b - a for a, b in zip(stamps, stamps[1:])]  # d[i]: step i + 1
     base = d[skip:steps - 1]

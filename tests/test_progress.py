@@ -84,3 +84,47 @@ def test_auto_progress_lines_off_a_terminal_tqdm_on_one():
 
 def test_format_eta():
     assert format_eta(59.6) == "1:00" and format_eta(3725) == "1:02:05" and format_eta(float("inf")) == "?"
+
+
+# --- one abstraction for every command: train and capture drive the same Progress ---------------
+
+
+def test_train_and_compare_report_steps_through_progress(tmp_path):
+    from nmgrad_cli.train.trainer import TrainConfig, compare, train
+
+    calls: list[tuple[int, int | None, str]] = []
+    cfg = TrainConfig(model="mlp", method="mvue", pattern="2:4", steps=3, batch_size=4, eval_batches=1,
+                      backend="reference", device="cpu")
+    train(cfg, tmp_path / "one", plot=False, progress=lambda *a: calls.append(a))
+    assert calls[0] == (0, 3, "") and [c[0] for c in calls[1:]] == [1, 2, 3]
+    assert all(c[1] == 3 and c[2].startswith("loss ") and "steps/s" in c[2] for c in calls[1:])
+
+    calls.clear()
+    compare(cfg, ["dense", "greedy"], tmp_path / "cmp", plot=False, progress=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == [0, 1, 2, 3, 0, 1, 2, 3]  # restarted for each method
+
+
+def test_capture_reports_steps_and_megabytes_through_progress(tmp_path):
+    from nmgrad_cli.capture import CaptureConfig, run_capture
+
+    calls: list[tuple[int, int | None, str]] = []
+    events = []
+    cfg = CaptureConfig(model="mlp", steps=2, batch_size=4, out=str(tmp_path / "p.h5"))
+    run_capture(cfg, events.append, False, progress=lambda *a: calls.append(a))
+    assert calls[0] == (0, 2, "")
+    steps = [c for c in calls[1:] if c[2].startswith("recorded")]
+    assert [c[0] for c in steps] == [1, 2] and steps[-1][2].startswith("recorded 2/2, ")
+    assert [e.step for e in events if not e.draining] == [1, 2]  # the structured events still arrive
+
+
+def test_line_progress_off_a_terminal_for_train(tmp_path):
+    """Off a terminal a long train prints plain lines (interval 0 here: every step) on the stream."""
+    from nmgrad_cli.train.trainer import TrainConfig, train
+
+    buf = io.StringIO()
+    cfg = TrainConfig(model="mlp", method="greedy", pattern="1:2", steps=2, batch_size=4, eval_batches=1,
+                      backend="reference", device="cpu")
+    train(cfg, tmp_path / "r", plot=False, progress=LineProgress(buf, interval=0.0, unit="steps"))
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("greedy 1:2: 1/2 (50%)"), lines
+    assert any("2/2 (100%)" in ln and "steps/s" in ln for ln in lines)

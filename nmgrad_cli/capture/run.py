@@ -49,6 +49,7 @@ from torch import nn
 from ..errors import Interrupted, NmgradError
 from ..models import build_task
 from ..outputs import check_output
+from ..progress import ProgressLike, resolve_progress
 from ..sites import ParamIndex, SiteMode, site_report
 from ..train.distributed import (
     DistInfo,
@@ -136,18 +137,39 @@ def _optimizer(config: CaptureConfig, model: nn.Module) -> torch.optim.Optimizer
 
 def run_capture(
     config: CaptureConfig,
-    progress: Callable[[CaptureProgress], None] | None = None,
+    on_step: Callable[[CaptureProgress], None] | None = None,
     handle_signals: bool = True,
+    *,
+    progress: ProgressLike = None,
 ) -> CaptureResult:
     """Train ``config``'s task and write the recorded dY (and X, W) to ``config.out``.
+
+    ``on_step`` gets a :class:`CaptureProgress` after every step (and once more while the writer
+    drains); ``progress`` shows the steps (:mod:`nmgrad_cli.progress`: None silent, True tqdm or
+    plain lines, or a renderer such as the CLI's rich bar), started at the first step.
 
     ``handle_signals``: stop cleanly on SIGINT/SIGTERM (main thread only; handlers restored after).
     Raises :class:`NmgradError` for bad input; see the module docstring for what the file holds.
     """
     info = dist_info()
     device = resolve_device(config.device, info)
-    with process_group(info, device):
-        return _run(config, progress, handle_signals, info, device)
+    with process_group(info, device), resolve_progress(progress, unit="steps") as bar:
+        def show(p: CaptureProgress) -> None:
+            if on_step is not None:
+                on_step(p)
+            if p.step == 1 and not p.draining:  # started here, so setup errors print one line
+                bar.start(p.total_steps, "capture")
+            bar.update(p.step, _progress_info(p))
+
+        return _run(config, show, handle_signals, info, device)
+
+
+def _progress_info(p: CaptureProgress) -> str:
+    """What the progress line shows: recorded steps and MB, or what is left to write at the end."""
+    if p.draining and p.bytes_recorded > p.bytes_written:
+        return f"writing the last {(p.bytes_recorded - p.bytes_written) / 1e6:.1f} MB (a repeated Ctrl-C drops them)"
+    return (f"recorded {p.recorded}/{p.total_recorded}, {p.bytes_recorded / 1e6:.1f} MB "
+            f"({p.bytes_written / 1e6:.1f} written)")
 
 
 def _run(config, progress, handle_signals, info: DistInfo, device: torch.device) -> CaptureResult:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..capture import MODULE_TYPES, CaptureConfig, CaptureProgress, run_capture
+from ..capture import MODULE_TYPES, CaptureConfig, run_capture
 from ..capture.config import AMP, OPTIMIZERS
 from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
 from .common import console, err_console, user_errors
+from .progress import cli_progress
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
@@ -84,29 +84,7 @@ def capture(
             batch_size=batch_size, optimizer=_choice(optimizer, OPTIMIZERS, "--optimizer"), lr=lr, device=device,
             amp=_choice(amp, AMP, "--amp"), data_dir=str(data_dir) if data_dir else None, force=force,
         )
-        bar = Progress(
-            TextColumn("[bold]capture[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-            TextColumn("{task.fields[rec]}"), TimeElapsedColumn(),
-            console=err_console, disable=quiet, transient=False,
-        )
-        task = bar.add_task("steps", total=config.warmup + config.steps, rec="")
-
-        def show(p: CaptureProgress) -> None:
-            if not bar.live.is_started:  # started at the first step, so setup errors print one line
-                bar.start()
-            rec = (
-                f"recorded {p.recorded}/{p.total_recorded}, {p.bytes_recorded / 1e6:.1f} MB "
-                f"({p.bytes_written / 1e6:.1f} written)"
-            )
-            if p.draining and p.bytes_recorded > p.bytes_written:
-                rec = (f"writing the last {(p.bytes_recorded - p.bytes_written) / 1e6:.1f} MB "
-                       "(a repeated Ctrl-C drops them)")
-            bar.update(task, completed=p.step, rec=rec)
-
-        try:
-            result = run_capture(config, progress=show)
-        finally:
-            bar.stop()
+        result = run_capture(config, progress=cli_progress(quiet, unit="steps"))
     prefix = f"rank {result.rank}: " if result.world_size > 1 else ""
     for name, why in result.skipped:
         err_console.print(

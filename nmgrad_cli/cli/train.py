@@ -14,13 +14,13 @@ import torch
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..train import trainer as lib
 from ..train.distributed import dist_info
 from ..train.plot import plot_available
 from .common import check_new_file, console, err_console, fail, user_errors, write_json
+from .progress import cli_progress
 
 
 def train(
@@ -100,11 +100,11 @@ def train(
         # with --json - stdout carries only the JSON: tables and progress go to stderr
         shown = err_console if json_out is not None and str(json_out) == "-" else console
         quiet = not info.is_main
-        with _progress(shown, quiet) as hooks:
-            if methods is not None:
-                summaries = lib.compare(cfg, methods, out, force=force, hooks=hooks, plot=not no_plot)
-            else:
-                summaries = [lib.train(cfg, out, force=force, hooks=hooks, plot=not no_plot)]
+        bar = cli_progress(quiet, unit="steps")  # on stderr: rich on a terminal, plain lines in logs
+        if methods is not None:
+            summaries = lib.compare(cfg, methods, out, force=force, plot=not no_plot, progress=bar)
+        else:
+            summaries = [lib.train(cfg, out, force=force, plot=not no_plot, progress=bar)]
         if quiet:
             return
         render(summaries, cfg, shown)
@@ -132,39 +132,6 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
 
 
-class _progress:
-    """A rich progress bar per run (loss, accuracy, steps/s), fed by the trainer's hooks."""
-
-    def __init__(self, console: Console, quiet: bool):
-        self.quiet = quiet
-        self.bar = Progress(
-            TextColumn("{task.description:<16}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} steps/s"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-            disable=quiet,
-        )
-        self.task = None
-
-    def __enter__(self) -> lib.Hooks:
-        self.bar.__enter__()
-        return lib.Hooks(start=self._start, step=self._step)
-
-    def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
-
-    def _start(self, label: str, total: int) -> None:
-        self.task = self.bar.add_task(label, total=total, loss="-", acc="-", speed="-")
-
-    def _step(self, _label: str, rec: dict) -> None:
-        acc = "-" if rec["acc"] is None else f"{rec['acc']:.3f}"
-        speed = f"{rec['steps_per_s']:.1f}"
-        self.bar.update(self.task, completed=rec["step"], loss=_fmt(rec["loss"]), acc=acc, speed=speed)
-
-
 def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return "-"
@@ -176,10 +143,10 @@ def render(summaries: list[lib.RunSummary], cfg: lib.TrainConfig, console: Conso
     lm = any(s.kind == "language-model" for s in summaries)
     failed = any(s.diverged for s in summaries)
     title = f"nmgrad train · {cfg.model} · {cfg.steps} steps · seed {cfg.seed}"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("run", style="bold", no_wrap=True)
     table.caption = "train loss: final (mean of the last steps); eval: held-out data"
-    for name in ["steps", "train loss", "eval loss", "eval acc", *(["eval ppl"] if lm else []), "wall s"]:
+    for name in ["steps", "train loss", "eval loss", "eval acc", *(["eval ppl"] if lm else []), "steps/s", "wall s"]:
         table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     if failed:
         table.add_column("status", no_wrap=True)
@@ -187,7 +154,7 @@ def render(summaries: list[lib.RunSummary], cfg: lib.TrainConfig, console: Conso
         row = [s.label, str(s.steps_done), _fmt(s.final_train_loss), _fmt(s.eval_loss), _fmt(s.eval_acc)]
         if lm:
             row.append(_fmt(s.eval_ppl, 2))
-        row.append(f"{s.wall_s:.1f}")
+        row += [f"{s.steps_per_s:.1f}", f"{s.wall_s:.1f}"]
         if failed:
             row.append("[red]diverged[/]" if s.diverged else "ok")
         table.add_row(*row)
