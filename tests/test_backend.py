@@ -193,3 +193,27 @@ def test_backend_record_of_an_impossible_choice_says_why():
 
     rec = mc_backends("2:8", ["mvue"], backend="fused")["mvue"]
     assert rec["choice"] == "fused" and "no fused kernel for mvue 2:8" in rec["error"]
+
+
+def test_evaluate_parses_its_pattern_once_not_per_record(monkeypatch, tmp_path):
+    """evaluate passes its config's Pattern to every prune and GEMM-metric call: no N:M string is
+    parsed per record (the dump has X and W, so the GEMM path runs too)."""
+    from _dumps import make_mlp_dump
+
+    from nmgrad_cli.evaluate import EvalConfig, evaluate
+
+    dump = make_mlp_dump(tmp_path / "d.h5", steps=2)
+    config = EvalConfig(methods=("mvue", "greedy"), samples=2, axis="both")
+    assert config.parsed_pattern is config.parsed_pattern
+
+    class Counting:
+        calls = 0
+
+        def match(self, text):
+            Counting.calls += 1
+            return real.match(text)
+
+    real = patterns._PATTERN_RE
+    monkeypatch.setattr(patterns, "_PATTERN_RE", Counting())
+    report = evaluate([dump], config)
+    assert len(report.records) >= 6 and Counting.calls == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -10,7 +11,7 @@ from ..dump.reader import parse_steps
 from ..errors import NmgradError, PatternError
 from ..layers import parse_layers
 from ..methods import METHODS, get_method
-from ..patterns import parse_pattern
+from ..patterns import Pattern, parse_pattern
 
 AXES = ("features", "tokens")
 AXIS_DIM = {"features": -1, "tokens": 0}
@@ -61,8 +62,13 @@ class EvalConfig:
     """torch threads while evaluating; 0 = auto (:func:`nmgrad_cli.evaluate.run.thread_policy`:
     1 for records under 2^22 elements, where extra threads only stall on a busy machine)."""
 
+    @functools.cached_property
+    def parsed_pattern(self) -> Pattern:
+        """``pattern`` parsed once (the string stays the field, for the JSON outputs)."""
+        return parse_pattern(self.pattern)
+
     def __post_init__(self) -> None:
-        parse_pattern(self.pattern)
+        self.parsed_pattern  # noqa: B018 (validates, and caches the Pattern every record uses)
         if self.axis not in ("features", "tokens", "both"):
             raise NmgradError(f"axis '{self.axis}' is unknown: choose features, tokens or both")
         if self.samples < 0:
@@ -90,7 +96,7 @@ class EvalConfig:
             if not self.methods:
                 raise NmgradError("no method given: name at least one, e.g. --methods mvue,greedy")
             for name in self.methods:
-                get_method(name).check(parse_pattern(self.pattern))
+                get_method(name).check(self.parsed_pattern)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -100,7 +106,7 @@ class EvalConfig:
         """(methods to run, notes on the registered ones skipped because undefined for the pattern)."""
         if self.methods is not None:
             return list(dict.fromkeys(self.methods)), []
-        pat = parse_pattern(self.pattern)
+        pat = self.parsed_pattern
         names, notes = [], []
         for name, meth in METHODS.items():
             try:

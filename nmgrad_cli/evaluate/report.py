@@ -144,7 +144,7 @@ class EvalReport:
         except NmgradError:  # e.g. --device cuda on a machine without one: the report is still written
             device = torch.device("cpu")
         drawn_by = draw_backend(self.config.backend, device)
-        return mc_backends(self.config.pattern, self.methods, torch.float32, device, drawn_by)
+        return mc_backends(self.config.parsed_pattern, self.methods, torch.float32, device, drawn_by)
 
     def to_dict(self) -> dict:
         return {

@@ -28,6 +28,7 @@ from ..dump.reader import select_records
 from ..errors import DumpError, NmgradError
 from ..layers import LayerSelectionError, layer_matches, no_match_message, parse_layers
 from ..metrics import evaluate_tensor, gemm_moments
+from ..patterns import Pattern
 from ..progress import ProgressLike, resolve_progress
 from ..prune import prune
 from ..train.distributed import dist_info, process_group, resolve_device
@@ -95,7 +96,7 @@ class GemmError:
 
 
 def gemm_error(
-    g: torch.Tensor, other: torch.Tensor, method: str, pattern: str, axis: str, samples: int, generator=None
+    g: torch.Tensor, other: torch.Tensor, method: str, pattern: Pattern, axis: str, samples: int, generator=None
 ) -> dict:
     """:class:`GemmError` of ``samples`` draws of ``method`` on g (T, F) along ``axis``."""
     acc = GemmError(g, other, axis)
@@ -397,11 +398,11 @@ def _evaluate_record(
             if axis in operands:
                 a, b = operands[axis]
                 b = b.to(device)
-                gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.pattern).relative()}
+                gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.parsed_pattern).relative()}
                 if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
                     mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
-                g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
+                g2, method, config.parsed_pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
                 on_sample=mc.add if mc is not None else None, backend=draw_backend(config.backend, device),
             )
             if mc is not None:
