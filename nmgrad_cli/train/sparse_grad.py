@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import NmgradError
 from ..layers import layer_matches, parse_layers
+from ..patterns import Pattern
 from ..prune import prune
 from ..sites import Site
 from .config import SparseGradConfig
@@ -184,7 +185,7 @@ def layer_seed(seed: int, name: str, offset: int = 0) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) + int(offset) * 7_919_993) % (1 << 62)
 
 
-def weight_nm_mask(weight: torch.Tensor, pattern: str) -> torch.Tensor:
+def weight_nm_mask(weight: torch.Tensor, pattern: str | Pattern) -> torch.Tensor:
     """Boolean-valued (weight dtype) mask keeping the N largest |W| per M consecutive in-features.
 
     In-features are dim 1 onward flattened (I for Linear (F, I), I*kh*kw for Conv2d (C, I, kh, kw))."""
@@ -201,7 +202,7 @@ class _SparseGradMixin:
         self.layer_name = name
         self.seed = layer_seed(cfg.seed, name, seed_offset)
         self._generators: dict[torch.device, torch.Generator] = {}
-        mask = None if cfg.weight_pattern is None else weight_nm_mask(self.weight, cfg.weight_pattern)
+        mask = None if cfg.weight_pattern is None else weight_nm_mask(self.weight, cfg.parsed_weight_pattern)
         # not persistent: the state_dict keeps the dense layer's keys
         self.register_buffer("weight_mask", mask, persistent=False)
 
@@ -215,7 +216,7 @@ class _SparseGradMixin:
     def refresh_weight_mask_(self) -> None:
         """Recompute the N:M magnitude mask of the weight (no-op without a weight pattern)."""
         if self.cfg.weight_pattern is not None:
-            self.weight_mask = weight_nm_mask(self.weight, self.cfg.weight_pattern)
+            self.weight_mask = weight_nm_mask(self.weight, self.cfg.parsed_weight_pattern)
 
     def _gen_for(self, x: torch.Tensor) -> torch.Generator | None:
         return self.generator(x.device) if self.cfg.prunes else None
@@ -405,7 +406,7 @@ class SparseGradSites:
             return None
         mask = self._masks.get(site.name)
         if mask is None:
-            mask = self._masks[site.name] = weight_nm_mask(w, self.cfg.weight_pattern)
+            mask = self._masks[site.name] = weight_nm_mask(w, self.cfg.parsed_weight_pattern)
         return mask
 
     def __call__(self, site: Site, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: dict | None):
