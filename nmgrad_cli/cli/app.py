@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import capture, evaluate, inspect, methods, train
+from . import capture, compare, evaluate, inspect, methods, train
 
 app = typer.Typer(
     name="nmgrad",
@@ -19,6 +19,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("train")(train.train)
 app.command("capture")(capture.capture)
 app.command("inspect")(inspect.inspect)
+app.command("compare")(compare.compare)
 
 
 def _version(value: bool) -> None:
