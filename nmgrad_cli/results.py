@@ -65,7 +65,7 @@ class Results:
         return pd.DataFrame(getattr(self, level))
 
 
-def _flat(row: dict) -> dict:
+def flat_row(row: dict) -> dict:
     """A row with its nested ``gemm`` dict spread into ``gemm_*`` columns (None when absent)."""
     out = {k: v for k, v in row.items() if k not in ("gemm", "metrics")}
     out.update(row.get("metrics") or {})
@@ -89,9 +89,9 @@ def parse(payload, source: str = "<dict>") -> Results:
             config=payload["config"],
             methods=list(payload.get("methods") or []),
             files=list(payload.get("files") or []),
-            records=[_flat(r) for r in payload["records"]],
-            layers=[_flat(r) for r in payload["layers"]],
-            summary=[_flat(r) for r in payload["summary"]],
+            records=[flat_row(r) for r in payload["records"]],
+            layers=[flat_row(r) for r in payload["layers"]],
+            summary=[flat_row(r) for r in payload["summary"]],
         )
     except (TypeError, AttributeError):
         raise ResultsError(f"{source} is not an evaluation: its rows are not the objects evaluate writes") from None
