@@ -37,3 +37,9 @@ class OutputExistsError(OutputError):
 
 class ImportSpecError(NmgradError):
     """A ``package.module:factory`` spec that cannot be imported or whose factory raised."""
+
+
+class Interrupted(NmgradError):
+    """Stopped by SIGINT/SIGTERM before anything worth keeping was written."""
+
+    exit_code = 130

@@ -35,11 +35,14 @@ def test_capture_then_inspect_and_force(tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_in_proj_skip_is_reported(tmp_path):
-    r = run("--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--steps", "1",
-            "--quiet", "--out", tmp_path / "e.h5")
+def test_not_intercepted_is_reported_and_strict_fails(tmp_path):
+    args = ["--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--steps", "1", "--quiet"]
+    r = run(*args, "--out", tmp_path / "e.h5")
     assert r.exit_code == 0, r.output
-    assert "encoder.layers.0.self_attn.in_proj skipped: bare parameter" in " ".join(r.stderr.split())
+    assert "emb.weight not intercepted: used by embedding" in " ".join(r.stderr.split())
+    assert "encoder.layers.0.self_attn.in_proj.q, encoder.layers.0.self_attn.in_proj.k" in " ".join(r.stdout.split())
+    assert_user_error(run(*args, "--strict", "--out", tmp_path / "s.h5"), "--strict: 1 parameter(s) got gradients")
+    assert not (tmp_path / "s.h5").exists() and not (tmp_path / "s.h5.partial").exists()
 
 
 @pytest.mark.parametrize(
@@ -63,9 +66,12 @@ def test_in_proj_skip_is_reported(tmp_path):
          "must yield (input, target) pairs"),
         (["--model", "tests.user_models:encoder", "--data", "tests.user_models:wrong_shape_batches"],
          "training step 0 failed"),
-        (["--model", "tests.user_models:no_layers", "--data", "tests.user_models:tokens"], "no Linear/Conv1d/Conv2d"),
-        (["--model", "mlp", "--layers", "conv*"], "no Linear/Conv1d/Conv2d layer matches --layers 'conv*': the model"),
-        (["--model", "mlp", "--module-types", "Conv2d"], "the model has no Conv2d layers"),
+        (["--model", "tests.user_models:no_layers", "--data", "tests.user_models:tokens"],
+         "made no linear or convolution GEMM"),
+        (["--model", "mlp", "--layers", "conv*"],
+         "no Linear/Conv1d/Conv2d/Conv3d GEMM site matches --layers 'conv*': the names are fc1"),
+        (["--model", "mlp", "--layers", ","], "--layers ',' holds no glob"),
+        (["--model", "mlp", "--module-types", "Conv2d"], "the model has no Conv2d GEMM site: its GEMM sites are fc1"),
         (["--model", "mlp", "--module-types", "Dense"], "unknown module type 'Dense'"),
         (["--model", "mlp", "--steps", "0"], "--steps must be >= 1"),
         (["--model", "mlp", "--every", "0"], "--every must be >= 1"),
@@ -76,7 +82,7 @@ def test_in_proj_skip_is_reported(tmp_path):
         (["--model", "mlp", "--amp", "fp8"], "--amp 'fp8' is unknown"),
         (["--model", "mlp", "--max-bytes", "lots"], "--max-bytes 'lots' is not a size"),
         (["--model", "mlp", "--max-bytes", "10"], "smaller than one recorded step"),
-        (["--model", "mlp", "--device", "tpu9"], "is not a torch device"),
+        (["--model", "mlp", "--device", "tpu9"], "--device 'tpu9' is unknown: use auto, cpu, cuda or cuda:N"),
         (["--model", "mlp", "--lr", "0"], "--lr must be > 0"),
         (["--model", "mlp", "--threads", "-1"], "--threads must be >= 0"),
         (["--model", "mlp", "--data-dir", "/nonexistent/folder"], "sample data file /nonexistent/folder/digits.npz"),

@@ -1,4 +1,8 @@
-"""Recorded dY against torch.autograd.grad of the same graph w.r.t. each layer's output (exact)."""
+"""Recorded dY against torch.autograd.grad of the same graph w.r.t. each layer's output (exact).
+
+The recorder is the capture handler of the GEMM-site interception (nmgrad_cli.sites); the site kinds
+it has no module hooks for (HF Conv1D, MultiheadAttention's q/k/v/out projections, Conv3d) are
+tested in tests/test_sites.py."""
 
 from __future__ import annotations
 
@@ -8,20 +12,22 @@ import pytest
 import torch
 from torch import nn
 
-from nmgrad_cli.capture import GradRecorder, dy_axes, select_layers
+from nmgrad_cli.capture import SiteRecorder, dy_axes
 from nmgrad_cli.errors import NmgradError
+from nmgrad_cli.sites import ParamIndex, SiteMode, site_report
+
+TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
-def record(model: nn.Module, x: torch.Tensor, layers=None, types=("Linear", "Conv1d", "Conv2d"), inputs=False):
+def record(model: nn.Module, x: torch.Tensor, layers=None, types=TYPES, inputs=False, amp=False):
     """{(name, kind, call): tensor} from one backward of sum(model(x)**2) with the recorder on."""
-    targets, _ = select_layers(model, layers, types)
     got = {}
-    rec = GradRecorder(targets, lambda i, kind, call, t: got.__setitem__((targets[i].name, kind, call), t), inputs)
-    with rec:
-        rec.start_step()
-        loss = model(x).pow(2).sum()
-        loss.backward()
-        rec.stop_step()
+    rec = SiteRecorder(layers, types, lambda site, kind, call, t: got.__setitem__((site.name, kind, call), t), inputs)
+    rec.start_step()
+    with SiteMode(ParamIndex(model), rec), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    out.float().pow(2).sum().backward()
+    rec.stop_step()
     return got
 
 
@@ -131,46 +137,12 @@ def test_with_inputs_stores_x_and_the_weight_used():
     torch.testing.assert_close(g.T @ x1, model[2].weight.grad)
 
 
-def test_multihead_attention_out_proj_is_captured_and_in_proj_reported():
-    from tests.user_models import Encoder
-
-    torch.manual_seed(5)
-    model = Encoder().train()
-    targets, skipped = select_layers(model, None, ("Linear",))
-    names = [t.name for t in targets]
-    assert "encoder.layers.0.self_attn.out_proj" in names and "encoder.layers.1.linear2" in names
-    assert [n for n, _ in skipped] == ["encoder.layers.0.self_attn.in_proj", "encoder.layers.1.self_attn.in_proj"]
-    x = torch.randint(0, 17, (3, 6))
-    got = record(model, x, types=("Linear",))
-    # reference: autograd.grad w.r.t. the attention module's output, which is out_proj's output
-    outs = {}
-    mhas = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    hs = [m.register_forward_hook(lambda _m, _i, y, n=n: outs.__setitem__(n, y[0])) for n, m in mhas.items()]
-    model.zero_grad()
-    loss = model(x).pow(2).sum()
-    for h in hs:
-        h.remove()
-    refs = torch.autograd.grad(loss, list(outs.values()), retain_graph=True)
-    for n, r in zip(outs, refs):
-        assert torch.equal(got[(f"{n}.out_proj", "grad", 0)], r)
-    loss.backward()
-    for n, m in mhas.items():  # and it is the dY behind out_proj's bias gradient
-        torch.testing.assert_close(got[(f"{n}.out_proj", "grad", 0)].sum((0, 1)), m.out_proj.bias.grad)
-
-
 def test_bf16_autocast_gradients_keep_their_dtype():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
     x = torch.randn(4, 8)
-    targets, _ = select_layers(model, None, ("Linear",))
-    got = {}
-    rec = GradRecorder(targets, lambda i, kind, call, t: got.__setitem__(targets[i].name, t))
-    with rec:
-        rec.start_step()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().pow(2).sum().backward()
-    assert got["0"].dtype == torch.bfloat16 and got["2"].dtype == torch.bfloat16
+    got = record(model, x, amp=True)
+    assert got[("0", "grad", 0)].dtype == torch.bfloat16 and got[("2", "grad", 0)].dtype == torch.bfloat16
     outputs = []
     ref_model = no_inplace(model)
     hs = [ref_model[i].register_forward_hook(lambda _m, _i, y: outputs.append(y)) for i in (0, 2)]
@@ -179,33 +151,51 @@ def test_bf16_autocast_gradients_keep_their_dtype():
     for h in hs:
         h.remove()
     ref = torch.autograd.grad(out.float().pow(2).sum(), outputs)
-    assert torch.equal(got["0"], ref[0]) and torch.equal(got["2"], ref[1])
+    assert torch.equal(got[("0", "grad", 0)], ref[0]) and torch.equal(got[("2", "grad", 0)], ref[1])
 
 
 def test_recorder_off_records_nothing():
     model = nn.Sequential(nn.Linear(3, 3))
-    targets, _ = select_layers(model, None, ("Linear",))
     got = []
-    with GradRecorder(targets, lambda *a: got.append(a)):
-        model(torch.randn(2, 3)).sum().backward()
+    with SiteMode(ParamIndex(model), SiteRecorder(None, TYPES, lambda *a: got.append(a))):
+        out = model(torch.randn(2, 3))
+    out.sum().backward()
     assert got == []
 
 
-def test_select_layers_globs_types_and_errors():
+def first_step(model, x, layers=None, types=TYPES, strict=False):
+    """The site report of one step of ``model`` on ``x`` with the capture handler."""
+    index = ParamIndex(model)
+    rec = SiteRecorder(layers, types, lambda *a: None)
+    with SiteMode(index, rec) as mode:
+        out = model(x)
+    out.float().pow(2).sum().backward()
+    return site_report(index, mode, list(rec.selected.values()), layers, strict, what="/".join(types) + " GEMM site")
+
+
+def test_site_selection_globs_types_and_errors():
     from nmgrad_cli.models import gpt
+    from nmgrad_cli.sites import NotInterceptedError
 
     model = gpt(vocab_size=11, block_size=8)
-    targets, _ = select_layers(model, "blocks.0.attn.*,lm_head", ("Linear",))
-    assert [t.name for t in targets] == [f"blocks.0.attn.{p}" for p in ("q", "k", "v", "proj")] + ["lm_head"]
-    with pytest.raises(NmgradError, match=r"no Linear layer matches --layers 'nope\*': the model has blocks.0.attn.q"):
-        select_layers(model, "nope*", ("Linear",))
-    with pytest.raises(NmgradError, match="has no Conv2d layers"):
-        select_layers(model, None, ("Conv2d",))
+    x = torch.randint(0, 11, (2, 8))
+    report = first_step(model, x, "blocks.0.attn.*,lm_head", ("Linear",))
+    assert [s.name for s in report.selected] == [f"blocks.0.attn.{p}" for p in ("q", "k", "v", "proj")] + ["lm_head"]
+    # the embeddings get gradients but are no GEMM: reported, with the reason
+    why = "used by embedding, not a linear/conv GEMM"
+    assert dict(report.not_intercepted) == {"wte.weight": why, "wpe.weight": why}
+    with pytest.raises(NmgradError, match=r"no Linear GEMM site matches --layers 'nope\*': the names are blocks.0"):
+        first_step(model, x, "nope*", ("Linear",))
+    with pytest.raises(NmgradError, match="the model has no Conv2d GEMM site: its GEMM sites are blocks.0"):
+        first_step(model, x, None, ("Conv2d",))
+    with pytest.raises(NotInterceptedError, match=r"--strict: 2 parameter\(s\) got gradients outside every GEMM site"):
+        first_step(model, x, strict=True)
 
 
 @pytest.mark.parametrize(
     ("kind", "ndim", "axes"),
-    [("Linear", 2, (-1, (0,))), ("Linear", 3, (-1, (0, 1))), ("Conv1d", 3, (1, (0, 2))), ("Conv2d", 4, (1, (0, 2, 3)))],
+    [("Linear", 2, (-1, (0,))), ("Linear", 3, (-1, (0, 1))), ("Conv1d", 3, (1, (0, 2))), ("Conv2d", 4, (1, (0, 2, 3))),
+     ("Conv3d", 5, (1, (0, 2, 3, 4)))],
 )
 def test_dy_axes(kind, ndim, axes):
     assert dy_axes(kind, ndim) == axes
@@ -240,7 +230,8 @@ def test_stream_writer_bounds_its_queue_and_reports_thread_errors(tmp_path):
     s.write("undeclared", "grad", 0, 0, torch.zeros(2, 2))  # fails on the writer thread
     with pytest.raises(DumpError, match="failed: KeyError"):
         s.flush()
-    s.close()
+    with pytest.raises(DumpError, match="failed: KeyError"):  # closing says it again
+        s.close()
     with DumpReader(tmp_path / "s.h5") as d:
         assert d.attrs["steps_completed"] == 20 and not d.attrs["complete"]
         assert torch.equal(d.load("a", "grad", "s0000007c000"), torch.full((32, 32), 7.0))

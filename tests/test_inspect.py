@@ -43,6 +43,17 @@ def test_inspect_table_and_json(dump):
     assert [li["name"] for li in d["layers"]][-1] == "fc" and d["run"]["every"] == 2
 
 
+def test_inspect_layers_is_the_shared_selection(dump):
+    r = runner.invoke(app, ["inspect", str(dump), "--json", "--layers", "stem.0,layer2.*"])
+    assert r.exit_code == 0, r.output
+    names = [li["name"] for li in json.loads(r.stdout)["layers"]]
+    assert names[0] == "stem.0" and len(names) > 1 and all(n == "stem.0" or n.startswith("layer2.") for n in names)
+    r = runner.invoke(app, ["inspect", str(dump), "--layers", "fc1,fc2"])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1
+    assert "no dump layer matches --layers 'fc1,fc2': the names are stem.0" in lines[0]
+
+
 def test_inspect_bad_files(tmp_path):
     (tmp_path / "t.txt").write_text("hello")
     for path, match in [(tmp_path / "nope.h5", "no such file"), (tmp_path / "t.txt", "not an HDF5 file"),

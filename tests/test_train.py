@@ -137,7 +137,7 @@ def test_bad_configs_raise_one_line_errors(tmp_path):
     with pytest.raises(MethodError, match="unknown method 'nope'"):
         compare(tiny("mlp"), ["dense", "nope"], tmp_path / "c")
     assert not (tmp_path / "c").exists()  # validated before anything ran
-    with pytest.raises(NmgradError, match="no Linear or Conv2d layer matches --layers 'blocks.*'"):
+    with pytest.raises(NmgradError, match=r"no GEMM site matches --layers 'blocks.\*': the names are fc1, fc2, fc3"):
         train(tiny("mlp", layers="blocks.*"), tmp_path / "l")
     with pytest.raises(NmgradError, match="--model 'resnet9' is neither a built-in model"):
         train(tiny("resnet9"), tmp_path / "m")

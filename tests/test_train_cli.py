@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from _cli import assert_user_error, invoke
 
 FAST = ["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--backend", "reference", "--device", "cpu"]
@@ -48,6 +49,57 @@ def test_single_gpt_run_with_json_on_stdout(tmp_path):
     assert "eval ppl" in r.stderr
 
 
+def test_transformer_encoder_attention_projections_train_with_pruned_gradients(tmp_path, monkeypatch):
+    """torch's own nn.TransformerEncoder: in_proj (as q, k, v) and out_proj are pruned (issue 8)."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "enc"
+    r = run("--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--layers", "*self_attn*",
+            "--compare", "dense,greedy", "--pattern", "1:2", "--steps", "4", "--backend", "reference",
+            "--device", "cpu", "--out", out, "--json", tmp_path / "t.json", "--no-plot")
+    assert r.exit_code == 0, r.output
+    runs = json.loads((tmp_path / "t.json").read_text())["runs"]
+    attn = [f"encoder.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("in_proj.q", "in_proj.k", "in_proj.v",
+                                                                            "out_proj")]
+    assert runs[0]["layers"] == [] and runs[1]["layers"] == attn
+    dense, greedy = ([json.loads(line)["loss"] for line in (out / m / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(line)] for m in ("dense", "greedy"))
+    assert dense[0] == greedy[0] and dense[1:] != greedy[1:]  # same first forward, then pruning shows
+    assert "sparse-gradient sites (8): encoder.layers.0.self_attn.in_proj.q" in " ".join(r.stdout.split())
+    assert "emb.weight not intercepted: used by embedding" in " ".join(r.stdout.split())
+    config = json.loads((out / "greedy" / "config.json").read_text())["resolved"]
+    assert [s["name"] for s in config["sites"]][:4] == attn[:4]
+    assert config["not_intercepted"] == {"emb.weight": "used by embedding, not a linear/conv GEMM"}
+
+
+def test_train_capture_records_a_sparse_run_that_inspect_and_evaluate_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = ["--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--layers", "*self_attn*",
+            "--pattern", "1:2", "--steps", "4", "--backend", "reference", "--device", "cpu", "--no-plot",
+            "--capture", tmp_path / "g.h5", "--capture-every", "2", "--capture-with-inputs"]
+    r = run(*args, "--compare", "dense,greedy", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    from nmgrad_cli.dump import DumpReader
+
+    grads = {}
+    for m in ("dense", "greedy"):
+        with DumpReader(tmp_path / f"g.{m}.h5") as d:
+            assert d.attrs["complete"] and d.attrs["steps_completed"] == 2  # steps 0 and 2 of 4
+            assert list(d.layers)[:4] == [f"encoder.layers.0.self_attn.{p}" for p in
+                                          ("in_proj.q", "in_proj.k", "in_proj.v", "out_proj")]
+            assert d.attrs["run"]["recorded_by"] == "nmgrad train --capture"
+            grads[m] = [d.load(layer, "grad", rec) for rec in ("s0000000c000", "s0000002c000")
+                        for layer in ("encoder.layers.1.self_attn.out_proj", "encoder.layers.0.self_attn.in_proj.q")]
+    # the last pruned site sees the same dY at step 0 (same init and data, nothing pruned above it), the
+    # first one does not (pruned dX from above); by step 2 the weights differ too
+    same = [torch.equal(a, b) for a, b in zip(grads["dense"], grads["greedy"])]
+    assert same == [True, False, False, False]
+    assert invoke("inspect", tmp_path / "g.greedy.h5").exit_code == 0
+    r = invoke("evaluate", tmp_path / "g.greedy.h5", "--axis", "both", "--methods", "greedy", "--samples", "2")
+    assert r.exit_code == 0 and "encoder.layers.1.self_attn.in_proj.v" in r.stdout, r.output
+    assert_user_error(run(*args, "--method", "greedy", "--capture", tmp_path / "g.greedy.h5", "--out", tmp_path / "p"),
+                      "exists: pass --force")
+
+
 def test_weight_pattern_option(tmp_path):
     r = run("--model", "cnn", "--method", "mvue", "--weight-pattern", "2:4", "--weight-every", "2", *FAST,
             "--out", tmp_path / "w", "--no-plot")
@@ -66,11 +118,15 @@ def test_weight_pattern_option(tmp_path):
         (["--compare", "mvue12", "--pattern", "1:4"], "method 'mvue12' is not defined for pattern 1:4"),
         (["--grad-gemms", "dx,dy"], "unknown grad GEMM 'dy'"),
         (["--weight-pattern", "5:4"], "pattern '5:4' is invalid"),
-        (["--layers", "nothing*"], "no Linear or Conv2d layer matches --layers 'nothing*'"),
+        (["--layers", "nothing*"], "no GEMM site matches --layers 'nothing*': the names are fc1"),
+        (["--layers", "*", "--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens", "--strict"],
+         "--strict: 1 parameter(s) got gradients outside every GEMM site: emb.weight (used by embedding"),
         (["--model", "resnet"], "--model 'resnet' is neither a built-in model"),
         (["--model", "no_such_pkg.mod:make"], "no module named 'no_such_pkg'"),
         (["--data", "imagenet"], "--data 'imagenet' is neither a built-in data set"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--amp", "fp8"], "--amp 'fp8' is unknown: choose one of none, bf16"),
+        (["--capture-every", "0", "--capture", "x.h5"], "--capture-every must be >= 1"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--device", "tpu"], "--device 'tpu' is unknown"),
     ],

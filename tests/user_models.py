@@ -52,7 +52,7 @@ def one_shot_data():
 
 
 def no_layers() -> nn.Module:
-    return nn.Sequential(nn.Embedding(VOCAB, DIM))
+    return nn.Sequential(nn.Embedding(VOCAB, VOCAB))  # trains, but has no GEMM
 
 
 def vector_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,3 +68,19 @@ def wrong_shape_batches(batch_size: int = 4, seed: int = 0):
 
 
 NOT_CALLABLE = 5
+
+
+def classify_batches(batch_size: int = 4, seed: int = 0):
+    """Dict batches (Hugging Face style) for sequence classification: 3 classes by the first token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(4):
+        ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 3})
+    return out
+
+
+def unlabelled_batches(batch_size: int = 4, seed: int = 0):
+    """Dict batches without labels: a Hugging Face model then returns no loss."""
+    ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]

@@ -10,22 +10,21 @@ Hooking semantics: :mod:`.hooks`; what the file holds after an interrupt and und
 """
 
 from .config import MODULE_TYPES, CaptureConfig, parse_module_types
-from .hooks import GradRecorder, Target, dy_axes, select_layers
-from .run import CaptureProgress, CaptureResult, output_path, partial_path, run_capture
-from .stream import StreamWriter
+from .hooks import SiteRecorder, dy_axes
+from .run import CaptureProgress, CaptureResult, output_path, run_capture
+from .stream import CaptureFile, StreamWriter, partial_path
 
 __all__ = [
     "MODULE_TYPES",
     "CaptureConfig",
+    "CaptureFile",
     "CaptureProgress",
     "CaptureResult",
-    "GradRecorder",
     "StreamWriter",
-    "Target",
     "dy_axes",
     "output_path",
     "parse_module_types",
     "partial_path",
     "run_capture",
-    "select_layers",
+    "SiteRecorder",
 ]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
+from ..layers import parse_layers
 
-MODULE_TYPES = ("Linear", "Conv1d", "Conv2d")
+MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 OPTIMIZERS = ("adamw", "sgd")
 AMP = ("none", "bf16")
 
@@ -18,9 +19,12 @@ class CaptureConfig:
     """What to train, what to record, where to write it."""
 
     model: str = "mlp"
-    """Built-in model (mlp, cnn, gpt) or ``package.module:factory`` returning an ``nn.Module``."""
+    """Built-in model (mlp, cnn, gpt), ``package.module:factory`` returning an ``nn.Module``, or
+    ``hf:<folder or hub id>`` (a Hugging Face model, loaded offline)."""
+    hf_task: str = "causal-lm"
+    """For ``hf:`` models: causal-lm (AutoModelForCausalLM) or seq-cls (AutoModelForSequenceClassification)."""
     data: str | None = None
-    """Built-in data (digits, text), ``package.module:factory``, or None for the model's default."""
+    """Built-in data (digits, text), ``text:<file>``, ``package.module:factory``, or None for the model's default."""
     loss: str | None = None
     """Built-in loss (cross_entropy), ``package.module:fn``, or None for cross-entropy."""
     out: str = "capture.h5"
@@ -34,13 +38,17 @@ class CaptureConfig:
     seed: int = 0
     """Seeds the model's initialisation and the data order: same seed, same file contents."""
     layers: str | None = None
-    """Comma-separated globs on module names (e.g. ``blocks.*.mlp.*``); None selects every layer."""
+    """Comma-separated globs on GEMM site names (e.g. ``blocks.*.mlp.*``); None selects every site."""
     module_types: tuple[str, ...] = MODULE_TYPES
-    """Module classes hooked (subclasses included): a subset of Linear, Conv1d, Conv2d."""
+    """GEMM families recorded: a subset of Linear (F.linear, x @ W, addmm), Conv1d, Conv2d, Conv3d."""
+    strict: bool = False
+    """Fail (exit 2) when a parameter of 2+ dims gets a gradient outside every GEMM site."""
     with_inputs: bool = False
     """Also store each call's input X and the weight W it used (records named like the gradient's)."""
-    compression: str = "lzf"
-    """HDF5 compression of every dataset: lzf (fast), gzip (small) or none."""
+    compression: str = "none"
+    """HDF5 compression of every dataset: none, lzf or gzip. None by default: float32 gradients
+    compress 1.00-1.12x with lzf, which made a gpt capture at --every 1 ~2.5x slower than none
+    (benchmarks/capture_bench.py, docs/capture.md "Cost")."""
     max_bytes: int | None = None
     """Stop cleanly before the uncompressed bytes recorded would exceed this budget (None: no limit)."""
     batch_size: int | None = None
@@ -82,8 +90,7 @@ class CaptureConfig:
             raise NmgradError(f"--lr must be > 0, got {self.lr}")
         if not self.queue_mb > 0:
             raise NmgradError(f"queue_mb must be > 0, got {self.queue_mb}")
-        if self.layers is not None and not [g for g in self.layers.split(",") if g.strip()]:
-            raise NmgradError("--layers is empty: give globs on module names, e.g. 'fc*' or 'blocks.*.attn.*'")
+        parse_layers(self.layers)  # a selection with no glob is refused here
 
     @property
     def recorded_steps(self) -> int:

@@ -1,96 +1,27 @@
-"""Record dY = dL/dY of selected layers with forward hooks that attach a tensor hook to the output.
+"""Record dY = dL/dY of the selected GEMM sites: :class:`SiteRecorder`, a handler of
+:class:`~nmgrad_cli.sites.SiteMode`.
 
-Why on the output tensor: a forward hook runs right after the layer, before anything downstream.
-``output.register_hook`` binds the hook to the output's autograd node at that moment, so it receives
-dL/dY of the layer's own output even when an in-place op (``ReLU(inplace=True)``) later rewrites the
-tensor (torch docs, "Behavior of Tensor hooks when Tensor is modified in-place"). Each forward call
-registers its own hook, so a module called k times in one step yields calls 0..k-1.
+The mode hands the recorder every GEMM whose weight is a model parameter (``nn.Linear``, HF
+``Conv1D``'s ``addmm``, convolutions, the q/k/v/out projections inside ``nn.MultiheadAttention``, a
+custom module's ``F.linear``). The recorder computes the GEMM as the model would and registers a
+tensor hook on its output. Why on the output tensor: ``register_hook`` binds to the output's
+autograd node at that moment, so it receives dL/dY of the GEMM's own output even when an in-place op
+(``ReLU(inplace=True)``) later rewrites the tensor. Each call registers its own hook, so a site used
+k times in one step yields calls 0..k-1.
 
-``nn.MultiheadAttention`` does not call its ``out_proj`` module: ``F.multi_head_attention_forward``
-uses ``out_proj.weight`` directly, and the attention output *is* out_proj's output (reshaped from
-(T*B, E) to the module's layout). So ``<mha>.out_proj`` is recorded from the hook on the MHA
-module's first output. The packed input projection ``in_proj_weight`` (or q/k/v_proj_weight) is a
-bare parameter used inside that function: its dY is not observable without changing the model, and
-it is reported as skipped.
+With ``with_inputs`` it also stores the call's input X and the weight in the site's canonical layout:
+W (F, I) for linear-like sites (HF ``Conv1D``'s (I, F) weight transposed, the q/k/v row block of a
+packed ``in_proj_weight``), the convolution weight as it is.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..errors import NmgradError
-
-TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
-
-
-@dataclass(frozen=True)
-class Target:
-    """One recorded layer."""
-
-    name: str
-    """Module path, e.g. ``blocks.0.attn.q`` (``<mha>.out_proj`` for attention output projections)."""
-    module: nn.Module
-    """The module whose forward hook records it (the MHA module for ``out_proj``)."""
-    kind: str
-    """Linear, Conv1d or Conv2d: the GEMM the dY feeds."""
-    weight: torch.nn.Parameter | None
-    """The layer's weight W (stored with ``with_inputs``)."""
-    via_mha: bool = False
-    """Recorded from the MultiheadAttention's output (no input X available)."""
-
-    @property
-    def module_class(self) -> str:
-        return "NonDynamicallyQuantizableLinear" if self.via_mha else type(self.module).__name__
-
-
-def _match(name: str, globs: list[str] | None) -> bool:
-    return globs is None or any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def select_layers(
-    model: nn.Module, layers: str | None, module_types: tuple[str, ...]
-) -> tuple[list[Target], list[tuple[str, str]]]:
-    """(targets in module order, [(name, why skipped)]) for the globs ``layers`` and ``module_types``.
-
-    Raises a one-line error naming some of the model's layers when nothing matches.
-    """
-    globs = [g.strip() for g in layers.split(",") if g.strip()] if layers else None
-    targets: list[Target] = []
-    skipped: list[tuple[str, str]] = []
-    handled: set[int] = set()
-    seen: list[str] = []  # every layer of the selected types, for the error message
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            handled.add(id(m.out_proj))
-            if "Linear" not in module_types:
-                continue
-            prefix = f"{name}." if name else ""
-            proj = [f"{prefix}in_proj"] if m.in_proj_weight is not None else [f"{prefix}{p}_proj" for p in "qkv"]
-            skipped += [(p, "bare parameter inside F.multi_head_attention_forward, not an nn.Linear") for p in proj
-                        if _match(p, globs)]
-            op = f"{prefix}out_proj"
-            seen.append(op)
-            if _match(op, globs):
-                targets.append(Target(op, m, "Linear", m.out_proj.weight, via_mha=True))
-            continue
-        kind = next((t for t in module_types if isinstance(m, TYPES[t])), None)
-        if kind is None or id(m) in handled:
-            continue
-        seen.append(name)
-        if _match(name, globs):
-            targets.append(Target(name, m, kind, m.weight))
-    if not targets:
-        what = "/".join(module_types)
-        if not seen:
-            raise NmgradError(f"the model has no {what} layers to capture: check --module-types (Linear,Conv1d,Conv2d)")
-        shown = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
-        raise NmgradError(f"no {what} layer matches --layers '{layers}': the model has {shown}")
-    return targets, skipped
+from ..layers import layer_matches, parse_layers
+from ..sites import Site, dense_gemm
 
 
 def dy_axes(kind: str, ndim: int) -> tuple[int, tuple[int, ...]]:
@@ -100,8 +31,8 @@ def dy_axes(kind: str, ndim: int) -> tuple[int, tuple[int, ...]]:
     return 1, (0, *range(2, ndim))
 
 
-Sink = Callable[[int, str, int, torch.Tensor], None]
-"""``sink(target_index, kind, call, tensor)``: receives each recorded tensor (already copied)."""
+Sink = Callable[[Site, str, int, torch.Tensor], None]
+"""``sink(site, kind, call, tensor)``: receives each recorded tensor (already copied)."""
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -109,62 +40,114 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
-class GradRecorder:
-    """Hooks ``targets``; while :meth:`recording` is on, sends every dY (and X, W) to ``sink``."""
+class SiteRecorder:
+    """Selects sites by ``--layers`` globs and module types; while :attr:`active`, sends every dY
+    (and X, W) of the selected ones to ``sink``. ``selected`` lists them in first-seen order."""
 
-    def __init__(self, targets: list[Target], sink: Sink, with_inputs: bool = False):
-        self.targets = targets
+    def __init__(
+        self, layers: str | None, module_types: tuple[str, ...], sink: Sink, with_inputs: bool = False,
+        compute=None,
+    ):
+        self.compute = compute
+        """Another site handler (train's sparse-gradient one) that computes the GEMMs; None: dense."""
+        self.globs = parse_layers(layers)
+        self.module_types = module_types
         self.sink = sink
         self.with_inputs = with_inputs
         self.active = False
-        self._calls = [0] * len(targets)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.selected: dict[str, Site] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        """The weight shape of each selected site in its canonical layout ((F, I) for linear-like)."""
+        self._calls: dict[str, int] = {}
+        self._chosen: dict[str, bool] = {}
 
-    def attach(self) -> GradRecorder:
-        for i, t in enumerate(self.targets):
-            self._handles.append(t.module.register_forward_hook(self._forward_hook(i)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def chooses(self, site: Site) -> bool:
+        chosen = self._chosen.get(site.name)
+        if chosen is None:
+            chosen = site.module_type in self.module_types and layer_matches(site.name, self.globs)
+            self._chosen[site.name] = chosen
+        return chosen
 
     def start_step(self) -> None:
         """Record from now on; call indices restart at 0."""
-        self._calls = [0] * len(self.targets)
+        self._calls = {}
         self.active = True
 
     def stop_step(self) -> None:
         self.active = False
 
-    def _forward_hook(self, i: int):
-        target = self.targets[i]
+    def __call__(self, site: Site, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: dict | None):
+        inner = self.compute(site, x, w, b, conv) if self.compute is not None else None
+        if not self.chooses(site):
+            return inner
+        if site.name not in self.selected:
+            self.selected[site.name] = site
+            self.shapes[site.name] = tuple(w.shape)
+        y = dense_gemm(site, x, w, b, conv) if inner is None else inner
+        if not self.active or not y.requires_grad:
+            return y
+        call = self._calls.get(site.name, 0)
+        self._calls[site.name] = call + 1
+        if self.with_inputs:
+            self.sink(site, "input", call, _copy(x))
+            self.sink(site, "weight", call, _copy(w))
 
-        def hook(_module: nn.Module, inputs: tuple, output) -> None:
-            if not self.active or not torch.is_grad_enabled():
-                return
-            y = output[0] if target.via_mha else output
-            if not isinstance(y, torch.Tensor) or not y.requires_grad:
-                return
-            call = self._calls[i]
-            self._calls[i] += 1
-            if self.with_inputs:
-                if not target.via_mha and inputs and isinstance(inputs[0], torch.Tensor):
-                    self.sink(i, "input", call, _copy(inputs[0]))
-                if target.weight is not None:
-                    self.sink(i, "weight", call, _copy(target.weight))
+        def grad_hook(g: torch.Tensor) -> None:
+            if self.active:
+                self.sink(site, "grad", call, _copy(g))
 
-            def grad_hook(g: torch.Tensor) -> None:
-                if self.active:
-                    self.sink(i, "grad", call, _copy(g))
+        y.register_hook(grad_hook)
+        return y
 
-            y.register_hook(grad_hook)
 
-        return hook
+class StepRecords:
+    """The records of the recorded steps: a :class:`SiteRecorder` whose tensors are buffered during
+    a step and then queued to a dump's writer in a fixed order (what ``nmgrad capture`` and
+    ``nmgrad train --capture`` both attach to their step)."""
 
-    def __enter__(self) -> GradRecorder:
-        return self.attach()
+    def __init__(self, layers: str | None, module_types: tuple[str, ...], with_inputs: bool = False, compute=None):
+        self.buffer: list[tuple[Site, str, int, torch.Tensor]] = []
+        self.recorder = SiteRecorder(
+            layers, module_types, lambda site, kind, call, t: self.buffer.append((site, kind, call, t)),
+            with_inputs, compute,
+        )
+        self.declared: set[str] = set()
+        self.seen: set[str] = set()
+        self.steps = 0
 
-    def __exit__(self, *exc) -> None:
-        self.detach()
+    @property
+    def bytes(self) -> int:
+        """Uncompressed bytes buffered for the current step."""
+        return sum(t.numel() * t.element_size() for *_, t in self.buffer)
+
+    def write(self, stream, step: int) -> None:
+        """Declare new sites (in first-seen order) and queue the step's records, then end the step."""
+        sites = list(self.recorder.selected.values())
+        order = {"input": 0, "weight": 1, "grad": 2}
+        rank = {site.name: i for i, site in enumerate(sites)}
+        self.buffer.sort(key=lambda r: (rank[r[0].name], order[r[1]], r[2]))
+        with_grad = {site.name for site, kind, *_ in self.buffer if kind == "grad"}
+        for site in sites:
+            if site.name in self.declared or site.name not in with_grad:
+                continue
+            g = next(r[3] for r in self.buffer if r[0].name == site.name and r[1] == "grad")
+            feature_axis, token_axes = dy_axes(site.module_type, g.dim())
+            stream.add_layer(
+                name=site.name, module_type=site.module_type, feature_axis=feature_axis, token_axes=token_axes,
+                weight_shape=self.recorder.shapes.get(site.name), module_class=site.owner, has_input=True,
+                gemm=site.gemm, parameter=site.param,
+                weight_layout="(F, I/groups, *kernel)" if site.is_conv else "(F, I)",
+                **({"rows": list(site.rows)} if site.rows else {}),
+            )
+            self.declared.add(site.name)
+        for site, kind, call, tensor in self.buffer:
+            if site.name in self.declared:
+                stream.write(site.name, kind, step, call, tensor)
+        stream.step_done(step)
+        self.seen |= with_grad
+        self.steps += 1
+        self.buffer.clear()
+
+    def silent(self) -> list[str]:
+        """Selected sites that received no gradient in any written step."""
+        return [n for n in self.recorder.selected if n not in self.seen] if self.steps else []

@@ -22,10 +22,14 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 
 def capture(
-    model: str = typer.Option(..., "--model", help="mlp, cnn, gpt, or package.module:factory returning an nn.Module."),
+    model: str = typer.Option(
+        ..., "--model", help="mlp, cnn, gpt, package.module:factory returning an nn.Module, or hf:FOLDER "
+        "(a Hugging Face model, offline)."
+    ),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
     data: str = typer.Option(
-        None, "--data", help="digits, text, or package.module:factory returning (input, target) batches "
-        "(default: the built-in model's data; required for your own model)."
+        None, "--data", help="digits, text, text:FILE, or package.module:factory returning (input, target) "
+        "or dict batches (default: the built-in model's data; required for your own model)."
     ),
     loss: str = typer.Option(None, "--loss", help="cross_entropy (default) or package.module:fn(output, target)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dump (.h5); under torchrun one file per rank."),
@@ -34,13 +38,18 @@ def capture(
     warmup: int = typer.Option(0, "--warmup", help="Optimizer steps before recording starts."),
     seed: int = typer.Option(0, "--seed", help="Seed of the model and data: same seed, same file contents."),
     layers: str = typer.Option(
-        None, "--layers", help="Comma-separated globs on module names, e.g. 'fc*,blocks.*.mlp.*'."
+        None, "--layers", help="Comma-separated globs on GEMM site names, e.g. 'fc*,blocks.*.mlp.*'."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail when a 2+-dim parameter gets a gradient outside every GEMM site."
     ),
     module_types: str = typer.Option(
-        ",".join(MODULE_TYPES), "--module-types", help="Hooked module classes: any of Linear,Conv1d,Conv2d."
+        ",".join(MODULE_TYPES), "--module-types", help="GEMM families recorded: any of Linear,Conv1d,Conv2d,Conv3d."
     ),
     with_inputs: bool = typer.Option(False, "--with-inputs", help="Also store each layer's input X and weight W."),
-    compression: str = typer.Option("lzf", "--compression", help="lzf, gzip or none."),
+    compression: str = typer.Option(
+        "none", "--compression", help="none (default: float gradients barely compress), lzf or gzip."
+    ),
     max_bytes: str = typer.Option(
         None, "--max-bytes", help="Byte budget of the recorded tensors (e.g. 500M, 2G); stops cleanly before it."
     ),
@@ -68,8 +77,9 @@ def capture(
         if threads:
             torch.set_num_threads(threads)
         config = CaptureConfig(
-            model=model, data=data, loss=loss, out=str(out), steps=steps, every=every, warmup=warmup, seed=seed,
-            layers=layers, module_types=module_types, with_inputs=with_inputs,
+            model=model, hf_task=hf_task, data=data, loss=loss, out=str(out), steps=steps, every=every, warmup=warmup,
+            seed=seed,
+            layers=layers, module_types=module_types, with_inputs=with_inputs, strict=strict,
             compression=_choice(compression, COMPRESSIONS, "--compression"), max_bytes=parse_bytes(max_bytes),
             batch_size=batch_size, optimizer=_choice(optimizer, OPTIMIZERS, "--optimizer"), lr=lr, device=device,
             amp=_choice(amp, AMP, "--amp"), data_dir=str(data_dir) if data_dir else None, force=force,
@@ -96,7 +106,9 @@ def capture(
             bar.stop()
     prefix = f"rank {result.rank}: " if result.world_size > 1 else ""
     for name, why in result.skipped:
-        err_console.print(f"[yellow]warning:[/] {prefix}{name} skipped: {why}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[yellow]warning:[/] {prefix}{name} not intercepted: {why}", highlight=False, soft_wrap=True
+        )
     if result.silent:
         err_console.print(
             f"[yellow]warning:[/] {prefix}no gradient reached {', '.join(result.silent)} (unused or frozen)",
@@ -104,6 +116,7 @@ def capture(
         )
     how = {"done": "complete", "max-bytes": "complete, stopped at --max-bytes"}.get(result.stopped)
     status = how or f"interrupted ({result.stopped})"
+    console.print(f"{prefix}sites: {', '.join(result.layers)}", highlight=False, soft_wrap=True)
     console.print(
         f"{prefix}wrote {result.path}: {len(result.layers)} layers, {result.steps_recorded} recorded steps "
         f"of {result.steps_run}, {result.bytes_recorded / 1e6:.1f} MB of tensors, "

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..dump.writer import check_output
 from ..errors import NmgradError
+from ..outputs import check_output, write_text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,11 +42,7 @@ def check_new_file(path: Path | None, force: bool) -> None:
 
 
 def write_json(path: Path | None, payload) -> None:
-    """Write ``payload`` as JSON to ``path`` (``-``: stdout)."""
+    """Write ``payload`` as JSON to ``path`` (``-``: stdout), atomically (temporary file, then rename)."""
     if path is None:
         return
-    text = json.dumps(payload, indent=2, sort_keys=False, default=str)
-    if str(path) == "-":
-        sys.stdout.write(text + "\n")
-    else:
-        path.write_text(text + "\n")
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

@@ -6,10 +6,8 @@ fired (the tables are still printed and the outputs written); 2 bad input (one-l
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import enum
-import sys
 from pathlib import Path
 
 import typer
@@ -23,6 +21,7 @@ from .. import evaluate as lib
 from ..errors import NmgradError
 from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
 from ..methods import METHODS
+from ..outputs import atomic_open, check_distinct
 from ..train.distributed import dist_info
 from .common import check_new_file, console, err_console, user_errors, write_json
 from .progress import cli_progress
@@ -120,6 +119,8 @@ def evaluate(
         check_new_file(json_out, force)
         check_new_file(csv_out, force)
         check_new_file(plot_out, force)
+        check_distinct({"--json": json_out, "--csv": csv_out, "--plot": plot_out, "--plan-out": plan_out},
+                       inputs=dumps)
         if recommend:  # the plan: one evaluation per candidate pattern (nmgrad_cli/plan.py)
             if json_out or csv_out or fail_if:
                 raise NmgradError("--recommend writes a plan: leave out --json/--csv/--fail-if (use --plan-out)")
@@ -136,16 +137,13 @@ def evaluate(
         if not main:
             return
         render(report, out)
-        try:
-            write_json(json_out, report.to_dict())
-            if csv_out is not None:
-                write_csv(csv_out, report)
-            if plot_out is not None:
-                from ..plot import plot_results
+        write_json(json_out, report.to_dict())
+        if csv_out is not None:
+            write_csv(csv_out, report)
+        if plot_out is not None:
+            from ..plot import plot_results
 
-                plot_results(report.to_dict(), plot_out)
-        except OSError as exc:  # e.g. a read-only folder, a full disk
-            raise NmgradError(f"cannot write {exc.filename or 'the output'}: {exc.strerror}") from None
+            plot_results(report.to_dict(), plot_out)
         fired = lib.violations(report, thresholds)
     code = 0
     for entry in report.errors:
@@ -278,8 +276,7 @@ def write_csv(path: Path, report: EvalReport) -> None:
         out.update({k: g.get(v, "") for k, v in GEMM_CSV.items()})
         return {**out, "level": level, "gemm": g.get("target", "")}
 
-    with contextlib.ExitStack() as stack:
-        fh = sys.stdout if str(path) == "-" else stack.enter_context(open(path, "w", newline=""))
+    with atomic_open(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
         for row in report.layers:

@@ -12,16 +12,23 @@ from rich.table import Table
 from rich.tree import Tree
 
 from ..capture.summary import summarize
+from ..layers import select_layers
 from .common import console, user_errors, write_json
 
 
 def inspect(
     dump: Path = typer.Argument(..., help="A dump written by `nmgrad capture` (.h5).", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    layers: str = typer.Option(
+        None, "--layers", help="Comma-separated globs on the dump's layer names, e.g. 'fc1,blocks.*.mlp.*'."
+    ),
 ) -> None:
     """Show a dump's layers, shapes, steps, dtypes, sizes and run metadata."""
     with user_errors():
         info = summarize(dump)
+        if layers is not None:
+            chosen = set(select_layers([li["name"] for li in info["layers"]], layers, "dump layer"))
+            info["layers"] = [li for li in info["layers"] if li["name"] in chosen]
     if json_out:
         write_json(Path("-"), info)
         return

@@ -24,9 +24,12 @@ from .common import check_new_file, console, err_console, fail, user_errors, wri
 
 
 def train(
-    model: str = typer.Option("mlp", "--model", help="mlp, cnn, gpt, or package.module:factory (an nn.Module)."),
+    model: str = typer.Option(
+        "mlp", "--model", help="mlp, cnn, gpt, package.module:factory (an nn.Module), or hf:FOLDER (Hugging Face)."
+    ),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
     data: str = typer.Option(
-        None, "--data", help="digits, text, or package.module:factory (default: the model's own data)."
+        None, "--data", help="digits, text, text:FILE, or package.module:factory (default: the model's own data)."
     ),
     loss: str = typer.Option(None, "--loss", help="Loss name or package.module:fn (default: cross-entropy)."),
     method: str = typer.Option("mvue", "--method", "-m", help="Gradient pruning method (`nmgrad methods`) or dense."),
@@ -39,7 +42,12 @@ def train(
         None, "--weight-pattern", help="Also N:M-prune the weights in the forward (magnitude mask), e.g. 2:4."
     ),
     weight_every: int = typer.Option(100, "--weight-every", help="Recompute the weight masks every K steps."),
-    layers: str = typer.Option("*", "--layers", help="Globs of the Linear/Conv2d layer names to sparsify."),
+    layers: str = typer.Option(
+        "*", "--layers", help="Comma-separated globs of the GEMM site names to sparsify, e.g. '*self_attn*,fc1'."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail when a 2+-dim parameter gets a gradient outside every GEMM site."
+    ),
     steps: int = typer.Option(200, "--steps", "-n", help="Optimizer steps."),
     batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size (default: the task's)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the task's)."),
@@ -47,6 +55,7 @@ def train(
     eval_batches: int = typer.Option(0, "--eval-batches", help="Held-out batches per evaluation (0: all)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the weights, the data order and the pruning draws."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: str = typer.Option("none", "--amp", help="Autocast the forward: none or bf16."),
     backend: str = typer.Option(
         "auto", "--backend", help="Pruning backend: auto (compiled CPU kernels where they exist), reference, "
         "fused or triton."
@@ -59,6 +68,14 @@ def train(
         "(default: runs/MODEL-TIMESTAMP)."
     ),
     force: bool = typer.Option(False, "--force", help="Write into an existing --out (overwrites the run files only)."),
+    capture: Path = typer.Option(
+        None, "--capture", help="Also record the selected sites' neural gradients dY into this dump (as `nmgrad "
+        "capture` does); with --compare one file per method."
+    ),
+    capture_every: int = typer.Option(1, "--capture-every", help="Record one step in this many."),
+    capture_with_inputs: bool = typer.Option(
+        False, "--capture-with-inputs", help="Also store X and W of the recorded steps (for evaluate's dX/dW errors)."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Write the final table as JSON to FILE, or '-' for stdout."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Do not write loss.png."),
 ) -> None:
@@ -66,10 +83,11 @@ def train(
     with user_errors():
         info = dist_info()
         cfg = lib.TrainConfig(
-            model=model, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
+            model=model, hf_task=hf_task, data=data, loss=loss, method=method, pattern=pattern, grad_gemms=grad_gemms,
             layers=layers, weight_pattern=weight_pattern, weight_every=weight_every, steps=steps,
             batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
-            backend=backend,
+            backend=backend, strict=strict, amp=amp, capture=str(capture) if capture else None,
+            capture_every=capture_every, capture_with_inputs=capture_with_inputs,
         )
         methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
         if out is None:
@@ -90,6 +108,7 @@ def train(
         if quiet:
             return
         render(summaries, cfg, shown)
+        _report_sites(summaries, shown)
         if not no_plot and not plot_available():
             shown.print("note: matplotlib is not installed, no loss.png (pip install 'nmgrad[plot]')")
         shown.print(f"run files in {out}/", highlight=False)
@@ -97,6 +116,16 @@ def train(
         diverged = [s for s in summaries if s.diverged]
         if diverged:
             raise fail("; ".join(f"{s.label}: {s.diverged}" for s in diverged), 1)
+
+
+def _report_sites(summaries: list[lib.RunSummary], shown: Console) -> None:
+    """The sparse-gradient sites of the (first sparse) run, and what no GEMM site covers."""
+    sparse = next((s for s in summaries if s.layers), None)
+    if sparse is not None:
+        shown.print(f"sparse-gradient sites ({len(sparse.layers)}): {', '.join(sparse.layers)}",
+                    highlight=False, soft_wrap=True)
+    for name, why in summaries[0].not_intercepted if summaries else []:
+        shown.print(f"[yellow]warning:[/] {name} not intercepted: {why}", highlight=False, soft_wrap=True)
 
 
 def _slug(text: str) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import DumpError
-from .schema import DTYPES, KINDS, SCHEMA_NAME, SCHEMA_VERSION
+from . import validate
+from .schema import DTYPES, SCHEMA_NAME, SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,11 @@ def _decode(ds: h5py.Dataset) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 class DumpReader:
     """Open and validate a dump; list layers; stream records one at a time."""
 
@@ -84,9 +88,14 @@ class DumpReader:
         try:
             self._validate()
             self.layers = self._scan()
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:  # ValueError: bad JSON attrs
+        except DumpError:
             self._f.close()
-            raise DumpError(f"{self.path} is truncated or corrupt ({exc}): re-run the capture") from None
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:  # damaged bytes
+            self._f.close()
+            raise DumpError(
+                f"{self.path} is truncated or corrupt ({_first_line(exc)}): re-run the capture"
+            ) from None
         except Exception:
             self._f.close()
             raise
@@ -96,10 +105,7 @@ class DumpReader:
         if attrs.get("schema") != SCHEMA_NAME:
             self._f.close()
             raise DumpError(f"{self.path} is an HDF5 file but not an nmgrad dump (no '{SCHEMA_NAME}' schema attribute)")
-        try:
-            version = int(attrs.get("schema_version", -1))
-        except (TypeError, ValueError):
-            version = -1
+        version = validate.schema_version(self.path, attrs)
         if version > SCHEMA_VERSION:
             raise DumpError(
                 f"{self.path} uses dump schema version {version}, newer than this nmgrad reads "
@@ -109,33 +115,28 @@ class DumpReader:
             raise DumpError(
                 f"{self.path} has no valid schema_version attribute: it was not written by nmgrad, re-run the capture"
             )
+        run = validate.check_root(self.path, attrs)
+        # read once here, where a damaged attribute becomes a one-line error
+        self._attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()} | {"run": run}
 
     def _scan(self) -> dict[str, LayerInfo]:
         layers = {}
-        group = self._f.get("layers")
-        if group is None:
+        if "layers" not in self._f:
             return layers
-        for key in group:
-            g = group[key]
-            records = {kind: sorted(g[kind].keys()) for kind in KINDS if kind in g}
-            ws = json.loads(g.attrs.get("weight_shape", "null"))
-            layers[key] = LayerInfo(
-                key=key,
-                name=str(g.attrs.get("name", key)),
-                module_type=str(g.attrs.get("module_type", "")),
-                feature_axis=int(g.attrs.get("feature_axis", -1)),
-                token_axes=tuple(json.loads(g.attrs.get("token_axes", "[]"))),
-                weight_shape=tuple(ws) if ws is not None else None,
-                records=records,
-            )
-        return dict(sorted(layers.items(), key=lambda kv: int(group[kv[0]].attrs.get("index", 0))))
+        validate.check_links(self.path, self._f, "")
+        group = self._f["layers"]
+        if not isinstance(group, h5py.Group):
+            raise validate.corrupt(self.path, "/layers is a dataset, not a group")
+        index = {}
+        for key in validate.check_links(self.path, group, "/layers"):
+            meta = validate.check_layer(self.path, key, group[key])
+            index[key] = meta.pop("index")
+            layers[key] = LayerInfo(key=key, **meta)
+        return dict(sorted(layers.items(), key=lambda kv: index[kv[0]]))
 
     @property
     def attrs(self) -> dict:
-        out = {k: (v.item() if hasattr(v, "item") else v) for k, v in self._f.attrs.items()}
-        with contextlib.suppress(ValueError):  # a hand-edited file: keep the raw text rather than fail
-            out["run"] = json.loads(out.get("run", "{}"))
-        return out
+        return dict(self._attrs)
 
     def select(self, pattern: str | None = None) -> list[LayerInfo]:
         """Layers whose name matches the glob ``pattern`` (all when None)."""
@@ -145,22 +146,32 @@ class DumpReader:
         """Every record of ``kind`` of the given layers, in layer then step order (nothing loaded)."""
         for li in layers if layers is not None else self.layers.values():
             for name in li.records.get(kind, []):
-                ds = self._f["layers"][li.key][kind][name]
-                yield Record(
-                    self, li, kind, name, int(ds.attrs.get("step", 0)), int(ds.attrs.get("call", 0)),
-                    tuple(ds.shape), str(ds.attrs.get("dtype", ds.dtype)),
-                )
+                try:
+                    ds = self._f["layers"][li.key][kind][name]
+                    step, call, dtype = validate.check_record(self.path, ds, li.feature_axis, li.token_axes)
+                    shape = tuple(ds.shape)
+                except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:  # damaged bytes
+                    raise self._corrupt(exc, f"{li.key}/{kind}/{name}") from None
+                yield Record(self, li, kind, name, step, call, shape, dtype)
 
     def find(self, layer: str, kind: str, record: str) -> bool:
         return record in self.layers[layer].records.get(kind, [])
 
     def load(self, layer: str, kind: str, record: str) -> torch.Tensor:
         try:
-            return _decode(self._f["layers"][layer][kind][record])
-        except (OSError, KeyError) as exc:
+            ds = self._f["layers"][layer][kind][record]
+            li = self.layers[layer]
+            validate.check_record(self.path, ds, li.feature_axis, li.token_axes)
+            validate.check_storage(self.path, ds)
+            return _decode(ds)
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise DumpError(
-                f"{self.path}: cannot read {layer}/{kind}/{record} ({exc}); the file may be truncated"
+                f"{self.path}: cannot read {layer}/{kind}/{record} ({_first_line(exc)}); the file is truncated or "
+                "corrupt, re-run the capture"
             ) from None
+
+    def _corrupt(self, exc: BaseException, where: str) -> DumpError:
+        return validate.corrupt(self.path, f"cannot read {where} ({_first_line(exc)})")
 
     def n_records(self, kind: str = "grad") -> int:
         return sum(len(li.records.get(kind, [])) for li in self.layers.values())

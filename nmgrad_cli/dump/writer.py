@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
-from pathlib import Path
+import re
+import resource
 
 import h5py
 import numpy as np
 import torch
 
-from ..errors import DumpError, OutputError, OutputExistsError
+from ..errors import DumpError
+from ..outputs import check_output
 from .schema import KINDS, SCHEMA_NAME, SCHEMA_VERSION, dtype_name, layer_key, record_name
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 
-
-def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite an existing file without ``force``; check the folder is writable.
-
-    The one check every output file of nmgrad goes through (dumps, --json, --csv)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory: give a file path for the output")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists: pass --force to overwrite it, or choose another path")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: folder {parent} is not writable; choose another path")
-    return path
+__all__ = ["COMPRESSIONS", "DumpWriter", "check_output", "to_numpy"]
 
 
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -44,6 +32,27 @@ def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
 
 
 _CHUNK_BYTES = 2**20
+
+SPACE_RESERVE = 256 * 2**10
+"""Bytes kept free for the metadata the final flush and close write (attributes, B-tree nodes)."""
+SPACE_PER_DATASET = 8 * 2**10
+"""Bound on the metadata one dataset adds at the next flush (object header, attributes, links)."""
+
+
+class DiskFullError(DumpError):
+    """The next record would not fit in the space left (free disk space or the file-size limit)."""
+
+
+def space_left(path: str | os.PathLike, fd: int) -> tuple[int, str]:
+    """(bytes this file can still grow by, what limits it): the free disk space, or the
+    file-size limit (``ulimit -f``, RLIMIT_FSIZE) when that is closer."""
+    st = os.fstat(fd)
+    vfs = os.statvfs(path)
+    left, where = vfs.f_bavail * vfs.f_frsize, "free on the disk"
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and soft - st.st_size < left:
+        left, where = max(0, soft - st.st_size), "under the file-size limit (ulimit -f)"
+    return left, where
 
 
 def _chunks(arr: np.ndarray) -> tuple[int, ...] | bool:
@@ -64,6 +73,11 @@ class DumpWriter:
     On a clean close the file is marked ``complete``; :meth:`mark_interrupted` records an interrupted
     run. Every ``write`` is a self-contained dataset, so a file closed at any point between writes is
     valid and holds every record written so far.
+
+    When a write fails (a full disk, a file-size limit), :meth:`abort` cuts the file back to its
+    state at the last :meth:`step_done` flush: a readable dump of the completed steps.
+    ``locking=False`` turns HDF5's own file lock off (for a caller that holds its own, see
+    ``nmgrad_cli.capture.stream.PartialFile``).
     """
 
     def __init__(
@@ -72,13 +86,33 @@ class DumpWriter:
         run: dict | None = None,
         compression: str = "lzf",
         force: bool = False,
+        locking: bool = True,
     ):
         if compression not in COMPRESSIONS:
             raise DumpError(f"compression '{compression}' is unknown: choose one of {', '.join(COMPRESSIONS)}")
         self.path = check_output(path, force)
         self.compression = None if compression == "none" else compression
         self.bytes_written = 0
-        self._f = h5py.File(self.path, "w")
+        self.steps_flushed = 0
+        """Steps on disk as of the last successful flush (what :meth:`abort` keeps)."""
+        self._flushed_size = 0
+        self._unflushed: list[h5py.Dataset] = []
+        """Datasets written since the last flush, kept open: closing one may write to the file, and
+        after a failed write that would fail again where nobody can catch it."""
+        try:
+            self._f = h5py.File(self.path, "w", locking=locking)
+        except OSError as exc:  # e.g. /proc/x.h5, a full disk, a read-only file system
+            raise DumpError(f"cannot create {self.path}: {failure_reason(exc)}; choose another path") from None
+        try:
+            self._init_attrs(run)
+        except DumpError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise DumpError(f"cannot write {self.path}: {failure_reason(exc)}") from None
+
+    def _init_attrs(self, run: dict | None) -> None:
         self._f.attrs["schema"] = SCHEMA_NAME
         self._f.attrs["schema_version"] = SCHEMA_VERSION
         from .. import __version__
@@ -91,7 +125,23 @@ class DumpWriter:
         self._f.attrs["interrupted"] = False
         self._f.attrs["steps_completed"] = 0
         self._layers = self._f.create_group("layers")
+        self._flush()
+
+    def _check_space(self, nbytes: int, datasets: int = 0, reserve: int = SPACE_RESERVE) -> None:
+        """Refuse (before writing anything) what would leave less than the reserve the last flush and
+        close need: a write that fails half-way through a flush leaves a file HDF5 cannot open."""
+        left, where = space_left(self.path, self._f.id.get_vfd_handle())
+        need = nbytes + SPACE_PER_DATASET * (len(self._unflushed) + datasets) + reserve
+        if need > left:
+            raise DiskFullError(
+                f"{self.path}: no space for the next record: {need / 1e6:.2f} MB needed, {left / 1e6:.2f} MB {where}"
+            )
+
+    def _flush(self) -> None:
+        self._check_space(0, reserve=SPACE_RESERVE // 4)
         self._f.flush()
+        self._flushed_size = os.fstat(self._f.id.get_vfd_handle()).st_size
+        self._unflushed.clear()  # closing a dataset after the flush writes nothing
 
     def add_layer(
         self,
@@ -123,6 +173,7 @@ class DumpWriter:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
         arr, name = to_numpy(tensor)
+        self._check_space(arr.nbytes + arr.nbytes // 8, 1)
         grp = self._layers[layer_key(layer)].require_group(kind)
         chunks = _chunks(arr) if arr.ndim and arr.size > 0 else None
         ds = grp.create_dataset(
@@ -134,6 +185,7 @@ class DumpWriter:
         ds.attrs["step"] = int(step)
         ds.attrs["call"] = int(call)
         ds.attrs["dtype"] = name
+        self._unflushed.append(ds)
         self.bytes_written += arr.nbytes
         return arr.nbytes
 
@@ -141,7 +193,8 @@ class DumpWriter:
         """Record that every tensor of ``step`` is written, and flush to disk."""
         self._f.attrs["steps_completed"] = int(self._f.attrs["steps_completed"]) + 1
         self._f.attrs["last_step"] = int(step)
-        self._f.flush()
+        self._flush()
+        self.steps_flushed = int(self._f.attrs["steps_completed"])
 
     def set_run(self, **updates) -> None:
         run = json.loads(self._f.attrs["run"])
@@ -154,8 +207,26 @@ class DumpWriter:
 
     def close(self, complete: bool = True) -> None:
         if self._f.id.valid:
+            self._check_space(0, reserve=SPACE_RESERVE // 4)
             self._f.attrs["complete"] = bool(complete and not self._f.attrs["interrupted"])
             self._f.close()
+            self._unflushed.clear()
+
+    def abort(self, reason: str | None = None) -> None:
+        """Close after a failed write without writing anything more, and cut the file back to the
+        last :meth:`step_done` flush; then mark it interrupted with ``reason`` if that still fits.
+
+        HDF5 would otherwise flush half-updated metadata on close (or at exit) and leave a file no
+        reader can open. Its file descriptor is pointed at an in-memory file first, so whatever it
+        still writes goes nowhere. Never raises for I/O errors.
+        """
+        if self._f.id.valid:
+            _discard_and_close(self._f)
+        self._unflushed.clear()
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, self._flushed_size)
+        if reason is not None and self._flushed_size:
+            mark_interrupted(self.path, reason)
 
     def __enter__(self) -> DumpWriter:
         return self
@@ -164,3 +235,48 @@ class DumpWriter:
         if exc_type is not None and self._f.id.valid:
             self.mark_interrupted(exc_type.__name__)
         self.close(complete=exc_type is None)
+
+
+def _discard_and_close(f: h5py.File) -> None:
+    """Close ``f`` so that nothing more reaches its file: its descriptor now points elsewhere."""
+    with contextlib.suppress(Exception):
+        fd = f.id.get_vfd_handle()
+        sink = os.open(os.devnull, os.O_RDWR)  # not a regular file: no size limit applies to it
+        os.dup2(sink, fd)
+        os.close(sink)
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+def mark_interrupted(path: str | os.PathLike, reason: str) -> bool:
+    """Set ``interrupted`` and ``interrupt_reason`` in a closed dump; False (file unchanged) when
+    that cannot be written, e.g. on a full disk."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            if space_left(path, fh.fileno())[0] < SPACE_RESERVE // 8:
+                return False
+        f = h5py.File(path, "r+", locking=False)
+    except OSError:
+        return False
+    try:
+        f.attrs["interrupted"] = True
+        f.attrs["interrupt_reason"] = reason
+        f.close()
+        return True
+    except Exception:  # noqa: BLE001 - whatever HDF5 says, put the file back as it was
+        _discard_and_close(f)
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        return False
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The useful part of an I/O error from HDF5 (``File too large``) rather than its long trace."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    m = re.search(r"error message = '([^']+)'", str(exc))
+    if m:
+        return m.group(1)
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

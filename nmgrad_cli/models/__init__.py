@@ -19,6 +19,7 @@ from .registry import (
     Task,
     build_task,
     cross_entropy,
+    forward_loss,
     split_batch,
     to_device,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "call_factory",
     "cnn",
     "cross_entropy",
+    "forward_loss",
     "gpt",
     "is_spec",
     "load_object",

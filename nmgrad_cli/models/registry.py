@@ -25,6 +25,7 @@ from ..data.text import text_data
 from ..errors import ImportSpecError, NmgradError
 from .cnn import cnn
 from .gpt import gpt
+from .hf import HF_TASKS, MAX_BLOCK, TEXT_PREFIX, context_length, is_hf, load_hf, text_file_data
 from .mlp import mlp
 from .spec import call_factory, is_spec, load_object
 
@@ -89,6 +90,8 @@ def _data(
     if data in DATASETS:
         bs = batch_size or DEFAULT_BATCH_SIZE[data]
         return DATASETS[data](batch_size=bs, seed=seed, data_dir=data_dir)
+    if data.startswith(TEXT_PREFIX):  # characters of a text file, (x, y shifted by one) like the text data
+        return text_file_data(data, batch_size or DEFAULT_BATCH_SIZE["text"], seed, as_dict=False)
     if not is_spec(data):
         raise ImportSpecError(
             f"--data '{data}' is neither a built-in data set ({', '.join(DATASETS)}) nor package.module:factory"
@@ -128,6 +131,7 @@ def build_task(
     data_seed: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    hf_task: str = "causal-lm",
 ) -> Task:
     """Resolve ``--model``, ``--data`` and ``--loss`` into a :class:`Task` on the CPU.
 
@@ -142,7 +146,14 @@ def build_task(
 
     ``torch.manual_seed(seed)`` is called before the model is built, so weights are reproducible;
     the data order follows ``data_seed`` (default ``seed``; give each rank its own under DDP).
+
+    ``hf:<folder or hub id>`` loads a Hugging Face model offline (``hf_task``: causal-lm or seq-cls,
+    :mod:`.hf`); its batches are dicts and its loss the model output's ``.loss``. ``text:<file>``
+    data: fixed-length blocks of a text file (the model's tokenizer, else characters).
     """
+    if is_hf(model):
+        return _hf_task(model, data, loss, seed, batch_size, data_dir,
+                        seed if data_seed is None else data_seed, rank, world_size, hf_task)
     builtin = TASKS.get(model)
     if builtin is None and not is_spec(model):
         raise ImportSpecError(
@@ -174,6 +185,60 @@ def build_task(
         info=dict(d.info),
         spec={"model": model, "data": data, "loss": loss},
     )
+
+
+def _hf_task(model, data, loss, seed, batch_size, data_dir, data_seed, rank, world_size, hf_task) -> Task:
+    if hf_task not in HF_TASKS:
+        raise NmgradError(f"--hf-task '{hf_task}' is unknown: choose one of {', '.join(HF_TASKS)}")
+    if data is None:
+        raise ImportSpecError(
+            f"--model {model} needs --data: text:<file> (language modelling) or package.module:factory yielding"
+            " dict batches (input_ids, attention_mask, labels)"
+        )
+    torch.manual_seed(seed)
+    net, tokenizer = load_hf(model, hf_task)
+    if data.startswith(TEXT_PREFIX):
+        if hf_task != "causal-lm":
+            raise NmgradError(
+                f"--data {data} makes language-model blocks without labels for --hf-task {hf_task}: give"
+                " --data package.module:factory yielding dicts with input_ids and labels"
+            )
+        block = min(MAX_BLOCK, context_length(net) or MAX_BLOCK)
+        vocab = getattr(getattr(net, "config", None), "vocab_size", None)
+        d = text_file_data(data, batch_size or 8, data_seed, tokenizer, vocab, block, as_dict=True)
+    else:
+        d = _data(data, batch_size, data_seed, data_dir, rank, world_size)
+    return Task(
+        model=net,
+        train_batches=cycle(d.train, f"--data {data}"),
+        eval_batches=d.eval,
+        loss_fn=_loss(loss) if loss else cross_entropy,
+        kind="language-model" if hf_task == "causal-lm" else "classification",
+        info=dict(d.info),
+        spec={"model": model, "data": data, "loss": loss or "model output .loss", "hf_task": hf_task},
+    )
+
+
+def forward_loss(model: nn.Module, batch, loss_fn: Callable) -> tuple:
+    """(output, loss, target) of one batch: ``model(**batch)`` and its ``.loss`` for a dict batch
+    (Hugging Face style), ``loss_fn(model(x), y)`` for an ``(input, target)`` pair."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            if "labels" not in batch:
+                raise NmgradError(
+                    f"a data batch has no 'labels' (keys: {', '.join(map(str, batch))}) and the model returned no"
+                    " loss: give dict batches with labels"
+                )
+            raise NmgradError(
+                f"the model's output ({type(out).__name__}) has no .loss for a dict batch with labels: return an"
+                " output with .loss, or yield (input, target) pairs with --loss"
+            )
+        return out, loss, batch.get("labels")
+    x, y = split_batch(batch)
+    out = model(x)
+    return out, loss_fn(out, y), y
 
 
 def split_batch(batch) -> tuple:

@@ -89,3 +89,29 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+DATA_SEED_STRIDE = 1000
+"""Rank r reads the data stream of seed ``seed + r * DATA_SEED_STRIDE`` (its own shard and order)."""
+
+
+def rank_seed(seed: int, info: DistInfo) -> int:
+    """The data seed of this rank: every command spaces the ranks' data streams the same way."""
+    return seed + info.rank * DATA_SEED_STRIDE
+
+
+def agree_any(flag: bool, device: torch.device, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is True on any rank (identity when not distributed)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when running distributed (on this rank's GPU), else itself."""
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -85,9 +85,10 @@ def conv_grad_gemms(
     need_dx: bool = True,
     need_dw: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The two GEMMs of a Conv2d backward on N:M-pruned neural gradients.
+    """The two GEMMs of a Conv1d/2d/3d backward on N:M-pruned neural gradients.
 
-    dY (B, C, H, W): features = C, tokens = B*H*W (flattened in (b, h, w) order). As implicit GEMMs,
+    dY (B, C, *S) (shown for Conv2d, S = (H, W)): features = C, tokens = B*H*W (flattened in
+    (b, h, w) order). As implicit GEMMs,
     dX reduces over C and dW over the tokens, so
         dX = conv2d_input(prune_C(dY), W)      blocks along C
         dW = conv2d_weight(X, prune_T(dY))     blocks along B*H*W
@@ -95,14 +96,22 @@ def conv_grad_gemms(
     dilation and groups.
     """
     dx = dw = None
+    conv_input, conv_weight = _CONV_GRADS[dy.dim() - 2]
     if need_dx:
-        dx = torch.nn.grad.conv2d_input(x.shape, w, prune_dy(dy, cfg, "dx", 1, gen), **conv)
+        dx = conv_input(x.shape, w, prune_dy(dy, cfg, "dx", 1, gen), **conv)
     if need_dw:
         dyw = dy
         if cfg.prunes_gemm("dw"):
-            b, c, h, wd = dy.shape
-            tokens = dy.permute(1, 0, 2, 3).reshape(c, b * h * wd)  # (C, T)
+            swap = (1, 0, *range(2, dy.dim()))  # (B, C, *S) <-> (C, B, *S)
+            tokens = dy.permute(swap).reshape(dy.shape[1], -1)  # (C, T)
             tokens = prune_dy(tokens, cfg, "dw", 1, gen)
-            dyw = tokens.reshape(c, b, h, wd).permute(1, 0, 2, 3)
-        dw = torch.nn.grad.conv2d_weight(x, w.shape, dyw, **conv)
+            dyw = tokens.reshape(dy.shape[1], dy.shape[0], *dy.shape[2:]).permute(swap)
+        dw = conv_weight(x, w.shape, dyw, **conv)
     return dx, dw
+
+
+_CONV_GRADS = {
+    1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+    2: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
+    3: (torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight),
+}

@@ -17,6 +17,7 @@ same Parameter objects under the same names, so ``state_dict`` keys and optimize
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import zlib
 
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NmgradError
+from ..layers import layer_matches, parse_layers
 from ..prune import prune
+from ..sites import Site
 from .config import SparseGradConfig
 from .gemm import conv_grad_gemms, grad_gemms
 
@@ -81,35 +84,69 @@ def sparse_grad_linear(
 
 
 # ---------------------------------------------------------------------------------------------
-# Conv2d
+# Conv1d / Conv2d / Conv3d
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def sparse_grad_conv2d_fwd(x, w, b, conv: dict) -> torch.Tensor:
-    """The dense Conv2d: X (B, I, H, W) -> Y (B, C, H', W')."""
-    return F.conv2d(x, w, b, **conv)
+def sparse_grad_conv_fwd(x, w, b, conv: dict) -> torch.Tensor:
+    """The dense convolution: X (B, I, *S) -> Y (B, C, *S'), Conv1d/2d/3d by ``x.dim()``."""
+    return _CONV[x.dim() - 2](x, w, b, **conv)
 
 
-def sparse_grad_conv2d_bwd(dy, x, w, conv, cfg, gen, need_dx=True, need_dw=True, need_db=True):
-    """(dX, dW, db) of a Conv2d, dX and dW from pruned dY (:func:`.gemm.conv_grad_gemms`), db dense."""
+def sparse_grad_conv_bwd(dy, x, w, conv, cfg, gen, need_dx=True, need_dw=True, need_db=True):
+    """(dX, dW, db) of a convolution, dX and dW from pruned dY (:func:`.gemm.conv_grad_gemms`), db dense."""
     dx, dw = conv_grad_gemms(dy, x, w, conv, cfg, gen, need_dx, need_dw)
-    db = dy.sum((0, 2, 3)) if need_db else None
+    db = dy.sum((0, *range(2, dy.dim()))) if need_db else None
     return dx, dw, db
 
 
-class _SparseGradConv2dFunction(torch.autograd.Function):
+sparse_grad_conv2d_fwd = sparse_grad_conv_fwd
+sparse_grad_conv2d_bwd = sparse_grad_conv_bwd
+
+
+class _SparseGradConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, conv, cfg, gen):
         w = weight if mask is None else weight * mask
         ctx.save_for_backward(x, w)
         ctx.conv, ctx.cfg, ctx.gen = conv, cfg, gen
-        return sparse_grad_conv2d_fwd(x, w, bias, conv)
+        return sparse_grad_conv_fwd(x, w, bias, conv)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = sparse_grad_conv2d_bwd(dy, x, w, ctx.conv, ctx.cfg, ctx.gen, need_dx, need_dw, need_db)
+        dx, dw, db = sparse_grad_conv_bwd(dy, x, w, ctx.conv, ctx.cfg, ctx.gen, need_dx, need_dw, need_db)
         return dx, dw, db, None, None, None, None
+
+
+def sparse_grad_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: SparseGradConfig,
+    generator: torch.Generator | None = None,
+    weight_mask: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv1d/2d/3d`` (by the weight's dims; zero padding given as ints) whose backward prunes dY."""
+    nd = weight.dim() - 2
+    if nd not in _CONV or x.dim() != nd + 2:
+        raise NmgradError(
+            f"sparse-gradient convolution needs a batched {nd + 2}-d input (B, C, ...) for a {weight.dim()}-d weight,"
+            f" got {x.dim()}-d"
+        )
+    if isinstance(padding, str):
+        raise NmgradError(f"padding '{padding}' is not supported by the sparse-gradient convolution: give ints")
+    if weight_mask is not None and weight_mask.shape != weight.shape:
+        raise NmgradError(f"weight mask shape {tuple(weight_mask.shape)} != weight shape {tuple(weight.shape)}")
+    conv = {"stride": _tuple(stride, nd), "padding": _tuple(padding, nd), "dilation": _tuple(dilation, nd),
+            "groups": int(groups)}
+    return _SparseGradConvFunction.apply(x, weight, bias, weight_mask, conv, cfg, generator)
 
 
 def sparse_grad_conv2d(
@@ -127,12 +164,11 @@ def sparse_grad_conv2d(
     """``F.conv2d`` (zero padding given as ints) whose backward prunes dY as ``cfg`` says."""
     if x.dim() != 4:
         raise NmgradError(f"sparse-gradient Conv2d needs a 4-d input (B, C, H, W), got {x.dim()}-d")
-    if isinstance(padding, str):
-        raise NmgradError(f"padding '{padding}' is not supported by the sparse-gradient Conv2d: give ints")
-    if weight_mask is not None and weight_mask.shape != weight.shape:
-        raise NmgradError(f"weight mask shape {tuple(weight_mask.shape)} != weight shape {tuple(weight.shape)}")
-    conv = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation), "groups": groups}
-    return _SparseGradConv2dFunction.apply(x, weight, bias, weight_mask, conv, cfg, generator)
+    return sparse_grad_conv(x, weight, bias, cfg, generator, weight_mask, stride, padding, dilation, groups)
+
+
+def _tuple(v, nd: int) -> tuple[int, ...]:
+    return (int(v),) * nd if isinstance(v, int) else tuple(int(a) for a in v)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -325,3 +361,96 @@ def refresh_weight_masks_(model: nn.Module) -> int:
             module.refresh_weight_mask_()
             count += 1
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM sites: the trainer's path (any module's F.linear, x @ W, conv, attention projections)
+
+
+class SparseGradSites:
+    """A :class:`~nmgrad_cli.sites.SiteMode` handler: every site selected by ``layers`` runs its GEMM
+    through :func:`sparse_grad_linear` (W in (F, I) layout: HF ``Conv1D``'s transpose, a q/k/v row
+    block) or :func:`sparse_grad_conv`, so its backward prunes dY as ``cfg`` says.
+
+    Each site has its own generator per device, seeded by :func:`layer_seed` from its name and
+    ``seed_offset`` (the rank), and, with ``cfg.weight_pattern``, its own weight mask, computed at
+    first use and again after :meth:`refresh_weight_masks_`. ``selected`` lists the sites in
+    first-seen order; ``fallback`` the selected ones that ran dense, with the reason.
+    """
+
+    def __init__(self, cfg: SparseGradConfig, layers: str | None = "*", seed_offset: int = 0):
+        self.cfg = cfg
+        self.globs = parse_layers(layers)
+        self.seed_offset = seed_offset
+        self.selected: dict[str, Site] = {}
+        self.fallback: dict[str, str] = {}
+        self._chosen: dict[str, bool] = {}
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+
+    def generator(self, name: str, device: torch.device) -> torch.Generator:
+        """Site ``name``'s generator on ``device`` (created and seeded on first use)."""
+        key = (name, torch.device(device))
+        if key not in self._generators:
+            seed = layer_seed(self.cfg.seed, name, self.seed_offset)
+            self._generators[key] = torch.Generator(device=key[1]).manual_seed(seed)
+        return self._generators[key]
+
+    def refresh_weight_masks_(self) -> None:
+        """Recompute the weight masks at the next use (no-op without a weight pattern)."""
+        self._masks.clear()
+
+    def _mask(self, site: Site, w: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.weight_pattern is None:
+            return None
+        mask = self._masks.get(site.name)
+        if mask is None:
+            mask = self._masks[site.name] = weight_nm_mask(w, self.cfg.weight_pattern)
+        return mask
+
+    def __call__(self, site: Site, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: dict | None):
+        chosen = self._chosen.get(site.name)
+        if chosen is None:
+            chosen = self._chosen[site.name] = layer_matches(site.name, self.globs)
+        if not chosen:
+            return None
+        self.selected.setdefault(site.name, site)
+        if not (self.cfg.prunes or self.cfg.weight_pattern is not None):
+            return None
+        mask = self._mask(site, w)
+        if not torch.is_grad_enabled():  # evaluation: the masked forward, nothing to prune
+            return None if mask is None else (F.linear(x, w * mask, b) if conv is None else
+                                              sparse_grad_conv_fwd(x, w * mask, b, _int_conv(conv, w, site)))
+        gen = self.generator(site.name, x.device) if self.cfg.prunes else None
+        if conv is not None:
+            conv = _int_conv(conv, w, site)
+            if isinstance(conv, str) or x.dim() != w.dim():
+                self.fallback.setdefault(site.name, conv if isinstance(conv, str) else "unbatched input: ran dense")
+                return None
+        elif x.shape[-1] != w.shape[-1]:
+            return None  # the dense call raises torch's own shape error
+        kind = x.device.type
+        amp = torch.is_autocast_enabled(kind)
+        if amp:  # as autocast runs linear/conv: inputs cast to its dtype (autograd casts dW, dX back)
+            dt = torch.get_autocast_dtype(kind)
+            x, w = x.to(dt), w.to(dt)
+            b = None if b is None else b.to(dt)
+            mask = None if mask is None else mask.to(dt)
+        with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
+            if conv is None:
+                return sparse_grad_linear(x, w, b, self.cfg, gen, mask)
+            return sparse_grad_conv(x, w, b, self.cfg, gen, mask, **conv)
+
+
+def _int_conv(conv: dict, w: torch.Tensor, site: Site) -> dict | str:
+    """``conv`` with a string padding turned into ints, or the reason it cannot be."""
+    padding = conv["padding"]
+    if not isinstance(padding, str):
+        return conv
+    nd = w.dim() - 2
+    if padding == "valid":
+        return {**conv, "padding": 0}
+    total = [d * (k - 1) for d, k in zip(_tuple(conv["dilation"], nd), w.shape[2:])]
+    if any(t % 2 for t in total):
+        return "padding='same' with an even kernel (asymmetric padding): ran dense"
+    return {**conv, "padding": tuple(t // 2 for t in total)}

@@ -18,6 +18,7 @@ data order) into ``out/<method>/`` and writes ``out/summary.json`` and one plot 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,15 +31,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..capture.config import MODULE_TYPES
+from ..capture.hooks import StepRecords
+from ..capture.stream import CaptureFile
 from ..errors import NmgradError, OutputExistsError
-from ..models import build_task, split_batch, to_device
+from ..models import build_task, forward_loss, to_device
+from ..outputs import check_output
+from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
-from .distributed import DistInfo, all_reduce_sum, dist_info, process_group, resolve_device
+from .distributed import (
+    DATA_SEED_STRIDE,
+    DistInfo,
+    all_reduce_sum,
+    dist_info,
+    process_group,
+    rank_seed,
+    resolve_device,
+    wrap_ddp,
+)
+from .loop import StepCallbacks, run_steps
 from .plot import plot_loss_curves
-from .sparse_grad import refresh_weight_masks_, sparsify_gradients_
+from .sparse_grad import SparseGradSites
+from .step import autocast
 
-DATA_SEED_STRIDE = 1000
-"""Rank r reads the data stream of seed ``seed + r * DATA_SEED_STRIDE`` (its own shard/order)."""
+__all__ = ["DATA_SEED_STRIDE", "TrainConfig", "compare", "train"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,8 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
 }
 CUSTOM_DEFAULTS = TaskDefaults(lr=1e-3, batch_size=32)
 """For ``package.module:factory`` models."""
+HF_DEFAULTS = TaskDefaults(lr=5e-4, batch_size=8)
+"""For ``hf:`` models (sequences of up to 64 tokens per batch row)."""
 
 
 class TrainingDiverged(NmgradError):
@@ -73,9 +91,11 @@ class TrainConfig:
     """One training run. Every field maps onto an ``nmgrad train`` option; written to config.json."""
 
     model: str = "mlp"
-    """Built-in model (mlp, cnn, gpt) or ``package.module:factory``."""
+    """Built-in model (mlp, cnn, gpt), ``package.module:factory`` or ``hf:<folder or hub id>``."""
     data: str | None = None
-    """Built-in data (digits, text) or ``package.module:factory``; None: the model's default."""
+    """Built-in data (digits, text), ``text:<file>`` or ``package.module:factory``; None: the model's default."""
+    hf_task: str = "causal-lm"
+    """For ``hf:`` models: causal-lm or seq-cls (the Auto class loaded)."""
     loss: str | None = None
     """Loss name or ``package.module:fn``; None: cross-entropy."""
     method: str = "mvue"
@@ -85,7 +105,10 @@ class TrainConfig:
     grad_gemms: tuple[str, ...] = ("dx", "dw")
     """Backward GEMMs that get a pruned dY (dx: dX = dY W, dw: dW = dY^T X)."""
     layers: str = "*"
-    """Comma-separated globs of the Linear/Conv2d layer names to sparsify."""
+    """Comma-separated globs of the GEMM site names to sparsify (``nmgrad_cli.layers``; sites: any
+    module's F.linear, x @ W / addmm (HF Conv1D), conv1d/2d/3d, attention's q/k/v/out projections)."""
+    strict: bool = False
+    """Fail (exit 2) when a parameter of 2+ dims gets a gradient outside every GEMM site."""
     weight_pattern: str | None = None
     """Optional N:M magnitude pattern of the weights in the forward (e.g. 2:4)."""
     weight_every: int = 100
@@ -104,6 +127,15 @@ class TrainConfig:
     """Seeds the initial weights, the data order and the pruning draws."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda or cuda:N."""
+    amp: str = "none"
+    """Autocast the forward: none or bf16 (the sparse-gradient GEMMs then run in bf16, like autocast's)."""
+    capture: str | None = None
+    """Also record the dY (the neural gradients, before pruning) of the selected sites into this dump
+    (``nmgrad capture``'s format; ``--compare`` writes ``<stem>.<method><suffix>`` per method)."""
+    capture_every: int = 1
+    """Record one step in this many (steps 0, K, 2K, ...)."""
+    capture_with_inputs: bool = False
+    """Also store each recorded call's X and W (for evaluate's dX/dW errors)."""
     backend: str = "auto"
     """Pruning backend: auto (for training: the compiled CPU kernel where it exists, which pays a
     one-time compile of ~10 s per method for several times faster steps), reference, fused, triton."""
@@ -120,11 +152,15 @@ class TrainConfig:
             raise NmgradError(f"--lr must be a positive number, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise NmgradError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.amp not in ("none", "bf16"):
+            raise NmgradError(f"--amp '{self.amp}' is unknown: choose one of none, bf16")
+        if self.capture_every < 1:
+            raise NmgradError(f"--capture-every must be >= 1, got {self.capture_every}")
         self.sparse_config()  # validates method, pattern, weight pattern
 
     @property
     def defaults(self) -> TaskDefaults:
-        return TASK_DEFAULTS.get(self.model, CUSTOM_DEFAULTS)
+        return TASK_DEFAULTS.get(self.model, HF_DEFAULTS if self.model.startswith("hf:") else CUSTOM_DEFAULTS)
 
     def sparse_config(self) -> SparseGradConfig:
         return SparseGradConfig(
@@ -175,7 +211,9 @@ class RunSummary:
     """None, or the message of the non-finite loss that stopped the run."""
     kind: str = ""
     layers: list[str] = field(default_factory=list)
-    """The layers that got sparse gradients."""
+    """The GEMM sites that got sparse gradients (or a weight mask); empty for dense."""
+    not_intercepted: list[tuple[str, str]] = field(default_factory=list)
+    """(parameter, reason) for each parameter of 2+ dims that got a gradient outside every GEMM site."""
     init_checksum: str = ""
     """CRC32 of the initial weights: equal across the runs of a compare."""
     world_size: int = 1
@@ -236,12 +274,11 @@ def evaluate(model: nn.Module, batches, loss_fn, device: torch.device, limit: in
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
-        x, y = to_device(split_batch(batch), device)
-        out = model(x)
+        out, loss, y = forward_loss(model, to_device(batch, device), loss_fn)
         k = y.numel() if isinstance(y, torch.Tensor) else 1
-        total += float(loss_fn(out, y)) * k
+        total += float(loss) * k
         n += k
-        acc = _accuracy(out, y) if isinstance(y, torch.Tensor) else None
+        acc = _accuracy(out, y) if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) else None
         if acc is not None:
             correct, counted = correct + acc[0], counted + acc[1]
     model.train(was_training)
@@ -251,15 +288,17 @@ def evaluate(model: nn.Module, batches, loss_fn, device: torch.device, limit: in
 
 
 class _Writer:
-    """metrics.jsonl, line by line and flushed, on rank 0 only."""
+    """metrics.jsonl, line by line and flushed, on rank 0 only (created at the first record, so a run
+    that fails in its first step, e.g. on ``--layers``, leaves no metrics file)."""
 
     def __init__(self, out: Path | None):
+        self.out = out
         self.file = None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            self.file = (out / "metrics.jsonl").open("w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
+        if self.file is None and self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -291,6 +330,7 @@ def train(
     out = Path(out) if out is not None else None
     info = dist_info()
     prepare_out(out, force)
+    _check_captures([cfg], info, force)
     device = resolve_device(cfg.device, info)
     with process_group(info, device):
         summary = _run(cfg, out if info.is_main else None, hooks or Hooks(), info, device)
@@ -310,26 +350,24 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     lr = cfg.lr or d.lr
     batch_size = cfg.batch_size or d.batch_size
     # each rank its own data order; DDP broadcasts rank 0's initial weights (= the 1-process run's)
-    seed = cfg.seed + info.rank * DATA_SEED_STRIDE
-    task = build_task(cfg.model, cfg.data, cfg.loss, seed=seed, batch_size=batch_size)
+    seed = rank_seed(cfg.seed, info)
+    task = build_task(cfg.model, cfg.data, cfg.loss, seed=seed, batch_size=batch_size, hf_task=cfg.hf_task)
     model = task.model.to(device)
     checksum = _checksum(model)
     layers: list[str] = []
     scfg = cfg.sparse_config()
-    if scfg.prunes or scfg.weight_pattern is not None:
-        layers = sparsify_gradients_(model, scfg, layers=cfg.layers, seed_offset=info.rank)
-    net = model
-    if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    index = ParamIndex(model)
+    sites = SparseGradSites(scfg, cfg.layers, seed_offset=info.rank)
+    # --capture: a recorder in front of the sparse-gradient handler records the selected sites' dY
+    records = StepRecords(cfg.layers, MODULE_TYPES, cfg.capture_with_inputs, compute=sites) if cfg.capture else None
+    mode = SiteMode(index, records.recorder if records else sites, watch=True)
+    report = None
+    net = wrap_ddp(model, device, info)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d.weight_decay)
 
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
-        resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
-        resolved["backend"] = scfg.backend_record(torch.float32, device)  # what prunes dY (backend.py)
-        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
+    resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
+    resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
+    resolved["backend"] = scfg.backend_record(torch.float32, device)  # what prunes dY (backend.py)
     writer = _Writer(out)
     _call(hooks.start, cfg.label, cfg.steps)
 
@@ -337,58 +375,105 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     keep = max(1, min(20, cfg.steps // 10))
     last_eval: dict = {"eval_loss": None, "eval_acc": None}
     diverged = None
-    step = 0
     t_train = 0.0
     t_start = time.perf_counter()
-    try:
-        net.train()
-        for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            cur_lr = lr_at(step, cfg.steps, lr)
-            for group in opt.param_groups:
-                group["lr"] = cur_lr
-            x, y = to_device(split_batch(next(task.train_batches)), device)
-            output = net(x)
-            loss = task.loss_fn(output, y)
-            acc = _accuracy(output.detach(), y) if isinstance(y, torch.Tensor) else None
-            loss_sum, correct, counted, n = all_reduce_sum(
-                [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
-            )
-            loss_val = loss_sum / n
-            if not math.isfinite(loss_val):
-                diverged = (
-                    f"loss became {loss_val} at step {step}: training diverged; lower --lr"
-                    f" (was {lr:g}); metrics so far are kept"
-                )
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if d.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-            opt.step()
+    stats: list[float] = []
+
+    def finite(output, loss, y) -> bool:  # every rank agrees: all-reduced loss and accuracy
+        tensors = isinstance(y, torch.Tensor) and isinstance(output, torch.Tensor)
+        acc = _accuracy(output.detach(), y) if tensors else None
+        stats[:] = all_reduce_sum(
+            [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
+        )
+        return math.isfinite(stats[0] / stats[3])
+
+    with contextlib.ExitStack() as stack:
+        stream = None
+        if records is not None:
+            cap = stack.enter_context(CaptureFile(capture_path(cfg, info), handle_signals=False))
+            run_meta = {"train": asdict(cfg), "task": task.spec, "task_kind": task.kind, "rank": info.rank,
+                        "world_size": info.world_size, "device": str(device), "every": cfg.capture_every,
+                        "recorded_by": "nmgrad train --capture"}
+            stream = cap.open(run_meta, "none", 256 << 20)
+        st = {"t0": 0.0, "recording": False, "report": None}
+
+        def before(step: int) -> bool:
+            st["t0"] = time.perf_counter()
+            st["recording"] = records is not None and step % cfg.capture_every == 0
+            return False
+
+        def start(_step: int) -> None:
+            if st["recording"]:
+                records.recorder.start_step()
+
+        def stop(_step: int) -> None:
+            if records is not None:
+                records.recorder.stop_step()
+
+        def after_backward(step: int) -> None:
+            nonlocal layers
+            if st["report"] is None:  # after the first backward: what is selected, what no site covers
+                report = st["report"] = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
+                mode.watch = False
+                if scfg.prunes or scfg.weight_pattern is not None:
+                    layers = list(sites.selected)
+                resolved.update({"layers": layers} | report.to_dict())
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
+                if stream is not None:
+                    stream.set_run(**report.to_dict())
+            if st["recording"]:
+                records.write(stream, step)
+
+        def after(step: int) -> bool:
+            nonlocal t_train, recent, last_eval
             if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
-                refresh_weight_masks_(model)
-            t_train += time.perf_counter() - t0
+                sites.refresh_weight_masks_()
+            t_train += time.perf_counter() - st["t0"]
+            loss_sum, correct, counted, n = stats
             acc_val = correct / counted if counted else None
             record = {
                 "step": step + 1,
-                "loss": loss_val,
+                "loss": loss_sum / n,
                 "acc": acc_val,
-                "lr": cur_lr,
+                "lr": lr_at(step, cfg.steps, lr),
                 "steps_per_s": (step + 1) / t_train,
                 "time_s": time.perf_counter() - t_start,
             }
             writer.write(record)
             _call(hooks.step, cfg.label, record)
-            recent = (recent + [(loss_val, acc_val)])[-keep:]
+            recent = (recent + [(loss_sum / n, acc_val)])[-keep:]
             is_last = step + 1 == cfg.steps
             if task.eval_batches is not None and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
+                with mode:  # a weight mask applies in evaluation too
+                    last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
                 writer.write(last_eval)
                 _call(hooks.eval, cfg.label, last_eval)
-        steps_done = step + (0 if diverged else 1)
-    finally:
-        writer.close()
+            return False
+
+        callbacks = StepCallbacks(before=before, start=start, check=finite, stop=stop,
+                                  after_backward=after_backward, after=after)
+        try:
+            steps_done, stopped = run_steps(
+                net, task.train_batches, task.loss_fn, opt, mode, device, cfg.steps, callbacks,
+                autocast(device, cfg.amp), lambda step: lr_at(step, cfg.steps, lr), d.grad_clip,
+            )
+            if stopped:
+                diverged = (
+                    f"loss became {stats[0] / stats[3]} at step {steps_done}: training diverged; lower --lr"
+                    f" (was {lr:g}); metrics so far are kept"
+                )
+        finally:
+            writer.close()
+        report = st["report"]
+        if stream is not None:
+            stream.set_run(stopped="diverged" if diverged else "done", steps_run=steps_done,
+                           layers_without_gradients=records.silent())
+            cap.finish("diverged" if diverged else None)
+    if out is not None and report is None:  # stopped before the first backward (a non-finite loss)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
     accs = [a for _, a in recent if a is not None]
     summary = RunSummary(
         label=cfg.label,
@@ -405,6 +490,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         diverged=diverged,
         kind=task.kind,
         layers=layers,
+        not_intercepted=report.not_intercepted if report else [],
         init_checksum=checksum,
         world_size=info.world_size,
         out=str(out) if out is not None else None,
@@ -413,6 +499,26 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         _write_json(out / "summary.json", asdict(summary))
     _call(hooks.end, summary)
     return summary
+
+
+def capture_path(cfg: TrainConfig, info: DistInfo) -> Path:
+    """The dump ``--capture`` writes for this rank (``<stem>.rank<r><suffix>`` under several)."""
+    p = Path(cfg.capture)
+    return p if info.world_size <= 1 else p.with_name(f"{p.stem}.rank{info.rank}{p.suffix}")
+
+
+def _per_method(capture: str | None, method: str) -> str | None:
+    if capture is None:
+        return None
+    p = Path(capture)
+    return str(p.with_name(f"{p.stem}.{_safe_dirname(method)}{p.suffix}"))
+
+
+def _check_captures(configs: list[TrainConfig], info: DistInfo, force: bool) -> None:
+    """Refuse existing --capture dumps (without --force) before anything runs."""
+    for c in configs:
+        if c.capture:
+            check_output(capture_path(c, info), force)
 
 
 def _eval_record(model: nn.Module, task, device: torch.device, step: int, limit: int) -> dict:
@@ -462,10 +568,13 @@ def compare(
         raise NmgradError("--compare needs at least one method, e.g. dense,greedy,mvue")
     if len(set(methods)) != len(methods):
         raise NmgradError(f"--compare lists a method twice: {','.join(methods)}")
-    configs = [dataclasses.replace(cfg, method=m) for m in methods]  # validates each
+    configs = [  # validates each; with --capture, one dump per method
+        dataclasses.replace(cfg, method=m, capture=_per_method(cfg.capture, m)) for m in methods
+    ]
     out = Path(out) if out is not None else None
     info = dist_info()
     prepare_out(out, force)
+    _check_captures(configs, info, force)
     device = resolve_device(cfg.device, info)
     summaries = []
     with process_group(info, device):

@@ -1,0 +1,163 @@
+"""Hugging Face models (``--model hf:<folder or hub id>``) and plain-text data (``--data text:<file>``).
+
+Loading is offline (``local_files_only``): a folder written by ``save_pretrained``, or a hub id
+already in the local Hugging Face cache. ``--hf-task causal-lm`` (default) loads
+``AutoModelForCausalLM``, ``seq-cls`` ``AutoModelForSequenceClassification``. Batches are dicts
+(``input_ids``, ``attention_mask``, ``labels``) passed as keywords; the model's ``.loss`` is the loss.
+
+``text:<file>`` cuts a UTF-8 file into fixed-length blocks of token ids, with the model's tokenizer
+when the folder has one, else one id per character. Needs the optional extra: ``pip install 'nmgrad[hf]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.batches import Batches, Data
+from ..errors import ImportSpecError, NmgradError
+from .spec import one_line
+
+HF_TASKS = ("causal-lm", "seq-cls")
+"""``--hf-task`` choices: the Auto class a ``hf:`` model is loaded with."""
+
+HF_PREFIX = "hf:"
+TEXT_PREFIX = "text:"
+MAX_BLOCK = 64
+"""Tokens per ``text:`` block (fewer when the model's context is shorter)."""
+EVAL_FRACTION = 0.1
+
+
+def is_hf(model: str) -> bool:
+    return model.startswith(HF_PREFIX)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportSpecError(
+            "--model hf:... needs the transformers package: pip install 'nmgrad[hf]'"
+        ) from None
+    return transformers
+
+
+def load_hf(spec: str, task: str = "causal-lm") -> tuple[nn.Module, object | None]:
+    """(model, tokenizer or None) of ``hf:<folder or hub id>``, offline; one-line errors."""
+    if task not in HF_TASKS:
+        raise NmgradError(f"--hf-task '{task}' is unknown: choose one of {', '.join(HF_TASKS)}")
+    name = spec[len(HF_PREFIX):]
+    if not name:
+        raise ImportSpecError("--model hf: needs a folder or a hub id, e.g. hf:./tiny-gpt2")
+    tf = _transformers()
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    if path.exists() and not local:
+        raise ImportSpecError(f"--model {spec}: {path} is a file; give the folder the model was saved to")
+    if local and not (path / "config.json").is_file():
+        raise ImportSpecError(
+            f"--model {spec}: {path} holds no Hugging Face model (no config.json); save one there with "
+            "model.save_pretrained(folder)"
+        )
+    auto = tf.AutoModelForCausalLM if task == "causal-lm" else tf.AutoModelForSequenceClassification
+    source = str(path) if local else name
+    tf.logging.set_verbosity_error()  # no config warnings or loading bars between nmgrad's lines
+    tf.logging.disable_progress_bar()
+    try:
+        model = auto.from_pretrained(source, local_files_only=True)
+    except Exception as exc:  # OSError, ValueError, KeyError from transformers' loaders
+        if not local:
+            raise ImportSpecError(
+                f"--model {spec}: no folder {name} and no model '{name}' in the local Hugging Face cache (nmgrad"
+                f" loads offline): download it first (hf download {name}) or give a folder"
+            ) from None
+        raise ImportSpecError(f"--model {spec}: cannot load a {task} model from {path}: {one_line(exc)}") from None
+    tokenizer = None
+    if not local or any((path / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception:  # no usable tokenizer: characters are used
+            tokenizer = None
+    return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model")
+
+
+def context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def text_file_data(
+    spec: str,
+    batch_size: int = 8,
+    seed: int = 0,
+    tokenizer=None,
+    vocab_size: int | None = None,
+    block_size: int = MAX_BLOCK,
+    as_dict: bool = True,
+) -> Data:
+    """``text:<file>`` as fixed-length blocks: train (the first 90%, shuffled by ``seed`` each epoch)
+    and eval (the rest). Dict batches ``{input_ids, attention_mask, labels}`` (labels = input_ids:
+    a causal LM shifts them itself), or ``(x, y)`` with ``y`` shifted by one for other models."""
+    path = Path(spec[len(TEXT_PREFIX):]).expanduser()
+    if not path.is_file():
+        raise NmgradError(f"--data {spec}: no such file {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NmgradError(f"--data {spec}: {path} is not UTF-8 text") from None
+    if tokenizer is not None:
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        unit = "tokens"
+    else:
+        chars = sorted(set(text))
+        if vocab_size is not None and len(chars) > vocab_size:
+            raise NmgradError(
+                f"--data {spec}: the text has {len(chars)} distinct characters but the model's vocabulary has"
+                f" {vocab_size}: save a tokenizer beside the model, or use a larger vocabulary"
+            )
+        index = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+        unit = "characters"
+        vocab_size = vocab_size or len(chars)
+    span = block_size + (0 if as_dict else 1)
+    n_blocks = len(ids) // span
+    if n_blocks < 2:
+        raise NmgradError(f"--data {spec}: {len(ids)} {unit} make fewer than 2 blocks of {span}: give a longer text")
+    blocks = ids[: n_blocks * span].view(n_blocks, span)
+    n_eval = max(1, int(n_blocks * EVAL_FRACTION))
+    train, held = blocks[:-n_eval], blocks[-n_eval:]
+    bs = min(batch_size, len(train))
+
+    def batch(rows: torch.Tensor):
+        if as_dict:
+            return {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": rows.clone()}
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_epoch(_e: int, gen: torch.Generator):
+        order = torch.randperm(len(train), generator=gen)
+        for s in range(0, len(order) - bs + 1, bs):
+            yield batch(train[order[s:s + bs]])
+
+    def eval_epoch(_e: int, _gen: torch.Generator):
+        for s in range(0, len(held), bs):
+            yield batch(held[s:s + bs])
+
+    info = {"block_size": block_size, "text_file": os.fspath(path), "units": unit}
+    if vocab_size is not None:
+        info["vocab_size"] = vocab_size
+    return Data(
+        train=Batches(train_epoch, len(train) // bs, seed),
+        eval=Batches(eval_epoch, -(-len(held) // bs), seed),
+        info=info,
+    )
