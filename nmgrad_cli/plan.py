@@ -33,8 +33,6 @@ from pathlib import Path
 from . import __version__
 from . import results as res
 from .errors import NmgradError, PatternError
-from .evaluate import EvalConfig
-from .evaluate import evaluate as run_evaluate
 from .methods import get_method
 from .patterns import Pattern, parse_pattern
 from .progress import ProgressLike
@@ -195,6 +193,48 @@ class Plan:
         c = self.layers[layer][gemm]
         return (DENSE, None) if c["pattern"] is None else (c["method"], c["pattern"])
 
+    def site_configs(self, base):
+        """Site name -> its :class:`~nmgrad_cli.train.config.SparseGradConfig`: ``base`` (seed, backend,
+        weight pattern) with the plan's dX method and pattern, and the dW ones as ``dw_method``/``dw_pattern``."""
+        from .train.config import SparseGradConfig
+
+        out = {}
+        for name in self.layers:
+            (mx, px), (mw, pw) = self.gemm_choice(name, "dx"), self.gemm_choice(name, "dw")
+            out[name] = SparseGradConfig(
+                method=mx, pattern=px or pw or base.pattern, grad_gemms=("dx", "dw"), dw_method=mw,
+                dw_pattern=pw or px or base.pattern, weight_pattern=base.weight_pattern,
+                weight_every=base.weight_every, seed=base.seed, backend=base.backend,
+            )
+        return out
+
+    def missing_error(self, site: str) -> PlanError:
+        """The error for a site of the model that the plan does not cover."""
+        return PlanError(
+            f"the plan has no entry for the site {site}: make it from a capture of every layer of this model, "
+            "or leave the site out with --layers"
+        )
+
+    def check_model(self, params: list[str]) -> None:
+        """The plan's layers must be sites of the model whose parameter names are ``params``."""
+        from .sites.site import site_name
+
+        names = {site_name(p) for p in params}
+        names |= {f"{n}.{part}" for n in names if n.endswith("in_proj") for part in "qkv"}
+        foreign = sorted(set(self.layers) - names)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+            model = ", ".join(sorted({s.get("model") or "?" for s in self.sources}))
+            raise PlanError(
+                f"the plan is for another model ({model}): its layers {shown} are not in this model; make a plan "
+                "from a capture of this model"
+            )
+
+    def record(self, path: str) -> dict:
+        """What config.json keeps of the plan."""
+        return {"path": str(path), "sha256": sha256(path), "budget": self.budget, "flops_saved": self.flops_saved,
+                "sources": self.sources}
+
     def check_layers(self, names: list[str]) -> None:
         """Every name (the model's selected sites) must be in the plan, and every plan layer in ``names``."""
         have, want = set(self.layers), set(names)
@@ -269,13 +309,17 @@ def recommend(
     budget: str = DEFAULT_BUDGET,
     candidates: str = DEFAULT_CANDIDATES,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    config: EvalConfig | None = None,
+    config=None,
     progress: ProgressLike = None,
 ) -> Plan:
     """Evaluate each candidate pattern (one evaluate pass per pattern, both axes) and pick per layer and
     GEMM the sparsest one within ``budget``. ``config`` gives everything else evaluate needs (layers,
-    steps, samples, seed, device...); its pattern, methods and axis are set here. Without an angle
+    steps, samples, seed, device...: an :class:`~nmgrad_cli.evaluate.EvalConfig`); its pattern, methods
+    and axis are set here. Without an angle
     term in the budget the passes draw no Monte-Carlo samples (the exact errors need none)."""
+    from .evaluate import EvalConfig
+    from .evaluate import evaluate as run_evaluate
+
     bounds = parse_budget(budget)
     pats = parse_candidates(candidates)
     config = config or EvalConfig()
