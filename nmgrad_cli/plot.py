@@ -154,7 +154,7 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
             ys = [float("nan") if a is None else a for a in ang["angle"][m]]
             ax.plot(range(len(ang["layers"])), ys, "o-", color=colors[m], markersize=3, linewidth=1)
         ax.set_ylabel("angle (deg)")
-        ax.set_title(f"{axis}: angle of pruned vs dense dY", fontsize=10)
+        ax.set_title(f"{axis}: angle to the dense dY", fontsize=10)
         ticks(ax, ang["layers"])
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
