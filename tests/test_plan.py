@@ -134,3 +134,13 @@ def test_plan_file_checks(tmp_path, plan):
     (tmp_path / "d.json").write_text(json.dumps(d))
     with pytest.raises(lib.PlanError, match="damaged plan"):
         lib.load(tmp_path / "d.json")
+
+
+def test_method_per_pattern():
+    """The first preferred method defined for the pattern; for a GPU, the first with a Triton kernel."""
+    from nmgrad_cli.patterns import parse_pattern
+
+    assert lib.method_for(parse_pattern("1:4"), ("mvue12", "mvue")) == "mvue"  # mvue12 needs M = 2N
+    assert lib.method_for(parse_pattern("4:8"), ("approx-mvue", "mvue")) == "mvue"  # approx-mvue: N <= M/2
+    assert lib.method_for(parse_pattern("2:4"), ("mvue", "approx-mvue"), gpu=True) == "mvue"
+    assert lib.method_for(parse_pattern("2:8"), ("mvue", "approx-mvue"), gpu=True) is None  # Triton: 1:2, 2:4
