@@ -15,6 +15,7 @@ the bars and the angles, and a last row with the error over steps.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     r = _results(payload)
     axes_present = [a for a in ("features", "tokens") if any(x["axis"] == a for x in r.layers)]
@@ -112,10 +114,14 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
     several_steps = any(len(s) > 1 for s, _ in over_steps.values())
     n_layers = len(error_bars(r, axes_present[0])["layers"])
     rotate = n_layers > 4
-    width = min(max(10.0, 0.16 * n_layers * max(1, len(r.methods)) + 5), 24.0)
-    heights = [3.4] * len(axes_present) + [2.8] * several_steps
-    fig = plt.figure(figsize=(width, sum(heights) + 1.0 + 0.9 * rotate * len(axes_present)), dpi=80)
-    grid = fig.add_gridspec(len(heights), 2, width_ratios=[2.2, 1], height_ratios=heights)
+    side = n_layers <= 12  # the angles beside the bars; with many layers below them, full width
+    width = min(max(10.0, 0.13 * n_layers * max(1, len(r.methods)) + (5 if side else 2)), 18.0)
+    per_axis = [3.4] if side else [3.4, 2.6]
+    heights = per_axis * len(axes_present) + [2.6] * several_steps
+    labels_h = (0.9 if side else 1.6) * rotate * len(per_axis) * len(axes_present)
+    fig = plt.figure(figsize=(width, sum(heights) + 1.0 + labels_h), dpi=72)
+    grid = fig.add_gridspec(len(heights), 2 if side else 1, width_ratios=[2.2, 1] if side else None,
+                            height_ratios=heights)
     colors = {m: f"C{i}" for i, m in enumerate(r.methods)}
     cfg = r.config
     fig.suptitle(f"nmgrad evaluate: pattern {cfg.get('pattern')}, {len(r.files)} dump(s), "
@@ -127,8 +133,9 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
                            ha="right" if rotate else "center", fontsize=8)
         ax.set_xlim(-0.6, len(names) - 0.4)
 
-    for row, axis in enumerate(axes_present):
+    for i, axis in enumerate(axes_present):
         bars = error_bars(r, axis)
+        row = i if side else 2 * i
         ax = fig.add_subplot(grid[row, 0])
         k = len(bars["methods"])
         w = 0.8 / max(k, 1)
@@ -149,7 +156,7 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
         ticks(ax, bars["layers"])
         ax.grid(axis="y", alpha=0.3)
         ang = angles(r, axis)
-        ax = fig.add_subplot(grid[row, 1])
+        ax = fig.add_subplot(grid[row, 1] if side else grid[row + 1, 0])
         for m in ang["methods"]:
             ys = [float("nan") if a is None else a for a in ang["angle"][m]]
             ax.plot(range(len(ang["layers"])), ys, "o-", color=colors[m], markersize=3, linewidth=1)
@@ -161,10 +168,16 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
         if all(a is None for m in ang["methods"] for a in ang["angle"][m]):
             ax.text(0.5, 0.5, "no angle: evaluated with --samples 0", transform=ax.transAxes, ha="center")
     if several_steps:
-        ax = fig.add_subplot(grid[len(axes_present), :])
+        ax = fig.add_subplot(grid[len(heights) - 1, :])
         for (axis, m), (steps, mse) in sorted(over_steps.items()):
             ax.plot(steps, mse, "-" if axis == "features" else "--", marker="o", markersize=3, color=colors[m])
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        all_steps = sorted({x for steps, _ in over_steps.values() for x in steps})
+        if len(all_steps) <= 12:
+            ax.set_xticks(all_steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.set_ylabel("mse (log)")
         ax.set_title("error over training steps, weighted over layers (solid: features/dX, dashed: tokens/dW)",
@@ -177,9 +190,23 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
                bbox_to_anchor=(0.5, 0.965))
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(path)
-    fig.savefig(out)
+    _save_small(fig, out)
     plt.close(fig)
     return out
+
+
+def _save_small(fig, out: Path) -> None:
+    """Save as a PNG with a 64-colour palette when Pillow is there (plots have few colours: ~3x smaller)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        fig.savefig(out)
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.convert("RGB").quantize(colors=64).save(out, format="PNG", optimize=True)
 
 
 def plot_file(results_path: str | os.PathLike, out: str | os.PathLike) -> Path:

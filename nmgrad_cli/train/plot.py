@@ -78,6 +78,8 @@ def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Pa
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
+    from ..plot import _save_small
+
+    _save_small(fig, Path(path))
     plt.close(fig)
     return path
