@@ -70,6 +70,8 @@ def test_plan_round_trip_on_the_sample_dump(plan_dict, tmp_path):
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["plan"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert resolved["plan"]["budget"] == "variance<=0.05" and resolved["layers"] == ["fc1", "fc2", "fc3"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["method"], summary["pattern"], summary["label"]) == ("plan", "per site", "plan variance<=0.05")
 
 
 def test_uniform_plan_is_the_uniform_run_and_all_dense_is_dense(plan_dict, tmp_path):

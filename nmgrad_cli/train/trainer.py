@@ -495,8 +495,8 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     accs = [a for _, a in recent if a is not None]
     summary = RunSummary(
         label=cfg.label,
-        method=cfg.method,
-        pattern=cfg.pattern,
+        method="plan" if cfg.plan else cfg.method,  # a plan: per-site patterns (config.json resolved.plan)
+        pattern="per site" if cfg.plan else cfg.pattern,
         steps_done=steps_done,
         final_train_loss=sum(v for v, _ in recent) / len(recent) if recent else None,
         final_train_acc=sum(accs) / len(accs) if accs else None,
