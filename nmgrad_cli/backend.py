@@ -134,6 +134,18 @@ def resolve_backend(
     return BackendChoice(name, uniforms, reason)
 
 
+def draw_backend(choice: str, device: torch.device | str) -> str:
+    """The backend of evaluate's Monte-Carlo draws: ``choice``, or for ``auto`` the Triton kernels on
+    CUDA (:func:`resolve_backend`'s auto) and the plain-torch reference on the CPU. The compiled CPU
+    kernel costs ~20 s of tracing in every process and minutes to compile on a cold cache, more than
+    it saves on evaluate's record sizes (BENCHMARKS.md: 29.5 s vs 9.2 s warm on 6 gpt records); the
+    reference also makes the draws independent of the machine's C compiler."""
+    asked, _ = user_choice(choice)
+    if asked != "auto":
+        return asked
+    return "auto" if torch.device(device).type == "cuda" else "reference"
+
+
 def backend_record(
     method: str | PruningMethod,
     pattern: str | Pattern,

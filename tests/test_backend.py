@@ -94,6 +94,7 @@ def test_one_place_chooses_a_backend():
         assert "compile_available()" not in text or path.name == "cpu_fused.py", where
         assert not re.search(r"FUSED_(TRAIN_)?MIN_NUMEL\s*=", text), where
         assert "def _choose_backend" not in text and "def _backend" not in text, where
+        assert "def draw_backend" not in text, where
 
 
 def test_evaluate_monte_carlo_does_not_depend_on_the_compiler(monkeypatch):
@@ -113,15 +114,28 @@ def test_evaluate_monte_carlo_does_not_depend_on_the_compiler(monkeypatch):
         assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5), key
 
 
-def test_train_config_json_records_the_backend(tmp_path):
+def test_train_config_json_and_its_capture_record_the_backend(tmp_path):
+    from nmgrad_cli.dump import DumpReader
     from nmgrad_cli.train.trainer import TrainConfig, train
 
-    cfg = TrainConfig(model="mlp", steps=1, batch_size=4, eval_batches=1, backend="reference", device="cpu")
+    cfg = TrainConfig(model="mlp", steps=1, batch_size=4, eval_batches=1, backend="reference", device="cpu",
+                      capture=str(tmp_path / "g.h5"))
     train(cfg, tmp_path / "run")
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["backend"] == backend_record("mvue", "2:4", F32, "cpu", "reference", training=True)
     assert resolved["backend"]["large"] == {"name": "reference", "uniforms": "generator",
                                             "reason": "reference asked for (argument)"}
+    with DumpReader(tmp_path / "g.h5") as dump:  # train --capture: the dump says what pruned the run
+        assert dump.attrs["run"]["backend"] == resolved["backend"]
+
+
+def test_a_capture_records_that_nothing_was_pruned(tmp_path):
+    from nmgrad_cli.capture import CaptureConfig, run_capture
+    from nmgrad_cli.dump import DumpReader
+
+    r = run_capture(CaptureConfig(model="mlp", steps=1, batch_size=4, out=str(tmp_path / "c.h5")), None, False)
+    with DumpReader(r.path) as dump:
+        assert "backend" in dump.attrs["run"] and dump.attrs["run"]["backend"] is None  # dense training
 
 
 def test_a_pattern_is_parsed_once_not_per_backward(monkeypatch):
@@ -168,6 +182,9 @@ def test_evaluate_json_records_the_monte_carlo_backend(tmp_path):
     assert small == {"name": "reference", "uniforms": "generator", "reason": small["reason"]}
     assert report["backend"]["greedy"]["large"]["uniforms"] == "none"
     assert report["backend"]["mvue"]["large"]["uniforms"] == "generator"  # on every backend
+    # what the draws really ran on: auto on the CPU is the reference at every record size (draw_backend)
+    assert report["runtime"]["draw_backend"] == "reference"
+    assert report["backend"]["mvue"]["large"]["name"] == "reference"
     json.dumps(report, allow_nan=False)
 
 

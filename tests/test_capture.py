@@ -139,10 +139,19 @@ def test_one_shot_generator_data_is_an_error(tmp_path, monkeypatch):
         assert d.attrs["interrupted"] and d.attrs["steps_completed"] == 1
 
 
+def test_a_leftover_partial_of_a_dead_capture_is_reused(tmp_path):
+    (tmp_path / "m.h5.partial").write_bytes(b"left by a capture killed with -9")
+    r = run_capture(CaptureConfig(model="mlp", steps=1, out=str(tmp_path / "m.h5")), None, False)
+    with DumpReader(r.path) as d:
+        assert d.attrs["complete"] and d.attrs["steps_completed"] == 1
+    assert not (tmp_path / "m.h5.partial").exists()
+
+
 def _spawn(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "nmgrad_cli", "capture", "--model", "mlp", "--steps", "100000", "--quiet",
-           "--out", str(out), *extra]
+    # --every 10: the writer keeps up, so a SIGTERM does not wait for a long queue to be written
+    cmd = [sys.executable, "-m", "nmgrad_cli", "capture", "--model", "mlp", "--steps", "100000", "--every", "10",
+           "--quiet", "--out", str(out), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

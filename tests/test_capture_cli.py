@@ -83,7 +83,10 @@ def test_not_intercepted_is_reported_and_strict_fails(tmp_path):
         (["--model", "mlp", "--max-bytes", "lots"], "--max-bytes 'lots' is not a size"),
         (["--model", "mlp", "--max-bytes", "10"], "smaller than one recorded step"),
         (["--model", "mlp", "--device", "tpu9"], "--device 'tpu9' is unknown: use auto, cpu, cuda or cuda:N"),
-        (["--model", "mlp", "--lr", "0"], "--lr must be > 0"),
+        (["--model", "mlp", "--lr", "0"], "--lr must be a positive finite number"),
+        (["--model", "mlp", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+        (["--model", "mlp", "--max-bytes", "nan"], "--max-bytes 'nan' is not a size"),
+        (["--model", "mlp", "--max-bytes", "inf"], "--max-bytes 'inf' is not a size"),
         (["--model", "mlp", "--threads", "-1"], "--threads must be >= 0"),
         (["--model", "mlp", "--data-dir", "/nonexistent/folder"], "sample data file /nonexistent/folder/digits.npz"),
     ],
@@ -97,6 +100,34 @@ def test_bad_input_is_one_line(tmp_path, args, match):
 def test_bad_output_paths(tmp_path):
     assert_user_error(run("--model", "mlp", "--out", tmp_path / "no" / "dir" / "x.h5"), "does not exist; create it")
     assert_user_error(run("--model", "mlp", "--out", tmp_path, "--force"), "is a directory")
+    assert_user_error(run("--model", "mlp", "--steps", "1", "--out", "/proc/x.h5"), "cannot create /proc/x.h5.partial")
+
+
+def test_data_iterator_that_raises_is_one_line_and_keeps_the_steps_done(tmp_path):
+    out = tmp_path / "r.h5"
+    r = run("--model", "tests.user_models:encoder", "--data", "tests.user_models:raising_data", "--steps", "3",
+            "--quiet", "--out", out)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "--data tests.user_models:raising_data raised OSError: disk read failed after 1 batches" in lines[0]
+    with DumpReader(out) as d:
+        assert d.attrs["steps_completed"] == 1 and d.attrs["interrupt_reason"] == "NmgradError"
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04 not really a zip", None])
+def test_damaged_digits_file_is_one_line(tmp_path, content):
+    data = tmp_path / "data"
+    data.mkdir()
+    if content is None:  # a valid .npz with the wrong arrays
+        import numpy as np
+
+        np.savez(data / "digits.npz", images=np.zeros((3, 4)), labels=np.zeros(3))
+    else:
+        (data / "digits.npz").write_bytes(content)
+    r = run("--model", "mlp", "--steps", "1", "--data-dir", data, "--out", tmp_path / "x.h5")
+    assert_user_error(r, f"{data / 'digits.npz'}")
+    assert "restore it from the repository's sample_data/" in r.stderr
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
 
 
 def test_parse_bytes():

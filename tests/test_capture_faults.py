@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import h5py
+import pytest
 import torch
 
 from nmgrad_cli.dump import DumpReader
+from nmgrad_cli.errors import DumpError
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
@@ -72,6 +74,8 @@ def test_second_capture_to_the_same_out_is_refused_and_the_first_loses_nothing(t
     out = tmp_path / "m.h5"
     first = spawn([*ENDLESS, "--out", str(out)])
     n0 = wait_for_steps(tmp_path / "m.h5.partial", first, 2)
+    with pytest.raises(DumpError, match="open for writing by another process"):  # readers are told, too
+        DumpReader(tmp_path / "m.h5.partial")
     second = subprocess.run([*CAPTURE, "--steps", "3", "--out", str(out)], env=ENV, capture_output=True, text=True,
                             timeout=120)
     assert second.returncode == 2
@@ -91,13 +95,13 @@ def _limit_file_size(nbytes: int):
 def test_file_size_limit_keeps_every_completed_step(tmp_path):
     """Like a full disk: one line, exit 2, and the steps that fitted are a readable dump."""
     out = tmp_path / "f.h5"
-    p = subprocess.run([*CAPTURE, "--steps", "60", "--out", str(out)], env=ENV, capture_output=True, text=True,
+    p = subprocess.run([*CAPTURE, "--steps", "30", "--out", str(out)], env=ENV, capture_output=True, text=True,
                        timeout=120, preexec_fn=_limit_file_size(700_000))
     assert p.returncode == 2, p.stderr
     one_error_line(p.stderr, "no space for the next record")
     assert "under the file-size limit" in p.stderr and f"completed steps are kept in {out}" in p.stderr
     n = assert_whole_steps(out, "DiskFullError")
-    assert 1 <= n < 60 and f"the {n} completed steps" in p.stderr
+    assert 1 <= n < 30 and f"the {n} completed steps" in p.stderr
     assert not (tmp_path / "f.h5.partial").exists()
     # below one step: nothing kept, nothing left behind
     p = subprocess.run([*CAPTURE, "--steps", "5", "--out", str(tmp_path / "g.h5")], env=ENV, capture_output=True,
@@ -152,7 +156,9 @@ def test_second_signal_during_training_abandons_the_step_and_keeps_the_rest(tmp_
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stdout
-    assert assert_whole_steps(out, "SIGINT") >= n0  # SIGINT's handler runs first (lower number)
+    with DumpReader(out) as d:  # the first signal handled names the run's end
+        reason = d.attrs["interrupt_reason"]
+    assert reason in ("SIGINT", "SIGTERM") and assert_whole_steps(out, reason) >= n0
 
 
 def test_sigterm_right_after_the_partial_appears_leaves_no_corrupt_file(tmp_path):

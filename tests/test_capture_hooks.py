@@ -230,8 +230,7 @@ def test_stream_writer_bounds_its_queue_and_reports_thread_errors(tmp_path):
     s.write("undeclared", "grad", 0, 0, torch.zeros(2, 2))  # fails on the writer thread
     with pytest.raises(DumpError, match="failed: KeyError"):
         s.flush()
-    with pytest.raises(DumpError, match="failed: KeyError"):  # closing says it again
-        s.close()
+    s.close()  # the thread's failure was raised once, by flush
     with DumpReader(tmp_path / "s.h5") as d:
         assert d.attrs["steps_completed"] == 20 and not d.attrs["complete"]
         assert torch.equal(d.load("a", "grad", "s0000007c000"), torch.full((32, 32), 7.0))

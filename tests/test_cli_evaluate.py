@@ -267,3 +267,21 @@ def test_samples_zero_prints_no_angle(dump):
 def test_bad_axis_is_a_usage_error(dump):
     r = run(dump, "--axis", "rows")
     assert r.exit_code == 2 and "rows" in r.output
+
+
+def test_rounding_noise_bias_prints_as_zero_json_keeps_it(dump, tmp_path):
+    js = tmp_path / "r.json"
+    r = run(dump, "--samples", "0", "--methods", "mvue,greedy", "--json", js)
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    mvue = [s for s in d["summary"] if s["method"] == "mvue"][0]
+    assert 0 < mvue["bias"] < 1e-12 and 0 < mvue["gemm"]["bias"] < 1e-12  # float64 rounding, kept
+    head, shown = [], {}
+    for line in r.stdout.splitlines():
+        if "┃" in line:
+            head = [c.strip() for c in line.split("┃")]
+        elif "│" in line and head:
+            row = [c.strip() for c in line.split("│")]
+            shown[row[head.index("method")]] = row
+    assert shown["mvue"][head.index("bias")] == "0" and shown["mvue"][head.index("dX bias")] == "0"
+    assert shown["greedy"][head.index("bias")] not in ("0", "-")  # a real bias is printed

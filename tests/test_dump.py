@@ -193,3 +193,28 @@ def test_file_held_open_by_a_writer_says_so(tmp_path, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_full_disk_keeps_every_completed_step_in_library_use(tmp_path):
+    """A file-size limit (like a full disk) under DumpWriter used directly: DiskFullError before the
+    record that does not fit, and the closed file holds every completed step, marked interrupted."""
+    import resource
+
+    from nmgrad_cli.dump.writer import DiskFullError
+
+    path = tmp_path / "d.h5"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, hard))
+    try:
+        with pytest.raises(DiskFullError, match="under the file-size limit"), DumpWriter(path) as w:
+            w.add_layer("a", "Linear", -1, [0])
+            for step in range(100):
+                for call in range(3):
+                    w.write("a", "grad", step, call, torch.randn(64, 100))
+                w.step_done(step)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with DumpReader(path) as d:
+        n = d.attrs["steps_completed"]
+        assert 1 <= n < 100 and d.attrs["interrupted"] and d.attrs["interrupt_reason"] == "DiskFullError"
+        assert d.n_records() >= 3 * n and all(torch.isfinite(r.load()).all() for r in d.records())

@@ -69,7 +69,7 @@ def test_capture_every_projection_and_evaluate_gemm_errors(hf, tmp_path, model, 
     for name in [*names, "lm_head"]:
         for axis in ("features", "tokens"):
             row = next(x for x in rows if x["layer"] == name and x["axis"] == axis and x["method"] == "greedy")
-            assert row["gemm"]["err"] > 0 and row["gemm"]["target"] == ("dX" if axis == "features" else "dW")
+            assert row["gemm"]["mse"] > 0 and row["gemm"]["target"] == ("dX" if axis == "features" else "dW")
 
 
 def test_train_gpt2_greedy_differs_from_dense_and_llama_trains(hf, tmp_path):

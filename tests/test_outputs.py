@@ -36,8 +36,9 @@ def test_json_onto_the_input_dump_is_refused_even_with_force(dump, tmp_path):
     link.symlink_to(dump)
     for target in (dump, link, dump.parent / ".." / dump.parent.name / dump.name):
         for flag in ("--json", "--csv"):
-            r = invoke("evaluate", dump, "--samples", "0", flag, target, "--force")
-            assert_user_error(r, "is one of the input files")
+            for force in (["--force"], []):  # refused first, not "exists: pass --force"
+                r = invoke("evaluate", dump, "--samples", "0", flag, target, *force)
+                assert_user_error(r, "is one of the input files")
     assert dump.read_bytes() == before
 
 

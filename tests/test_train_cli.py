@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _cli import assert_user_error, invoke
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAST = ["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--backend", "reference", "--device", "cpu"]
 
@@ -153,8 +159,12 @@ def test_nan_loss_exits_1_with_a_message_and_keeps_metrics(tmp_path):
     out = tmp_path / "nan"
     r = run("--model", "mlp", "--lr", "1e6", *FAST[2:], "--steps", "100", "--out", out, "--no-plot")
     assert_user_error(r, "training diverged; lower --lr", code=1)
-    assert 1 <= len((out / "metrics.jsonl").read_text().splitlines()) < 100
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= len(lines) < 100
     assert json.loads((out / "summary.json").read_text())["diverged"]
+    # the step the message names is the one after the last (finite) line of metrics.jsonl
+    bad = int(r.stderr.split(" at step ")[1].split(":")[0])
+    assert bad == lines[-1]["step"] + 1 and all(np.isfinite(rec["loss"]) for rec in lines)
 
 
 def test_nan_in_a_compare_still_prints_the_table_then_exits_1(tmp_path):
@@ -187,3 +197,47 @@ def test_distributed_two_cpu_processes(tmp_path):
     assert [r["world_size"] for r in runs] == [2, 2] and all(r["steps_done"] == 4 for r in runs)
     assert runs[0]["init_checksum"] == runs[1]["init_checksum"]
     assert len((out / "mvue" / "metrics.jsonl").read_text().splitlines()) == 4 + 1
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--model", "tests.user_models:encoder", "--data", "tests.user_models:raising_data"],
+         "--data tests.user_models:raising_data raised OSError: disk read failed after 1 batches"),
+        (["--model", "tests.user_models:encoder", "--data", "tests.user_models:tokens",
+          "--loss", "tests.user_models:vector_loss"], "the loss returned Tensor of shape (24,): --loss must"),
+        (["--model", "tests.user_models:frozen_encoder", "--data", "tests.user_models:tokens"],
+         "the model has no trainable parameters"),
+        (["--model", "tests.user_models:encoder", "--data", "tests.user_models:wrong_shape_batches"],
+         "training step 1 failed"),
+        (["--out", "/proc/nmgrad-run"], "cannot write into --out /proc/nmgrad-run"),
+        (["--json", "/dev/full", "--force"], "cannot write /dev/full: No space left on device"),
+    ],
+    ids=["data-raises", "vector-loss", "frozen", "bad-batch", "out-unwritable", "json-disk-full"],
+)
+def test_user_errors_in_training_are_one_line(args, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = ["--out", str(tmp_path / "o")] if "--out" not in args else []
+    assert_user_error(run(*FAST, "--no-plot", *out, *args), match)
+
+
+def test_ctrl_c_writes_summary_json(tmp_path):
+    """A real SIGINT while training: exit 130, one line, and summary.json counts the steps in metrics.jsonl."""
+    out = tmp_path / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "nmgrad_cli", "train", "--model", "mlp", "--steps", "1000000", "--batch-size", "4",
+           "--backend", "reference", "--device", "cpu", "--no-plot", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, t0 = out / "metrics.jsonl", time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and line.startswith("error")]
+    assert len(lines) == 1 and "interrupted (SIGINT) after" in lines[0] and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert summary["interrupted"] == "SIGINT" and summary["steps_done"] == len(steps) == steps[-1] >= 3

@@ -84,3 +84,17 @@ def unlabelled_batches(batch_size: int = 4, seed: int = 0):
     """Dict batches without labels: a Hugging Face model then returns no loss."""
     ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=torch.Generator().manual_seed(seed))
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+class _FailingLoader:
+    """A re-iterable whose iterator raises after one batch, like a DataLoader whose worker dies."""
+
+    def __iter__(self):
+        yield torch.zeros(2, SEQ, dtype=torch.long), torch.zeros(2, SEQ, dtype=torch.long)
+        raise OSError("disk read failed")
+
+
+def raising_data(batch_size: int = 4, seed: int = 0):
+    return _FailingLoader()
+
+
+def frozen_encoder() -> nn.Module:
+    return Encoder().requires_grad_(False)

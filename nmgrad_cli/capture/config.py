@@ -86,8 +86,8 @@ class CaptureConfig:
             raise NmgradError(f"--optimizer '{self.optimizer}' is unknown: choose one of {', '.join(OPTIMIZERS)}")
         if self.amp not in AMP:
             raise NmgradError(f"--amp '{self.amp}' is unknown: choose one of {', '.join(AMP)}")
-        if not self.lr > 0:
-            raise NmgradError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):  # inf (or nan) would write an all-NaN dump
+            raise NmgradError(f"--lr must be a positive finite number, got {self.lr}")
         if not self.queue_mb > 0:
             raise NmgradError(f"queue_mb must be > 0, got {self.queue_mb}")
         parse_layers(self.layers)  # a selection with no glob is refused here

@@ -169,6 +169,7 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
         run_meta = config.to_dict() | {
             "rank": rank, "world_size": world, "data_seed": data_seed, "device": str(device), "task_kind": task.kind,
             "task": task.spec, "torch_threads": torch.get_num_threads(),
+            "backend": None,  # dense training: nothing is pruned (train --capture records its backend)
         }
         queue_bytes = int(config.queue_mb * 2**20)
         records = StepRecords(config.layers, config.module_types, config.with_inputs)

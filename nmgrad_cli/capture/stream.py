@@ -65,6 +65,8 @@ class StreamWriter:
         self.abandoned = False
         """:meth:`abandon` was called: what was still queued then was dropped."""
         self.abandon_reason = ""
+        self.failure: DumpError | None = None
+        """The write failure, once it has been raised."""
         self._thread = threading.Thread(target=self._run, name="nmgrad-capture-writer", daemon=True)
         self._thread.start()
 
@@ -130,21 +132,23 @@ class StreamWriter:
             return
         if self.abandoned and interrupted is None:
             interrupted = self.abandon_reason
+        if interrupted is not None:
+            self.writer.mark_interrupted(interrupted)
         try:
-            if interrupted is not None:
-                self.writer.mark_interrupted(interrupted)
-            self.writer.close(complete=interrupted is None)
-        except Exception as exc:  # noqa: BLE001 - a full disk at the last flush
+            self.writer.close(complete=interrupted is None)  # on failure: cut back to the last step
+        except DumpError as exc:
             self.failed = True
-            self.writer.abort(interrupted or type(exc).__name__)
-            raise DumpError(f"writing {self.writer.path} failed: {failure_reason(exc)}") from None
+            self.failure = exc
+            raise
 
     def _raise(self) -> None:
-        if self._error is not None:  # kept: every later call raises it again
-            err = self._error
-            if isinstance(err, DumpError):
-                raise err
-            raise DumpError(f"writing {self.writer.path} failed: {failure_reason(err)}") from None
+        """Raise the thread's failure once (as :class:`DumpError`; kept in ``failure``)."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            if not isinstance(err, DumpError):
+                err = DumpError(f"writing {self.writer.path} failed: {failure_reason(err)}")
+            self.failure = err
+            raise err
 
     # -- consumer side (writer thread) --
     def _run(self) -> None:
@@ -331,6 +335,8 @@ class CaptureFile:
             on_drain(stream.queued_bytes)
         try:
             stream.close(interrupted)
+            if stream.failed and stream.failure is not None:  # raised earlier, to the training loop
+                raise stream.failure
         except DumpError as exc:
             kept = stream.writer.steps_flushed
             self.stopped = interrupted or "DumpError"

@@ -98,6 +98,9 @@ def capture(
                 f"recorded {p.recorded}/{p.total_recorded}, {p.bytes_recorded / 1e6:.1f} MB "
                 f"({p.bytes_written / 1e6:.1f} written)"
             )
+            if p.draining and p.bytes_recorded > p.bytes_written:
+                rec = (f"writing the last {(p.bytes_recorded - p.bytes_written) / 1e6:.1f} MB "
+                       "(a repeated Ctrl-C drops them)")
             bar.update(task, completed=p.step, rec=rec)
 
         try:
@@ -141,6 +144,6 @@ def parse_bytes(text: str | None) -> int | None:
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in _UNITS or value <= 0:
+    if unit not in _UNITS or not (0 < value < float("inf")):  # also refuses nan
         raise NmgradError(f"--max-bytes '{text}' is not a size: use e.g. 500M, 2G, 1Gi or a number of bytes")
     return int(value * _UNITS[unit])

@@ -116,11 +116,11 @@ def evaluate(
         to_stdout = [p for p in (json_out, csv_out) if p is not None and str(p) == "-"]
         if len(to_stdout) > 1:
             raise NmgradError("--json - and --csv - both ask for stdout: send one of them to a file")
+        outputs = {"--json": json_out, "--csv": csv_out, "--plot": plot_out, "--plan-out": plan_out}
+        check_distinct(outputs, inputs=dumps)  # even with --force
         check_new_file(json_out, force)
         check_new_file(csv_out, force)
         check_new_file(plot_out, force)
-        check_distinct({"--json": json_out, "--csv": csv_out, "--plot": plot_out, "--plan-out": plan_out},
-                       inputs=dumps)
         if recommend:  # the plan: one evaluation per candidate pattern (nmgrad_cli/plan.py)
             if json_out or csv_out or fail_if:
                 raise NmgradError("--recommend writes a plan: leave out --json/--csv/--fail-if (use --plan-out)")

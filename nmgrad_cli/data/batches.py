@@ -51,7 +51,7 @@ def cycle(batches: Iterable, what: str = "data") -> Iterator:
     total = 0
     while True:
         n = 0
-        for batch in batches:
+        for batch in _guarded(batches, what, total):
             n += 1
             yield batch
         total += n
@@ -60,3 +60,22 @@ def cycle(batches: Iterable, what: str = "data") -> Iterator:
                 f"{what} yielded no batches" + (f" after {total}" if total else "")
                 + ": return a re-iterable (a list or a DataLoader) of (input, target) batches, not a used-up iterator"
             )
+
+
+def _guarded(batches: Iterable, what: str, done: int) -> Iterator:
+    """``batches``, with an exception raised by the user's iterator turned into one line."""
+    try:
+        it = iter(batches)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            yield batch
+            done += 1
+    except NmgradError:
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise NmgradError(f"{what} raised {why} after {done} batches: fix the data factory") from None

@@ -18,8 +18,22 @@ N_TEST = 297
 
 def load_digits_arrays(data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [1797, 8, 8] in 0..16, labels int64 [1797]) as stored."""
-    with np.load(data_file(DIGITS_FILE, data_dir)) as z:
-        return z["images"], z["labels"].astype(np.int64)
+    path = data_file(DIGITS_FILE, data_dir)
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"].astype(np.int64)
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: np.load raises many kinds
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise NmgradError(
+            f"{path} is not a valid digits file ({why}): restore it from the repository's sample_data/"
+        ) from None
+    if images.ndim != 3 or images.shape[1:] != (8, 8) or labels.shape != images.shape[:1]:
+        raise NmgradError(
+            f"{path} holds images {images.shape} and labels {labels.shape}, not [N, 8, 8] and [N]: restore it from "
+            "the repository's sample_data/"
+        )
+    return images, labels
 
 
 def digits(

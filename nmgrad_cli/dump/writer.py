@@ -96,6 +96,7 @@ class DumpWriter:
         self.steps_flushed = 0
         """Steps on disk as of the last successful flush (what :meth:`abort` keeps)."""
         self._flushed_size = 0
+        self._aborted = False
         self._unflushed: list[h5py.Dataset] = []
         """Datasets written since the last flush, kept open: closing one may write to the file, and
         after a failed write that would fail again where nobody can catch it."""
@@ -206,11 +207,21 @@ class DumpWriter:
         self._f.attrs["interrupt_reason"] = reason
 
     def close(self, complete: bool = True) -> None:
-        if self._f.id.valid:
+        """Mark the file ``complete`` (unless interrupted) and close it. When that cannot be written
+        (a full disk) the file is cut back to its last completed step (:meth:`abort`) and
+        :class:`DumpError` is raised."""
+        if not self._f.id.valid:
+            return
+        try:
             self._check_space(0, reserve=SPACE_RESERVE // 4)
             self._f.attrs["complete"] = bool(complete and not self._f.attrs["interrupted"])
             self._f.close()
-            self._unflushed.clear()
+        except Exception as exc:  # noqa: BLE001 - whatever HDF5 raised, leave a readable file
+            self.abort(type(exc).__name__)
+            if isinstance(exc, DumpError):
+                raise
+            raise DumpError(f"writing {self.path} failed: {failure_reason(exc)}") from None
+        self._unflushed.clear()
 
     def abort(self, reason: str | None = None) -> None:
         """Close after a failed write without writing anything more, and cut the file back to the
@@ -218,8 +229,11 @@ class DumpWriter:
 
         HDF5 would otherwise flush half-updated metadata on close (or at exit) and leave a file no
         reader can open. Its file descriptor is pointed at an in-memory file first, so whatever it
-        still writes goes nowhere. Never raises for I/O errors.
+        still writes goes nowhere. Never raises for I/O errors; a second call does nothing.
         """
+        if self._aborted:
+            return
+        self._aborted = True
         if self._f.id.valid:
             _discard_and_close(self._f)
         self._unflushed.clear()
@@ -234,6 +248,10 @@ class DumpWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self._f.id.valid:
             self.mark_interrupted(exc_type.__name__)
+        if exc_type is not None and not isinstance(exc, Exception):  # KeyboardInterrupt: close what can be
+            with contextlib.suppress(DumpError):
+                self.close(complete=False)
+            return
         self.close(complete=exc_type is None)
 
 

@@ -53,7 +53,8 @@ class EvalConfig:
     """Where to evaluate: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     On CUDA the draws run the Triton kernels (same law, other random numbers than the CPU's)."""
     backend: str = "auto"
-    """The draws' pruning backend (:func:`nmgrad_cli.prune.prune`): auto, reference, fused or triton."""
+    """The draws' pruning backend (:func:`nmgrad_cli.prune.prune`): reference, fused, triton, or auto
+    (:func:`nmgrad_cli.backend.draw_backend`: Triton on CUDA, the reference on the CPU)."""
     workers: int = 1
     """Processes evaluating records in parallel (records are sharded; the report is identical)."""
     threads: int = 0

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import __version__
+from ..backend import draw_backend
 from ..errors import NmgradError
 from ..metrics import mc_backends
 from .config import EvalConfig
@@ -131,6 +132,8 @@ class EvalReport:
     """One row per (axis, method) over every layer of every file, weighted by ||g||^2."""
     file_summary: list[dict] = field(default_factory=list)
     """With several files: one row per (file, axis, method), the summary of that file alone."""
+    runtime: dict = field(default_factory=dict)
+    """What ran: {"device", "draw_backend"} (the resolved ``auto`` choices)."""
 
     def mc_backend_record(self) -> dict:
         """What prunes the Monte-Carlo draws, per method (float32 records on the evaluated device)."""
@@ -140,12 +143,14 @@ class EvalReport:
             device = resolve_device(self.config.device, dist_info())
         except NmgradError:  # e.g. --device cuda on a machine without one: the report is still written
             device = torch.device("cpu")
-        return mc_backends(self.config.pattern, self.methods, torch.float32, device, self.config.backend)
+        drawn_by = draw_backend(self.config.backend, device)
+        return mc_backends(self.config.pattern, self.methods, torch.float32, device, drawn_by)
 
     def to_dict(self) -> dict:
         return {
             "nmgrad_version": __version__,
             "config": self.config.to_dict(),
+            "runtime": self.runtime,
             "methods": self.methods,
             "backend": self.mc_backend_record(),
             "files": self.files,
@@ -161,8 +166,8 @@ class EvalReport:
 class ReportBuilder:
     """Folds the event stream of :func:`nmgrad_cli.evaluate.iter_evaluate` into an :class:`EvalReport`."""
 
-    def __init__(self, config: EvalConfig, methods: list[str]):
-        self.config, self.methods = config, methods
+    def __init__(self, config: EvalConfig, methods: list[str], runtime: dict | None = None):
+        self.config, self.methods, self.runtime = config, methods, runtime or {}
         self.files: list[dict] = []
         self.notes: list[str] = []
         self.errors: list[ErrorEntry] = []
@@ -212,7 +217,8 @@ class ReportBuilder:
                 mine = [r for r in layers if r["file"] == f["path"]]
                 file_summary += [{"file": f["path"], **row} for row in _summaries(acc, mine)]
         return EvalReport(
-            self.config, self.methods, self.files, notes, self.errors, self.records, layers, summary, file_summary
+            self.config, self.methods, self.files, notes, self.errors, self.records, layers, summary, file_summary,
+            self.runtime,
         )
 
 

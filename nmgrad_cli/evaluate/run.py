@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..backend import draw_backend
 from ..dump import DumpReader, LayerInfo, Record
 from ..dump.reader import select_records
 from ..errors import DumpError, NmgradError
@@ -271,6 +272,7 @@ def iter_evaluate(
     device = resolve_device(config.device, dist_info())
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
+    results = None
     try:
         chosen = [_selected_records(reader, selected, config) for reader, selected in opened]
         total = sum(len(recs) for recs in chosen)
@@ -301,6 +303,8 @@ def iter_evaluate(
                 done += 1
                 bar.update(done, rec.layer.name)
     finally:
+        if results is not None:
+            results.close()  # stops the worker processes when the caller gives up early (Ctrl-C)
         bar.close()
         for reader, _ in opened:
             reader.close()
@@ -398,7 +402,7 @@ def _evaluate_record(
                     mc = GemmError(g2, b, axis)
             m = evaluate_tensor(
                 g2, method, config.pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=mc.add if mc is not None else None, backend=config.backend,
+                on_sample=mc.add if mc is not None else None, backend=draw_backend(config.backend, device),
             )
             if mc is not None:
                 r = mc.result()
@@ -425,7 +429,9 @@ def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: Progress
     if not paths:
         raise NmgradError("no dump given: pass at least one .h5 file written by `nmgrad capture`")
     methods, _ = config.resolve_methods()
-    builder = ReportBuilder(config, methods)
+    device = resolve_device(config.device, dist_info())
+    runtime = {"device": str(device), "draw_backend": draw_backend(config.backend, device)}
+    builder = ReportBuilder(config, methods, runtime)
     with process_group(dist_info(), torch.device("cpu")):  # under torchrun: records sharded over ranks
         for event in iter_evaluate(paths, config, progress):
             builder.add(event)

@@ -49,8 +49,12 @@ def run_steps(
     amp=None,
     lr_at: Callable[[int], float] | None = None,
     clip: float = 0.0,
+    number_from: int = 0,
 ) -> tuple[int, bool]:
-    """Run up to ``steps`` optimizer steps; returns (steps completed, stopped by ``check``)."""
+    """Run up to ``steps`` optimizer steps; returns (steps completed, stopped by ``check``).
+
+    ``number_from``: the number a failing step is named by in errors for step index 0 (train counts
+    from 1 as in metrics.jsonl, capture from 0 as in its records)."""
     cb = callbacks
     net.train()
     done = 0
@@ -71,7 +75,7 @@ def run_steps(
         if cb.start is not None:
             cb.start(step)
         try:
-            forward_backward(net, batch, loss_fn, mode, opt, step, amp, check)
+            forward_backward(net, batch, loss_fn, mode, opt, step + number_from, amp, check)
         finally:
             if cb.stop is not None:
                 cb.stop(step)

@@ -34,9 +34,9 @@ from torch import nn
 from ..capture.config import MODULE_TYPES
 from ..capture.hooks import StepRecords
 from ..capture.stream import CaptureFile
-from ..errors import NmgradError, OutputExistsError
+from ..errors import Interrupted, NmgradError, OutputError, OutputExistsError
 from ..models import build_task, forward_loss, to_device
-from ..outputs import check_output
+from ..outputs import check_output, write_text
 from ..plan import load as load_plan
 from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
@@ -217,6 +217,8 @@ class RunSummary:
     steps_per_s: float
     diverged: str | None = None
     """None, or the message of the non-finite loss that stopped the run."""
+    interrupted: str | None = None
+    """None, or why the run stopped early (``SIGINT``: Ctrl-C); ``steps_done`` counts whole steps."""
     kind: str = ""
     layers: list[str] = field(default_factory=list)
     """The GEMM sites that got sparse gradients (or a weight mask); empty for dense."""
@@ -256,6 +258,10 @@ def prepare_out(out: Path | None, force: bool) -> None:
         raise OutputExistsError(
             f"--out {out} exists: pass --force to overwrite its run files, or choose another folder"
         )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only file system, a folder we may not write to, /proc
+        raise OutputError(f"cannot write into --out {out}: {exc.strerror or exc}; choose another folder") from None
 
 
 def _checksum(model: nn.Module) -> str:
@@ -300,16 +306,20 @@ class _Writer:
     that fails in its first step, e.g. on ``--layers``, leaves no metrics file)."""
 
     def __init__(self, out: Path | None):
-        self.out = out
+        self.path = None if out is None else out / "metrics.jsonl"
         self.file = None
 
     def write(self, record: dict) -> None:
-        if self.file is None and self.out is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.file = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
-        if self.file is not None:
+        if self.path is None:
+            return
+        try:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = self.path.open("w", encoding="utf-8")
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        except OSError as exc:  # e.g. the disk filled up
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self.file is not None:
@@ -317,7 +327,7 @@ class _Writer:
 
 
 def _write_json(path: Path, payload) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")  # temporary file, then rename
 
 
 def _finite(x: float | None) -> float | None:
@@ -333,7 +343,8 @@ def train(
 ) -> RunSummary:
     """Train once as ``cfg`` says; write the run files into ``out`` (rank 0; None: write nothing).
 
-    Raises :class:`TrainingDiverged` on a NaN/Inf loss, after writing metrics and summary.
+    Raises :class:`TrainingDiverged` on a NaN/Inf loss, and :class:`Interrupted` after Ctrl-C,
+    both after writing metrics.jsonl and summary.json.
     """
     out = Path(out) if out is not None else None
     info = dist_info()
@@ -342,8 +353,13 @@ def train(
     device = resolve_device(cfg.device, info)
     with process_group(info, device):
         summary = _run(cfg, out if info.is_main else None, hooks or Hooks(), info, device)
-    if out is not None and info.is_main and plot:
+    if out is not None and info.is_main and plot and not summary.interrupted:
         plot_loss_curves({summary.label: read_curves(out)}, out / "loss.png", title=_title(cfg))
+    if summary.interrupted:
+        raise Interrupted(
+            f"interrupted ({summary.interrupted}) after {summary.steps_done} steps"
+            + (f": {out}/metrics.jsonl and summary.json hold them" if out is not None and info.is_main else "")
+        )
     if summary.diverged:
         raise TrainingDiverged(summary.diverged)
     return summary
@@ -379,6 +395,10 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     mode = SiteMode(index, records.recorder if records else sites, watch=True)
     report = None
     net = wrap_ddp(model, device, info)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NmgradError("the model has no trainable parameters (all frozen?): train needs a model that trains")
+    if out is not None:
+        prepare_out(out, force=True)  # a --compare run's own folder
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=d.weight_decay)
 
     resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
@@ -392,7 +412,8 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
     recent: list[tuple[float, float | None]] = []
     keep = max(1, min(20, cfg.steps // 10))
     last_eval: dict = {"eval_loss": None, "eval_acc": None}
-    diverged = None
+    diverged = interrupted = None
+    written = 0
     t_train = 0.0
     t_start = time.perf_counter()
     stats: list[float] = []
@@ -411,7 +432,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
             cap = stack.enter_context(CaptureFile(capture_path(cfg, info), handle_signals=False))
             run_meta = {"train": asdict(cfg), "task": task.spec, "task_kind": task.kind, "rank": info.rank,
                         "world_size": info.world_size, "device": str(device), "every": cfg.capture_every,
-                        "recorded_by": "nmgrad train --capture"}
+                        "recorded_by": "nmgrad train --capture", "backend": resolved["backend"]}
             stream = cap.open(run_meta, "none", 256 << 20)
         st = {"t0": 0.0, "recording": False, "report": None}
 
@@ -445,7 +466,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                 records.write(stream, step)
 
         def after(step: int) -> bool:
-            nonlocal t_train, recent, last_eval
+            nonlocal t_train, recent, last_eval, written
             if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
                 sites.refresh_weight_masks_()
             t_train += time.perf_counter() - st["t0"]
@@ -460,6 +481,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
                 "time_s": time.perf_counter() - t_start,
             }
             writer.write(record)
+            written = step + 1
             _call(hooks.step, cfg.label, record)
             recent = (recent + [(loss_sum / n, acc_val)])[-keep:]
             is_last = step + 1 == cfg.steps
@@ -475,20 +497,23 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         try:
             steps_done, stopped = run_steps(
                 net, task.train_batches, task.loss_fn, opt, mode, device, cfg.steps, callbacks,
-                autocast(device, cfg.amp), lambda step: lr_at(step, cfg.steps, lr), d.grad_clip,
+                autocast(device, cfg.amp), lambda step: lr_at(step, cfg.steps, lr), d.grad_clip, number_from=1,
             )
             if stopped:
-                diverged = (
-                    f"loss became {stats[0] / stats[3]} at step {steps_done}: training diverged; lower --lr"
+                diverged = (  # step numbers as in metrics.jsonl: 1 is the first step
+                    f"loss became {stats[0] / stats[3]} at step {steps_done + 1}: training diverged; lower --lr"
                     f" (was {lr:g}); metrics so far are kept"
                 )
+        except KeyboardInterrupt:  # Ctrl-C: the step in progress is dropped, what is done is summarised
+            interrupted = "SIGINT"
+            steps_done = written
         finally:
             writer.close()
         report = st["report"]
         if stream is not None:
-            stream.set_run(stopped="diverged" if diverged else "done", steps_run=steps_done,
-                           layers_without_gradients=records.silent())
-            cap.finish("diverged" if diverged else None)
+            why = interrupted or ("diverged" if diverged else None)
+            stream.set_run(stopped=why or "done", steps_run=steps_done, layers_without_gradients=records.silent())
+            cap.finish(why)
     if out is not None and report is None:  # stopped before the first backward (a non-finite loss)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", {"config": asdict(cfg), "resolved": resolved})
@@ -506,6 +531,7 @@ def _run(cfg: TrainConfig, out: Path | None, hooks: Hooks, info: DistInfo, devic
         wall_s=time.perf_counter() - t_start,
         steps_per_s=steps_done / t_train if t_train else 0.0,
         diverged=diverged,
+        interrupted=interrupted,
         kind=task.kind,
         layers=layers,
         not_intercepted=report.not_intercepted if report else [],
@@ -601,9 +627,14 @@ def compare(
         for c in configs:
             sub = out / _safe_dirname(c.method) if out is not None and info.is_main else None
             summaries.append(_run(c, sub, hooks or Hooks(), info, device))
+            if summaries[-1].interrupted:  # Ctrl-C: no further methods
+                break
     if out is not None and info.is_main:
         _write_json(out / "summary.json", [asdict(s) for s in summaries])
-        if plot:
+        if plot and not summaries[-1].interrupted:
             curves = {s.label: read_curves(out / _safe_dirname(s.method)) for s in summaries}
             plot_loss_curves(curves, out / "loss.png", title=_title(cfg, compare=True))
+    if summaries[-1].interrupted:
+        last = summaries[-1]
+        raise Interrupted(f"interrupted ({last.interrupted}) during {last.label}: the runs so far are in summary.json")
     return summaries
