@@ -4,9 +4,14 @@ same seeds with dense gradients and with greedy / mvue / approx-mvue N:M-pruned 
 
     python benchmarks/train_results.py                       # mlp on digits, 1:2 and 2:4, 5 seeds
     python benchmarks/train_results.py --model gpt --steps 150 --seeds 0,1,2 --patterns 2:4
+    python benchmarks/train_results.py --model gpt --methods mvue --patterns 2:4,1:2 \
+        --plans plan_v05.json,plan_v02.json          # + per-site plans (`evaluate --recommend`)
 
 Every (pattern, seed) is one ``nmgrad_cli.train.compare``: all methods start from the same initial
-weights and see the same batches; dense does not depend on the pattern and runs once per seed.
+weights and see the same batches; dense does not depend on the pattern and runs once per seed. Each
+``--plans`` file is one more run per seed (``nmgrad train --plan``), from the same seed. The "bwd
+GEMM FLOPs saved" column is 1 - N/M for a uniform pattern on both GEMMs and the plan's own estimate
+(from the layers' shapes) for a plan.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import time
 
 import torch
 
-from nmgrad_cli.train.trainer import TrainConfig, compare
+from nmgrad_cli.plan import load as load_plan
+from nmgrad_cli.train.trainer import TrainConfig, compare, train
 
 
 def mean_std(values: list[float]) -> str:
@@ -28,6 +34,12 @@ def mean_std(values: list[float]) -> str:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def _record(results: dict, key: tuple[str, str], s, seed: int, t0: float) -> None:
+    results.setdefault(key, []).append(s)
+    print(f"[{time.perf_counter() - t0:6.0f} s] seed {seed} {s.label:<16} eval loss {s.eval_loss}"
+          f" acc {s.eval_acc} ({s.wall_s:.1f} s)", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -41,6 +53,7 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=0, help="held-out batches per evaluation (0: all)")
     ap.add_argument("--backend", default="reference", help="pruning backend (reference: the spec; auto: faster)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--plans", default="", help="comma-separated plan files (evaluate --recommend --plan-out)")
     ap.add_argument("--json", default=None, help="also write every run's summary to this file")
     args = ap.parse_args()
 
@@ -48,7 +61,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     patterns = args.patterns.split(",")
     methods = args.methods.split(",")
+    plans = [p for p in args.plans.split(",") if p]
+    saved = {p: load_plan(p).flops_saved for p in plans}
     results: dict[tuple[str, str], list] = {}
+    flops: dict[tuple[str, str], float | None] = {}
     t0 = time.perf_counter()
     for seed in seeds:
         for i, pattern in enumerate(patterns):
@@ -59,18 +75,24 @@ def main() -> None:
             todo = (["dense"] if i == 0 else []) + methods
             for s in compare(cfg, todo, out=None):
                 key = ("dense", "-") if s.method == "dense" else (s.method, pattern)
-                results.setdefault(key, []).append(s)
-                print(
-                    f"[{time.perf_counter() - t0:6.0f} s] seed {seed} {s.label:<16} eval loss {s.eval_loss}"
-                    f" acc {s.eval_acc} ({s.wall_s:.1f} s)",
-                    file=sys.stderr,
-                )
+                n, m = (int(x) for x in pattern.split(":"))
+                flops[key] = 0.0 if s.method == "dense" else 1 - n / m
+                _record(results, key, s, seed, t0)
+        for p in plans:
+            cfg = TrainConfig(
+                model=args.model, steps=args.steps, seed=seed, device="cpu", batch_size=args.batch_size,
+                eval_batches=args.eval_batches, backend=args.backend, plan=p,
+            )
+            s = train(cfg, out=None)
+            key = (s.label, "per site")
+            flops[key] = saved[p]
+            _record(results, key, s, seed, t0)
     total = time.perf_counter() - t0
 
     lm = any(s.kind == "language-model" for runs in results.values() for s in runs)
     acc_name = "eval next-char acc" if lm else "eval acc"
     print(f"\n{args.model}, {args.steps} steps, seeds {args.seeds}, both GEMMs pruned; mean ± std over seeds\n")
-    head = ["gradients", "pattern", acc_name, "eval loss", "final train loss", "diverged"]
+    head = ["gradients", "pattern", acc_name, "eval loss", "final train loss", "bwd GEMM FLOPs saved", "diverged"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for (method, pattern), runs in results.items():
@@ -80,6 +102,7 @@ def main() -> None:
             mean_std([s.eval_acc for s in ok if s.eval_acc is not None]),
             mean_std([s.eval_loss for s in ok if s.eval_loss is not None]),
             mean_std([s.final_train_loss for s in ok]),
+            "-" if flops.get((method, pattern)) is None else f"{100 * flops[(method, pattern)]:.1f}%",
             f"{len(runs) - len(ok)}/{len(runs)}",
         ]
         print("| " + " | ".join(row) + " |")

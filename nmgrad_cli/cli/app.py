@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import capture, evaluate, inspect, methods, train
+from . import capture, compare, evaluate, inspect, methods, plot, train
 
 app = typer.Typer(
     name="nmgrad",
@@ -19,6 +19,8 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("train")(train.train)
 app.command("capture")(capture.capture)
 app.command("inspect")(inspect.inspect)
+app.command("compare")(compare.compare)
+app.command("plot")(plot.plot)
 
 
 def _version(value: bool) -> None:

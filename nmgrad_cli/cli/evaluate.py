@@ -86,6 +86,15 @@ def evaluate(
         None, "--fail-if", help="Exit 1 when a summary value satisfies METHOD.METRIC OP NUMBER, e.g. 'mvue.bias>1e-6', "
         "'*.angle>=30' (repeatable; METRIC: mse|bias|variance|angle; OP: > >= < <=)."
     ),
+    recommend: bool = typer.Option(
+        False, "--recommend", help="Per layer and GEMM, the sparsest --candidates pattern within --budget (a plan)."
+    ),
+    candidates: str = typer.Option("1:2,2:4,2:8,1:4", "--candidates", help="With --recommend: N:M patterns to try."),
+    budget: str = typer.Option(
+        "variance<=0.5", "--budget", help="With --recommend: 'variance<=X', 'mse<=X' or 'angle<=DEG' (comma: all)."
+    ),
+    plan_out: Path = typer.Option(None, "--plan-out", help="With --recommend: write the plan JSON (`train --plan`)."),
+    plot_out: Path = typer.Option(None, "--plot", help="Also draw the errors into this PNG (`nmgrad plot`)."),
 ) -> None:
     """Evaluate pruning methods on captured neural gradients: exact mse/bias/variance, MC angle.
 
@@ -107,9 +116,20 @@ def evaluate(
         to_stdout = [p for p in (json_out, csv_out) if p is not None and str(p) == "-"]
         if len(to_stdout) > 1:
             raise NmgradError("--json - and --csv - both ask for stdout: send one of them to a file")
-        check_distinct({"--json": json_out, "--csv": csv_out}, inputs=dumps)  # even with --force
+        outputs = {"--json": json_out, "--csv": csv_out, "--plot": plot_out, "--plan-out": plan_out}
+        check_distinct(outputs, inputs=dumps)  # even with --force
         check_new_file(json_out, force)
         check_new_file(csv_out, force)
+        check_new_file(plot_out, force)
+        if recommend:  # the plan: one evaluation per candidate pattern (nmgrad_cli/plan.py)
+            if json_out or csv_out or fail_if:
+                raise NmgradError("--recommend writes a plan: leave out --json/--csv/--fail-if (use --plan-out)")
+            from . import plan as plan_cli
+
+            plan_cli.recommend(dumps, config, budget, candidates, names, plan_out, force, console)
+            return
+        elif plan_out is not None:
+            raise NmgradError("--plan-out needs --recommend: e.g. --recommend --budget 'variance<=0.5'")
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
         main = dist_info().is_main  # under torchrun every rank evaluates a shard; rank 0 reports
@@ -120,6 +140,10 @@ def evaluate(
         write_json(json_out, report.to_dict())
         if csv_out is not None:
             write_csv(csv_out, report)
+        if plot_out is not None:
+            from ..plot import plot_results
+
+            plot_results(report.to_dict(), plot_out)
         fired = lib.violations(report, thresholds)
     code = 0
     for entry in report.errors:

@@ -76,6 +76,10 @@ def train(
     capture_with_inputs: bool = typer.Option(
         False, "--capture-with-inputs", help="Also store X and W of the recorded steps (for evaluate's dX/dW errors)."
     ),
+    plan: Path = typer.Option(
+        None, "--plan", help="Per-site dX/dW patterns and methods from `nmgrad evaluate --recommend --plan-out` "
+        "(instead of --method/--pattern)."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Write the final table as JSON to FILE, or '-' for stdout."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Do not write loss.png."),
 ) -> None:
@@ -88,8 +92,11 @@ def train(
             batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
             backend=backend, strict=strict, amp=amp, capture=str(capture) if capture else None,
             capture_every=capture_every, capture_with_inputs=capture_with_inputs,
+            plan=str(plan) if plan is not None else None,
         )
         methods = [m.strip() for m in compare.split(",") if m.strip()] if compare is not None else None
+        if plan is not None and methods is not None:
+            raise fail("--plan gives every site its method and pattern: run it without --compare")
         if out is None:
             out = Path("runs") / f"{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_new_file(json_out, force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -46,6 +47,11 @@ class SparseGradConfig:
     """Recompute the weight mask every this many optimizer steps (see ``refresh_weight_masks_``)."""
     seed: int = 0
     """Seeds each layer's generator (together with the layer name and the rank offset)."""
+    dw_method: str | None = None
+    """The dW GEMM's method where it differs from ``method`` (a per-site plan, ``train --plan``);
+    None: ``method``. ``method``/``pattern`` are then the dX GEMM's (see :meth:`for_gemm`)."""
+    dw_pattern: str | None = None
+    """The dW GEMM's pattern where it differs from ``pattern`` (a plan); None: ``pattern``."""
     backend: str = "auto"
     """Pruning backend: auto, reference, triton, or fused; :func:`nmgrad_cli.backend.resolve_backend`
     decides per tensor in training mode (auto and fused: the compiled CPU kernel where it supports
@@ -58,6 +64,10 @@ class SparseGradConfig:
             raise MethodError(f"unknown method '{self.method}': choose one of {DENSE}, {', '.join(METHODS)}")
         if self.method != DENSE:
             resolve(self.method, self.pattern)  # unknown method / undefined for the pattern
+        if self.dw_method is not None or self.dw_pattern is not None:
+            dw = self.for_gemm("dw")
+            if dw.method != DENSE:
+                resolve(dw.method, dw.pattern)
         if self.weight_pattern is not None:
             object.__setattr__(self, "weight_pattern", str(parse_pattern(self.weight_pattern)))
         if self.weight_every < 1:
@@ -68,11 +78,18 @@ class SparseGradConfig:
     @property
     def prunes(self) -> bool:
         """True when some backward GEMM gets a pruned dY."""
-        return self.method != DENSE and bool(self.grad_gemms)
+        return any(self.prunes_gemm(g) for g in self.grad_gemms)
 
     def prunes_gemm(self, gemm: str) -> bool:
         """True when GEMM ``gemm`` ("dx" or "dw") gets a pruned dY."""
-        return self.method != DENSE and gemm in self.grad_gemms
+        return self.for_gemm(gemm).method != DENSE and gemm in self.grad_gemms
+
+    def for_gemm(self, gemm: str) -> SparseGradConfig:
+        """The config of GEMM ``gemm`` alone: ``self``, or for "dw" with ``dw_method``/``dw_pattern``
+        set, a copy with those as its method and pattern."""
+        if gemm == "dx" or (self.dw_method is None and self.dw_pattern is None):
+            return self
+        return _dw_config(self)
 
     @functools.cached_property
     def parsed_pattern(self) -> Pattern:
@@ -93,3 +110,11 @@ class SparseGradConfig:
     @functools.cached_property
     def parsed_weight_pattern(self) -> Pattern | None:
         return None if self.weight_pattern is None else parse_pattern(self.weight_pattern)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dw_config(cfg: SparseGradConfig) -> SparseGradConfig:
+    """``cfg``'s dW GEMM as a config of its own (cached: called in every backward)."""
+    return dataclasses.replace(
+        cfg, method=cfg.dw_method or cfg.method, pattern=cfg.dw_pattern or cfg.pattern, dw_method=None, dw_pattern=None
+    )

@@ -59,19 +59,22 @@ def grad_gemms(
     """
     dx = dw = None
     # CUDA: Triton pruning + 2:4 sparse tensor-core GEMMs (dense GEMM fallback inside, logged once)
-    cuda = cfg.prunes and _gpu_gemms(dy2d, cfg)
-    if cuda:
-        from ..kernels import sparse_gemm
+    # (each GEMM with its own config: a plan may give dX and dW other patterns, cfg.for_gemm)
+    cx, cw = cfg.for_gemm("dx"), cfg.for_gemm("dw")
     if need_dx:
-        if cuda and cfg.prunes_gemm("dx"):
-            dx = sparse_gemm.grad_input(dy2d, w, cfg.method, cfg.parsed_pattern, generator=gen)  # (T, I)
+        if cfg.prunes_gemm("dx") and _gpu_gemms(dy2d, cx):
+            from ..kernels import sparse_gemm
+
+            dx = sparse_gemm.grad_input(dy2d, w, cx.method, cx.parsed_pattern, generator=gen)  # (T, I)
         else:
-            dx = prune_dy(dy2d, cfg, "dx", -1, gen) @ w  # (T, I)
+            dx = prune_dy(dy2d, cx, "dx", -1, gen) @ w  # (T, I)
     if need_dw:
-        if cuda and cfg.prunes_gemm("dw"):
-            dw = sparse_gemm.grad_weight(dy2d, x2d, cfg.method, cfg.parsed_pattern, generator=gen)  # (F, I)
+        if cfg.prunes_gemm("dw") and _gpu_gemms(dy2d, cw):
+            from ..kernels import sparse_gemm
+
+            dw = sparse_gemm.grad_weight(dy2d, x2d, cw.method, cw.parsed_pattern, generator=gen)  # (F, I)
         else:
-            dw = prune_dy(dy2d, cfg, "dw", 0, gen).t() @ x2d  # (F, I)
+            dw = prune_dy(dy2d, cw, "dw", 0, gen).t() @ x2d  # (F, I)
     return dx, dw
 
 
@@ -98,13 +101,13 @@ def conv_grad_gemms(
     dx = dw = None
     conv_input, conv_weight = _CONV_GRADS[dy.dim() - 2]
     if need_dx:
-        dx = conv_input(x.shape, w, prune_dy(dy, cfg, "dx", 1, gen), **conv)
+        dx = conv_input(x.shape, w, prune_dy(dy, cfg.for_gemm("dx"), "dx", 1, gen), **conv)
     if need_dw:
         dyw = dy
         if cfg.prunes_gemm("dw"):
             swap = (1, 0, *range(2, dy.dim()))  # (B, C, *S) <-> (C, B, *S)
             tokens = dy.permute(swap).reshape(dy.shape[1], -1)  # (C, T)
-            tokens = prune_dy(tokens, cfg, "dw", 1, gen)
+            tokens = prune_dy(tokens, cfg.for_gemm("dw"), "dw", 1, gen)
             dyw = tokens.reshape(dy.shape[1], dy.shape[0], *dy.shape[2:]).permute(swap)
         dw = conv_weight(x, w.shape, dyw, **conv)
     return dx, dw

@@ -1,8 +1,9 @@
-"""Loss curves as a PNG, when matplotlib is installed (the ``plot`` extra)."""
+"""Loss (and accuracy) curves as a PNG, when matplotlib is installed (the ``plot`` extra)."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 
@@ -11,19 +12,33 @@ def plot_available() -> bool:
 
 
 def ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    """Exponential moving average, s_t = (1 - alpha) s_{t-1} + alpha v_t, started at v_0."""
-    out, s = [], None
-    for v in values:
-        s = v if s is None else (1 - alpha) * s + alpha * v
-        out.append(s)
+    """Bias-corrected exponential moving average (as Adam's moments):
+    s_t = (1 - alpha) s_{t-1} + alpha v_t with s_0 = 0, shown as s_t / (1 - (1 - alpha)^t), so the
+    first points are not pulled towards 0 and a constant curve stays constant."""
+    out, s = [], 0.0
+    for t, v in enumerate(values, start=1):
+        s = (1 - alpha) * s + alpha * v
+        out.append(s / (1 - (1 - alpha) ** t))
     return out
 
 
-def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Path | None:
-    """Plot each run's train loss (raw, faint, and smoothed) and eval loss points into ``path``.
+def has_accuracy(curves: dict[str, dict]) -> bool:
+    """Some run has a train or eval accuracy to draw."""
+    return any(any(a is not None for a in c.get("acc") or []) or c.get("eval_acc") for c in curves.values())
 
-    ``curves[label] = {"step": [...], "loss": [...], "eval_step": [...], "eval_loss": [...]}``.
-    Returns ``path``, or None when matplotlib is not installed (``pip install 'nmgrad[plot]'``).
+
+def _finite(xs: list, ys: list) -> tuple[list, list]:
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Path | None:
+    """Plot each run's train loss (raw, faint, and its bias-corrected EMA) and eval loss points into
+    ``path``, and beside it the accuracy (train EMA, eval points) when the runs have one.
+
+    ``curves[label] = {"step", "loss", "eval_step", "eval_loss"}`` and optionally ``"acc"``,
+    ``"eval_acc"`` (lists; None entries are skipped). Returns ``path``, or None when matplotlib is
+    not installed (``pip install 'nmgrad[plot]'``).
     """
     if not plot_available():
         return None
@@ -32,19 +47,39 @@ def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Pa
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    acc = has_accuracy(curves)
+    fig, axs = plt.subplots(1, 2 if acc else 1, figsize=(12 if acc else 7, 4.5), dpi=100, squeeze=False)
+    ax = axs[0, 0]
     for i, (label, c) in enumerate(curves.items()):
         color = f"C{i}"
-        ax.plot(c["step"], c["loss"], color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(c["step"], ema(c["loss"]), color=color, linewidth=1.6, label=f"{label} (train, EMA)")
+        xs, ys = _finite(c["step"], c["loss"])
+        ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(xs, ema(ys), color=color, linewidth=1.6, label=f"{label} (train, EMA)")
         if c.get("eval_step"):
-            ax.plot(c["eval_step"], c["eval_loss"], "o--", color=color, markersize=4, label=f"{label} (eval)")
+            ex, ey = _finite(c["eval_step"], c["eval_loss"])
+            ax.plot(ex, ey, "o--", color=color, markersize=4, label=f"{label} (eval)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if acc:
+        ax = axs[0, 1]
+        for i, (label, c) in enumerate(curves.items()):
+            color = f"C{i}"
+            xs, ys = _finite(c["step"], c.get("acc") or [])
+            if ys:
+                ax.plot(xs, ema(ys), color=color, linewidth=1.6, label=f"{label} (train, EMA)")
+            if c.get("eval_acc"):
+                ex, ey = _finite(c["eval_step"], c["eval_acc"])
+                ax.plot(ex, ey, "o--", color=color, markersize=4, label=f"{label} (eval)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
+    from ..plot import _save_small
+
+    _save_small(fig, Path(path))
     plt.close(fig)
     return path

@@ -377,10 +377,16 @@ class SparseGradSites:
     ``seed_offset`` (the rank), and, with ``cfg.weight_pattern``, its own weight mask, computed at
     first use and again after :meth:`refresh_weight_masks_`. ``selected`` lists the sites in
     first-seen order; ``fallback`` the selected ones that ran dense, with the reason.
+
+    ``per_site`` (``train --plan``): site name -> that site's config (its dX and dW pattern and
+    method, :meth:`SparseGradConfig.for_gemm`); a selected site it lacks is an error (``missing``).
     """
 
-    def __init__(self, cfg: SparseGradConfig, layers: str | None = "*", seed_offset: int = 0):
+    def __init__(self, cfg: SparseGradConfig, layers: str | None = "*", seed_offset: int = 0,
+                 per_site: dict[str, SparseGradConfig] | None = None, missing=None):
         self.cfg = cfg
+        self.per_site = per_site
+        self.missing = missing
         self.globs = parse_layers(layers)
         self.seed_offset = seed_offset
         self.selected: dict[str, Site] = {}
@@ -416,13 +422,18 @@ class SparseGradSites:
         if not chosen:
             return None
         self.selected.setdefault(site.name, site)
-        if not (self.cfg.prunes or self.cfg.weight_pattern is not None):
+        cfg = self.cfg
+        if self.per_site is not None:
+            cfg = self.per_site.get(site.name)
+            if cfg is None:
+                raise self.missing(site.name)
+        if not (cfg.prunes or cfg.weight_pattern is not None):
             return None
         mask = self._mask(site, w)
         if not torch.is_grad_enabled():  # evaluation: the masked forward, nothing to prune
             return None if mask is None else (F.linear(x, w * mask, b) if conv is None else
                                               sparse_grad_conv_fwd(x, w * mask, b, _int_conv(conv, w, site)))
-        gen = self.generator(site.name, x.device) if self.cfg.prunes else None
+        gen = self.generator(site.name, x.device) if cfg.prunes else None
         if conv is not None:
             conv = _int_conv(conv, w, site)
             if isinstance(conv, str) or x.dim() != w.dim():
@@ -439,8 +450,8 @@ class SparseGradSites:
             mask = None if mask is None else mask.to(dt)
         with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
             if conv is None:
-                return sparse_grad_linear(x, w, b, self.cfg, gen, mask)
-            return sparse_grad_conv(x, w, b, self.cfg, gen, mask, **conv)
+                return sparse_grad_linear(x, w, b, cfg, gen, mask)
+            return sparse_grad_conv(x, w, b, cfg, gen, mask, **conv)
 
 
 def _int_conv(conv: dict, w: torch.Tensor, site: Site) -> dict | str:

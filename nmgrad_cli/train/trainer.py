@@ -37,6 +37,7 @@ from ..capture.stream import CaptureFile
 from ..errors import Interrupted, NmgradError, OutputError, OutputExistsError
 from ..models import build_task, forward_loss, to_device
 from ..outputs import check_output, write_text
+from ..plan import load as load_plan
 from ..progress import Progress, ProgressLike, resolve_progress
 from ..sites import ParamIndex, SiteMode, site_report
 from .config import DENSE, SparseGradConfig, parse_gemms
@@ -137,6 +138,9 @@ class TrainConfig:
     """Record one step in this many (steps 0, K, 2K, ...)."""
     capture_with_inputs: bool = False
     """Also store each recorded call's X and W (for evaluate's dX/dW errors)."""
+    plan: str | None = None
+    """A per-site plan (``nmgrad evaluate --recommend --plan-out``): each site's dX and dW pattern and
+    method, dense where the plan says so; then ``method``/``pattern`` are not used (``nmgrad_cli.plan``)."""
     backend: str = "auto"
     """Pruning backend: auto (for training: the compiled CPU kernel where it exists, which pays a
     one-time compile of ~10 s per method for several times faster steps), reference, fused, triton."""
@@ -158,6 +162,8 @@ class TrainConfig:
         if self.capture_every < 1:
             raise NmgradError(f"--capture-every must be >= 1, got {self.capture_every}")
         self.sparse_config()  # validates method, pattern, weight pattern
+        if self.plan is not None:
+            load_plan(self.plan)  # a missing or damaged plan fails before any work
 
     @property
     def defaults(self) -> TaskDefaults:
@@ -176,8 +182,10 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """How the run is named in tables and plots: ``mvue 2:4`` or ``dense``."""
+        """How the run is named in tables and plots: ``mvue 2:4``, ``dense`` or ``plan variance<=0.5``."""
         text = self.method if self.method == DENSE else f"{self.method} {self.pattern}"
+        if self.plan is not None:
+            text = f"plan {load_plan(self.plan).budget}"
         return text + (f" +W{self.weight_pattern}" if self.weight_pattern else "")
 
 
@@ -371,8 +379,10 @@ def train(
     return summary
 
 
-def _title(cfg: TrainConfig) -> str:
-    return f"{cfg.model} · {cfg.steps} steps · seed {cfg.seed}"
+def _title(cfg: TrainConfig, compare: bool = False) -> str:
+    """loss.png's title: model, what prunes the gradients (the method and pattern, or the plan), steps, seed."""
+    what = f"pattern {cfg.pattern}" if compare else cfg.label
+    return f"{cfg.model} · {what} · {cfg.steps} steps · seed {cfg.seed}"
 
 
 def _run(
@@ -389,7 +399,13 @@ def _run(
     layers: list[str] = []
     scfg = cfg.sparse_config()
     index = ParamIndex(model)
-    sites = SparseGradSites(scfg, cfg.layers, seed_offset=info.rank)
+    per_site = plan = None
+    if cfg.plan is not None:  # per-site configs; a plan for another model fails before the first step
+        plan = load_plan(cfg.plan)
+        plan.check_model(list(index.unique()))
+        per_site = plan.site_configs(scfg)
+    sites = SparseGradSites(scfg, cfg.layers, seed_offset=info.rank, per_site=per_site,
+                            missing=plan.missing_error if plan else None)
     # --capture: a recorder in front of the sparse-gradient handler records the selected sites' dY
     records = StepRecords(cfg.layers, MODULE_TYPES, cfg.capture_with_inputs, compute=sites) if cfg.capture else None
     mode = SiteMode(index, records.recorder if records else sites, watch=True)
@@ -404,6 +420,8 @@ def _run(
     resolved = {"lr": lr, "batch_size": batch_size, "task": task.spec, "kind": task.kind, "layers": layers}
     resolved |= {"world_size": info.world_size, "device": str(device), "torch": torch.__version__}
     resolved["backend"] = scfg.backend_record(torch.float32, device)  # what prunes dY (backend.py)
+    if plan is not None:
+        resolved["plan"] = plan.record(cfg.plan)
     writer = _Writer(out)
     _call(hooks.start, cfg.label, cfg.steps)
     bar.start(cfg.steps, cfg.label)
@@ -453,7 +471,7 @@ def _run(
             if st["report"] is None:  # after the first backward: what is selected, what no site covers
                 report = st["report"] = site_report(index, mode, list(sites.selected.values()), cfg.layers, cfg.strict)
                 mode.watch = False
-                if scfg.prunes or scfg.weight_pattern is not None:
+                if scfg.prunes or scfg.weight_pattern is not None or plan is not None:
                     layers = list(sites.selected)
                 resolved.update({"layers": layers} | report.to_dict())
                 if out is not None:
@@ -521,8 +539,8 @@ def _run(
     accs = [a for _, a in recent if a is not None]
     summary = RunSummary(
         label=cfg.label,
-        method=cfg.method,
-        pattern=cfg.pattern,
+        method="plan" if cfg.plan else cfg.method,  # a plan: per-site patterns (config.json resolved.plan)
+        pattern="per site" if cfg.plan else cfg.pattern,
         steps_done=steps_done,
         final_train_loss=sum(v for v, _ in recent) / len(recent) if recent else None,
         final_train_acc=sum(accs) / len(accs) if accs else None,
@@ -577,7 +595,7 @@ def _eval_record(model: nn.Module, task, device: torch.device, step: int, limit:
 
 def read_curves(out: Path) -> dict:
     """Train and eval loss curves from ``out/metrics.jsonl`` (for plots)."""
-    curves = {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
+    curves = {"step": [], "loss": [], "acc": [], "eval_step": [], "eval_loss": [], "eval_acc": []}
     path = out / "metrics.jsonl"
     if not path.exists():
         return curves
@@ -586,9 +604,11 @@ def read_curves(out: Path) -> dict:
         if "loss" in rec:
             curves["step"].append(rec["step"])
             curves["loss"].append(rec["loss"])
+            curves["acc"].append(rec.get("acc"))
         elif rec.get("eval_loss") is not None:
             curves["eval_step"].append(rec["step"])
             curves["eval_loss"].append(rec["eval_loss"])
+            curves["eval_acc"].append(rec.get("eval_acc"))
     return curves
 
 
@@ -634,7 +654,7 @@ def compare(
         _write_json(out / "summary.json", [asdict(s) for s in summaries])
         if plot and not summaries[-1].interrupted:
             curves = {s.label: read_curves(out / _safe_dirname(s.method)) for s in summaries}
-            plot_loss_curves(curves, out / "loss.png", title=_title(cfg))
+            plot_loss_curves(curves, out / "loss.png", title=_title(cfg, compare=True))
     if summaries[-1].interrupted:
         last = summaries[-1]
         raise Interrupted(f"interrupted ({last.interrupted}) during {last.label}: the runs so far are in summary.json")
