@@ -138,10 +138,9 @@ def test_a_capture_records_that_nothing_was_pruned(tmp_path):
         assert "backend" in dump.attrs["run"] and dump.attrs["run"]["backend"] is None  # dense training
 
 
-def test_a_pattern_is_parsed_once_not_per_backward(monkeypatch):
-    """A sparse layer's backward passes the config's Pattern along: no N:M string is parsed."""
-    cfg = SparseGradConfig("mvue", "2:4")
-    assert cfg.parsed_pattern is cfg.parsed_pattern
+def count_pattern_parses(monkeypatch):
+    """Counts N:M strings parsed from now on (``.calls``): patterns' regex, wrapped."""
+    real = patterns._PATTERN_RE
 
     class Counting:
         calls = 0
@@ -150,14 +149,22 @@ def test_a_pattern_is_parsed_once_not_per_backward(monkeypatch):
             Counting.calls += 1
             return real.match(text)
 
-    real = patterns._PATTERN_RE
     monkeypatch.setattr(patterns, "_PATTERN_RE", Counting())
+    return Counting
+
+
+def test_a_pattern_is_parsed_once_not_per_backward(monkeypatch):
+    """A sparse layer's backward passes the config's Pattern along: no N:M string is parsed."""
+    cfg = SparseGradConfig("mvue", "2:4")
+    assert cfg.parsed_pattern is cfg.parsed_pattern
+
+    parses = count_pattern_parses(monkeypatch)
     x = torch.randn(16, 8, requires_grad=True)
     w = torch.randn(12, 8, requires_grad=True)
     cfg.parsed_pattern  # noqa: B018 (parsed before the step, as a layer's config is)
-    Counting.calls = 0
+    parses.calls = 0
     sparse_grad_linear(x, w, None, cfg, torch.Generator().manual_seed(0)).sum().backward()
-    assert x.grad is not None and Counting.calls == 0
+    assert x.grad is not None and parses.calls == 0
 
 
 def test_resolve_gemm_on_the_cpu_is_the_pruning_backend_and_a_dense_gemm(monkeypatch):
@@ -206,14 +213,6 @@ def test_evaluate_parses_its_pattern_once_not_per_record(monkeypatch, tmp_path):
     config = EvalConfig(methods=("mvue", "greedy"), samples=2, axis="both")
     assert config.parsed_pattern is config.parsed_pattern
 
-    class Counting:
-        calls = 0
-
-        def match(self, text):
-            Counting.calls += 1
-            return real.match(text)
-
-    real = patterns._PATTERN_RE
-    monkeypatch.setattr(patterns, "_PATTERN_RE", Counting())
+    parses = count_pattern_parses(monkeypatch)
     report = evaluate([dump], config)
-    assert len(report.records) >= 6 and Counting.calls == 0
+    assert len(report.records) >= 6 and parses.calls == 0

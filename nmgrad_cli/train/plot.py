@@ -32,6 +32,25 @@ def _finite(xs: list, ys: list) -> tuple[list, list]:
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
+def _panel(ax, curves: dict, key: str, eval_key: str, ylabel: str, raw: bool) -> None:
+    """One panel: per run the bias-corrected EMA of the train ``key`` (and, with ``raw``, the raw
+    values faintly) and the eval points of ``eval_key``; colours follow the run order."""
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        xs, ys = _finite(c["step"], c.get(key) or [])
+        if raw:
+            ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)
+        if ys:
+            ax.plot(xs, ema(ys), color=color, linewidth=1.6, label=f"{label} (train, EMA)")
+        if c.get("eval_step") and c.get(eval_key):
+            ex, ey = _finite(c["eval_step"], c[eval_key])
+            ax.plot(ex, ey, "o--", color=color, markersize=4, label=f"{label} (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Path | None:
     """Plot each run's train loss (raw, faint, and its bias-corrected EMA) and eval loss points into
     ``path``, and beside it the accuracy (train EMA, eval points) when the runs have one.
@@ -49,33 +68,9 @@ def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Pa
 
     acc = has_accuracy(curves)
     fig, axs = plt.subplots(1, 2 if acc else 1, figsize=(12 if acc else 7, 4.5), dpi=100, squeeze=False)
-    ax = axs[0, 0]
-    for i, (label, c) in enumerate(curves.items()):
-        color = f"C{i}"
-        xs, ys = _finite(c["step"], c["loss"])
-        ax.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(xs, ema(ys), color=color, linewidth=1.6, label=f"{label} (train, EMA)")
-        if c.get("eval_step"):
-            ex, ey = _finite(c["eval_step"], c["eval_loss"])
-            ax.plot(ex, ey, "o--", color=color, markersize=4, label=f"{label} (eval)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _panel(axs[0, 0], curves, "loss", "eval_loss", "loss", raw=True)
     if acc:
-        ax = axs[0, 1]
-        for i, (label, c) in enumerate(curves.items()):
-            color = f"C{i}"
-            xs, ys = _finite(c["step"], c.get("acc") or [])
-            if ys:
-                ax.plot(xs, ema(ys), color=color, linewidth=1.6, label=f"{label} (train, EMA)")
-            if c.get("eval_acc"):
-                ex, ey = _finite(c["eval_step"], c["eval_acc"])
-                ax.plot(ex, ey, "o--", color=color, markersize=4, label=f"{label} (eval)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _panel(axs[0, 1], curves, "acc", "eval_acc", "accuracy", raw=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     from ..plot import _save_small
