@@ -121,7 +121,7 @@ def bench(model: str, steps: int, skip: int, compression: str, rounds: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mlp,cnn,gpt")
-    ap.add_argument("--compression", default="lzf", choices=("lzf", "gzip", "none"))
+    ap.add_argument("--compression", default="none", choices=("lzf", "gzip", "none"))
     ap.add_argument("--skip", type=int, default=2, help="steps dropped at the start of each phase")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the default step counts")
     ap.add_argument("--rounds", type=int, default=1, help="repeat and keep the minimum of each median")
