@@ -22,9 +22,18 @@ from .base import PruningMethod, running_sum, safe_div, scaled_magnitudes, sum_o
 
 def draw_proportional(mag: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One-hot draw per row with P(i) = mag_i / sum(mag): keep i iff C_{i-1} <= u*S < C_i."""
+    return proportional_keep(*proportional_bounds(mag), u)
+
+
+def proportional_bounds(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_{i-1}, C_i) of :func:`draw_proportional`: running sums of ``mag`` added left to right."""
     c = running_sum(mag)
+    return torch.nn.functional.pad(c[..., :-1], (1, 0)), c
+
+
+def proportional_keep(prev: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`draw_proportional`'s one-hot mask from its bounds; ``u`` (..., K, 1) broadcasts."""
     thr = u * c[..., -1:]
-    prev = torch.nn.functional.pad(c[..., :-1], (1, 0))
     return (prev <= thr) & (thr < c)
 
 
@@ -56,14 +65,20 @@ class ApproxMvue(PruningMethod):
         p = torch.where(few, (mag > 0).to(p.dtype), p)
         return p, safe_div(a, p)
 
-    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, a: torch.Tensor, n: int):
         if n == 1:
-            return get_method("mvue")._sample(a, 1, u)
+            return ("mvue", get_method("mvue")._prepare(a, 1))
         mag = scaled_magnitudes(a)
-        keep = draw_proportional(mag, u[..., :1])
+        _, v = self._law(mag, a, n)
+        return ("two", mag, *proportional_bounds(mag), v)
+
+    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+        if law[0] == "mvue":  # N = 1: mvue's law and draw
+            return get_method("mvue")._draw(law[1], u)
+        _, mag, prev, c, v = law
+        keep = proportional_keep(prev, c, u[..., :1])  # the first, then one of the rest
         rest = torch.where(keep, torch.zeros_like(mag), mag)
         keep = keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0))
-        _, v = self._law(mag, a, n)
         return torch.where(keep, v, torch.zeros_like(v))
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:

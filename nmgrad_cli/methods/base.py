@@ -2,13 +2,20 @@
 
 All functions here take ``a``: ``(K, M)`` blocks in the compute dtype (float32, or float64) and
 return tensors of the same shape. A method is defined by two functions, which subclasses implement
-as ``_marginals`` and ``_sample``:
+as ``_marginals`` and ``_prepare``/``_draw``:
 
 - ``marginals(a, n) -> (p, v)``: ``p[k, i]`` = P(element i of block k is kept), ``v[k, i]`` = the
   value it has when kept (0 where p is 0). The exact moments follow: E[g^] = p v, E[g^^2] = p v^2.
 - ``sample(a, n, u) -> g^``: one draw, a deterministic function of the uniforms
   ``u`` ``(K, n_uniforms)`` in [0, 1). Fast kernels implement the same function of the same
   uniforms, which is how they are tested against this reference.
+
+A draw is split in two, which subclasses implement as ``_prepare`` and ``_draw``: ``prepare(a, n)``
+computes everything that depends on the blocks only (the law: keep-probabilities, their running
+sums, the kept values), once; ``draw(state, u)`` applies uniforms to it, and takes ``u`` of shape
+``(..., K, n_uniforms)``: any leading dims are independent draws of the same blocks (broadcast
+against the state, never copied through the law). ``sample(a, n, u) == draw(prepare(a, n), u)``
+bit for bit, so Monte Carlo prepares a record once and draws many (``metrics.monte_carlo``).
 
 The public ``marginals``/``sample`` add the one rule every method and backend shares: a block
 holding a NaN or an infinity comes out all NaN (p and v too), so a non-finite gradient is never
@@ -17,7 +24,7 @@ pruned into a finite one (docs/methods.md, "Numerics").
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -25,8 +32,17 @@ from ..errors import PatternError
 from ..patterns import Pattern
 
 
+class Prepared(NamedTuple):
+    """A prepared draw (:meth:`PruningMethod.prepare`): the method's law of the blocks and the
+    mask of blocks holding a NaN or an infinity (None when there are none)."""
+
+    law: tuple
+    bad: torch.Tensor | None
+
+
 class PruningMethod:
-    """Base class: subclasses set the class attributes and implement ``_marginals``/``_sample``."""
+    """Base class: subclasses set the class attributes and implement ``_marginals``, ``_prepare``
+    and ``_draw``."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -50,12 +66,28 @@ class PruningMethod:
 
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
         """One draw with uniforms ``u``; all NaN for a block with a non-finite value."""
-        return poison(self._sample(a, n, u), nonfinite_blocks(a))
+        return self.draw(self.prepare(a, n), u)
+
+    def prepare(self, a: torch.Tensor, n: int) -> Prepared:
+        """The part of a draw of blocks ``a`` (K, M) that does not depend on the uniforms."""
+        bad = nonfinite_blocks(a)
+        return Prepared(self._prepare(a, n), bad if bool(bad.any()) else None)
+
+    def draw(self, state: Prepared, u: torch.Tensor) -> torch.Tensor:
+        """Draws with uniforms ``u`` (..., K, n_uniforms) from a :meth:`prepare` d state: (..., K, M);
+        all NaN for a block with a non-finite value."""
+        out = self._draw(state.law, u)
+        return out if state.bad is None else poison(out, state.bad)
 
     def _marginals(self, a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, a: torch.Tensor, n: int) -> tuple:
+        """The law of blocks ``a`` as a tuple of tensors (K, ...) that :meth:`_draw` reads."""
+        raise NotImplementedError
+
+    def _draw(self, law: tuple, u: torch.Tensor) -> torch.Tensor:
+        """Draws from ``_prepare``'s law with uniforms (..., K, n_uniforms): (..., K, M)."""
         raise NotImplementedError
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,6 +150,17 @@ def sum_of_others(x: torch.Tensor) -> torch.Tensor:
     return before + after
 
 
+def systematic_bounds(p: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_{i-1}, C_i) of :func:`systematic_sample`: the running sums of ``p``, clamped at n."""
+    c = torch.cumsum(p, dim=-1).clamp_(max=float(n))
+    return torch.nn.functional.pad(c[..., :-1], (1, 0)), c
+
+
+def systematic_keep(prev: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`systematic_sample`'s keep-mask from its bounds; ``u`` (..., K, 1) broadcasts."""
+    return torch.ceil(c - u) > torch.ceil(prev - u)
+
+
 def systematic_sample(p: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     """Boolean keep-mask with marginals ``p`` (rows summing to at most n), one uniform per row.
 
@@ -125,9 +168,8 @@ def systematic_sample(p: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     extra element), element i is kept iff [C_{i-1}, C_i) contains one of u, u+1, .., u+n-1, i.e.
     iff ceil(C_i - u) > ceil(C_{i-1} - u). Since every p_i <= 1 each element is hit at most once.
     """
-    c = torch.cumsum(p, dim=-1).clamp_(max=float(n))
-    prev = torch.nn.functional.pad(c[..., :-1], (1, 0))
-    return torch.ceil(c - u) > torch.ceil(prev - u)
+    prev, c = systematic_bounds(p, n)
+    return systematic_keep(prev, c, u)
 
 
 def kept_by_rank(keys: torch.Tensor, n: int, descending: bool) -> torch.Tensor:

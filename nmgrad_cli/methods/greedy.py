@@ -19,9 +19,14 @@ class Greedy(PruningMethod):
         keep = kept_by_rank(a.abs(), n, descending=True)
         return keep.to(a.dtype), torch.where(keep, a, torch.zeros_like(a))
 
-    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, a: torch.Tensor, n: int):
         keep = kept_by_rank(a.abs(), n, descending=True)
-        return torch.where(keep, a, torch.zeros_like(a))
+        return (torch.where(keep, a, torch.zeros_like(a)),)
+
+    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+        (out,) = law  # deterministic: every draw is the same
+        shape = (*u.shape[:-1], out.shape[-1])
+        return out if out.shape == shape else out.expand(shape)
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         keep = kept_by_rank(a.abs(), n, descending=True).to(a.dtype)

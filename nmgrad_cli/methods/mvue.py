@@ -1,7 +1,8 @@
 """mvue: the exact minimum-variance unbiased N:M pruning, for any N:M.
 
 Keep-probabilities by water-filling, p_i = min(1, |a_i| / lam) with sum_i p_i = N, then exactly N
-elements drawn with those marginals by systematic sampling; a kept element becomes a_i / p_i.
+elements drawn with those marginals by systematic sampling (:func:`.base.systematic_sample`); a kept
+element becomes a_i / p_i.
 Blocks with at most N non-zeros are kept exactly. The probabilities are computed from the
 magnitudes scaled by the block's max (:func:`.base.scaled_magnitudes`), so no sum overflows.
 """
@@ -12,7 +13,7 @@ import torch
 
 from ..patterns import Pattern
 from . import register
-from .base import PruningMethod, safe_div, scaled_magnitudes, systematic_joint, systematic_sample
+from .base import PruningMethod, safe_div, scaled_magnitudes, systematic_bounds, systematic_joint, systematic_keep
 
 
 def water_fill(mag: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,9 +47,13 @@ class Mvue(PruningMethod):
         p = water_fill(scaled_magnitudes(a), n)
         return p, safe_div(a, p)
 
-    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, a: torch.Tensor, n: int):
         p, v = self._marginals(a, n)
-        keep = systematic_sample(p, n, u[..., :1])
+        return (*systematic_bounds(p, n), v)
+
+    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+        prev, c, v = law
+        keep = systematic_keep(prev, c, u[..., :1])  # systematic sampling, u broadcast over the draws
         return torch.where(keep, v, torch.zeros_like(v))
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:

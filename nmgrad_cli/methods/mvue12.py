@@ -29,9 +29,12 @@ class Mvue12(PruningMethod):
         p, v = get_method("mvue")._marginals(a.reshape(-1, 2), 1)
         return p.reshape(a.shape), v.reshape(a.shape)
 
-    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
-        pairs = a.reshape(-1, 2)
-        return get_method("mvue")._sample(pairs, 1, u.reshape(-1, 1)).reshape(a.shape)
+    def _prepare(self, a: torch.Tensor, n: int):
+        return get_method("mvue")._prepare(a.reshape(-1, 2), 1)  # (K * N, 2): the pairs
+
+    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+        pairs = get_method("mvue")._draw(law, u.reshape(*u.shape[:-2], -1, 1))  # one uniform per pair
+        return pairs.reshape(*u.shape[:-1], -1)
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         p, _ = self.marginals(a, n)

@@ -22,10 +22,13 @@ class Random(PruningMethod):
         m = a.shape[-1]
         return torch.full_like(a, n / m), a * (m / n)
 
-    def _sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
-        m = a.shape[-1]
+    def _prepare(self, a: torch.Tensor, n: int):
+        return a * (a.shape[-1] / n), n
+
+    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+        v, n = law
         keep = kept_by_rank(u, n, descending=False)
-        return torch.where(keep, a * (m / n), torch.zeros_like(a))
+        return torch.where(keep, v, torch.zeros_like(v))
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         m = a.shape[-1]
