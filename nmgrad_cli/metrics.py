@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .backend import FUSED_MIN_NUMEL
+from .backend import FUSED_MIN_NUMEL, resolve_backend
 from .methods import PruningMethod
-from .patterns import Pattern
-from .prune import marginals, prune, resolve
+from .patterns import BlockView, Pattern, compute_dtype, from_blocks, parse_pattern, to_blocks
+from .prune import draw_uniforms, marginals, prune, resolve
 
 
 @dataclass
@@ -97,9 +97,6 @@ def evaluate_tensor(
 def mc_backend(g: torch.Tensor, method, pattern, dim: int = -1, backend: str = "auto") -> dict:
     """The backend and uniform source the Monte-Carlo draws of :func:`monte_carlo` run on for ``g``
     (:meth:`nmgrad_cli.backend.BackendChoice.to_dict`), for an output's metadata."""
-    from .backend import resolve_backend
-    from .patterns import compute_dtype, parse_pattern
-
     m = parse_pattern(pattern).m
     length = g.shape[dim] if g.dim() else 1
     padded = g.numel() // max(length, 1) * (-(-length // m) * m)  # the blocks prune() sees
@@ -129,6 +126,12 @@ max(1, DRAW_CHUNK // numel), so memory stays bounded whatever the record size. B
 which ``prune``'s auto backend switches to the compiled kernel, so batching never changes the
 backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
 
+PREPARED_DRAWS = True
+"""On the reference backend, batched draws prepare the method's law of a record once
+(:meth:`nmgrad_cli.methods.PruningMethod.prepare`) and draw every chunk of uniforms against it:
+the same draws as pruning g stacked ``c`` times, without recomputing the law for every copy.
+False prunes the stacked copies (kept to test that the two are bit for bit the same)."""
+
 
 def monte_carlo(
     g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True,
@@ -140,7 +143,8 @@ def monte_carlo(
 
     ``batch``: prune several draws in one call, g stacked along a new leading dim (chunks of at
     most :data:`DRAW_CHUNK` elements). The draws keep their law; with the reference backend they
-    are the very draws of ``batch=False`` (the uniforms are drawn in the same order). The draws use
+    are the very draws of ``batch=False`` (the uniforms are drawn in the same order), and the law is
+    prepared once for all of them (:data:`PREPARED_DRAWS`). The draws use
     ``torch.rand`` uniforms from ``generator`` whatever backend runs (:func:`mc_backend` says which),
     so a seed gives the same draws whether or not the fused kernel can be compiled here."""
     g64 = g.detach().to(torch.float64).flatten()
@@ -153,11 +157,22 @@ def monte_carlo(
     fixed = prune(g, meth, pat, dim, backend=backend) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
     per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
     bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
+    blocks = view = state = None
+    if fixed is None and batch and PREPARED_DRAWS:
+        blocks, view = to_blocks(g, pat.m, dim)
     done = 0
     while done < samples:
         c = min(per, samples - done)
         if fixed is not None:
             draws = fixed.unsqueeze(0).expand(c, *g.shape)
+        elif blocks is not None and _runs_reference(meth, pat, blocks, c, backend):
+            # what prune(stacked) runs, without the copies: the law once, c draws of uniforms
+            if state is None:
+                state = meth.prepare(blocks, pat.n)
+            k = len(blocks)
+            u = draw_uniforms(c * k, meth, pat, blocks.device, generator).to(blocks.dtype)
+            out = meth.draw(state, u.view(c, k, -1))  # (c, K, M)
+            draws = from_blocks(out, BlockView((c, *g.shape), g.dtype, bdim, view.length))
         elif batch:
             stacked = g.unsqueeze(0).expand(c, *g.shape)
             draws = prune(stacked, meth, pat, bdim, generator, backend=backend, stream="generator")
@@ -191,6 +206,12 @@ def monte_carlo(
         else:
             out["variance"] = math.nan
     return out
+
+
+def _runs_reference(meth, pat, blocks: torch.Tensor, c: int, backend: str) -> bool:
+    """Whether :func:`prune` of ``c`` stacked copies of ``blocks`` runs the reference backend."""
+    choice = resolve_backend(meth, pat, blocks.dtype, blocks.device, c * blocks.numel(), backend, stream="generator")
+    return choice.name == "reference"
 
 
 # --- GEMM-level errors ---------------------------------------------------------------------------
