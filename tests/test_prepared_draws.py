@@ -97,3 +97,17 @@ def test_evaluate_json_is_unchanged_on_the_sample_dump():
         metrics.PREPARED_DRAWS = old
     assert before["records"] and before == after
     assert any(r.get("angle") or r.get("metrics", {}).get("angle") for r in after["records"])
+
+
+@pytest.mark.parametrize("m", [2, 4, 5, 8, 16])
+def test_smallest_keys_is_the_sorted_rank(m):
+    """random's sort-free rank: the same mask as the stable sort, ties (lower index first) included."""
+    from nmgrad_cli.methods.base import kept_by_rank, smallest_keys
+
+    keys = torch.rand(3, 500, m, generator=torch.Generator().manual_seed(m))
+    keys[:, ::3, 1] = keys[:, ::3, 0]  # ties
+    keys[:, ::5] = 0.5  # a whole row tied
+    for n in range(1, m):
+        mask = smallest_keys(keys, n)
+        assert torch.equal(mask, kept_by_rank(keys, n, descending=False))
+        assert (mask.sum(-1) == n).all()

@@ -179,6 +179,24 @@ def kept_by_rank(keys: torch.Tensor, n: int, descending: bool) -> torch.Tensor:
     return keep.scatter_(-1, order[..., :n], True)
 
 
+def smallest_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``kept_by_rank(keys, n, descending=False)`` (the n smallest keys of each row, ties: lower
+    index), the same mask without a sort for rows of up to 8: element i is kept iff fewer than n
+    keys come before it (k_j <= k_i for j < i, k_j < k_i for j > i). Keys must not be NaN."""
+    m = keys.shape[-1]
+    if m > 8:  # M^2 comparisons: beyond 8 the sort is quicker
+        return kept_by_rank(keys, n, descending=False)
+    cols = keys.unbind(-1)
+    out = []
+    for i in range(m):
+        before = torch.zeros(cols[i].shape, dtype=torch.int8, device=keys.device)
+        for j in range(m):
+            if j != i:
+                before += (cols[j] <= cols[i]) if j < i else (cols[j] < cols[i])
+        out.append(before < n)
+    return torch.stack(out, -1)
+
+
 def systematic_joint(p: torch.Tensor, n: int) -> torch.Tensor:
     """Second-order inclusion probabilities of :func:`systematic_sample`, (K, M, M).
 

@@ -6,7 +6,7 @@ import torch
 
 from ..patterns import Pattern
 from . import register
-from .base import PruningMethod, kept_by_rank
+from .base import PruningMethod, smallest_keys
 
 
 @register
@@ -27,7 +27,7 @@ class Random(PruningMethod):
 
     def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
         v, n = law
-        keep = kept_by_rank(u, n, descending=False)
+        keep = smallest_keys(u, n)  # the N smallest keys, as kept_by_rank(u, n, descending=False)
         return torch.where(keep, v, torch.zeros_like(v))
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
