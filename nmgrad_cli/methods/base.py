@@ -62,6 +62,8 @@ class PruningMethod:
         """(p, v) of every element; NaN for the whole of a block with a non-finite value."""
         p, v = self._marginals(a, n)
         bad = nonfinite_blocks(a)
+        if not bool(bad.any()):  # nothing to poison: skip two passes
+            return p, v
         return poison(p, bad), poison(v, bad)
 
     def sample(self, a: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
