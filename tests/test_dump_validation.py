@@ -79,10 +79,11 @@ def _int_data_without_dtype(f):
         (_grad_as_dataset, "/layers/a/grad is a dataset, not a group of records"),
         (_string_data, "data stored as |S7, which does not hold float32"),
         (_int_data_without_dtype, "dtype 'int32' is not one of"),
+        (_set_attr("layers/a", "conv", '{"stride": 1}'), "conv is {'stride': 1}, not {stride, padding, dilation"),
     ],
     ids=["run-not-json", "run-list", "steps-many", "version-1.7", "version-str", "feature-axis-5",
          "feature-axis-str", "token-axes", "weight-shape", "step-x", "dtype-int8", "grad-dataset", "string-data",
-         "int-data"],
+         "int-data", "conv-attr"],
 )
 def test_hand_edited_attributes_are_refused_as_corrupt(tmp_path, edit, match):
     path = make(tmp_path / "d.h5")

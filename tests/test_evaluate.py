@@ -347,9 +347,10 @@ def test_conv2d_feature_axis_and_its_dx_gemm(tmp_path):
     rep = evaluate([path], EvalConfig(methods=("mvue",), samples=4, axis="both"))
     conv = [r for r in rep.records if r.layer == "0"]
     lin = [r for r in rep.records if r.layer == "3"]
+    # a hand-written dump without the conv attribute: dX errors, and a note that dW needs a recapture
     assert conv and all((r.gemm is not None) == (r.axis == "features") for r in conv)
     assert all(r.gemm is not None for r in lin)
-    assert any("Conv2d" in n and "dW errors skipped" in n for n in rep.notes)
+    assert any("Conv2d" in n and "dW errors skipped" in n and "recapture" in n for n in rep.notes)
     assert all(r.gemm["variance"] > 0 and r.gemm["bias"] < 1e-12 for r in conv if r.gemm)
     assert conv[0].shape == (2 * 4 * 4, 8)  # tokens B*H*W, features C
     from nmgrad_cli.dump import DumpReader
@@ -429,3 +430,26 @@ def test_violations(report):
     assert len(fired) == 2 and all(f.startswith("greedy.bias>1e-06 violated: greedy.bias = ") for f in fired)
     assert len(violations(report, [parse_threshold("*.variance>=0")])) == 2 * len(METHODS)
     assert len(violations(report, [parse_threshold("random.mse<0.999")])) == 0
+
+
+def test_a_captured_cnn_gets_conv2d_dw_gemm_errors(tmp_path):
+    """capture stores each conv site's stride/padding/dilation/groups, so evaluate's dW GEMM errors
+    cover the Conv2d layers of a real capture (strided, padded, 1x1 shortcut) as well as the Linear."""
+    from nmgrad_cli.capture import CaptureConfig, run_capture
+    from nmgrad_cli.dump import DumpReader
+
+    out = tmp_path / "cnn.h5"
+    run_capture(CaptureConfig(model="cnn", steps=1, batch_size=4, with_inputs=True, out=str(out)), None, False)
+    with DumpReader(out) as r:
+        convs = {li.name: li.conv for li in r.layers.values() if li.module_type == "Conv2d"}
+    assert convs and convs["layer2.shortcut.0"] == {"stride": [2, 2], "padding": [0, 0], "dilation": [1, 1],
+                                                     "groups": 1}
+    rep = evaluate([out], EvalConfig(methods=("mvue", "greedy"), samples=2, axis="tokens"))
+    assert not any("dW errors skipped" in n for n in rep.notes)
+    for r in rep.records:
+        assert r.gemm is not None and r.gemm["target"] == "dW", r.layer
+        if r.method == "mvue":
+            assert r.gemm["bias"] < 1e-12 and r.gemm["variance"] > 0
+        else:
+            assert r.gemm["bias"] > 0 and r.gemm["variance"] == 0
+    assert {r.layer for r in rep.records} >= set(convs)

@@ -143,3 +143,52 @@ def test_huge_values_do_not_overflow():
     for k in ("mse", "bias", "variance"):
         assert math.isfinite(rel[k]) and rel[k] == pytest.approx(small[k], rel=1e-9, abs=1e-15)
     assert rel["variance"] > 0.01
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {"stride": 1, "padding": 1, "dilation": 1, "groups": 1},
+        {"stride": [2, 1], "padding": [0, 2], "dilation": [1, 2], "groups": 1},
+        {"stride": 1, "padding": "same", "dilation": 2, "groups": 1},
+        {"stride": 2, "padding": "valid", "dilation": 1, "groups": 1},
+    ],
+)
+def test_conv2d_dw_operands_are_torchs_weight_gradient(conv):
+    """dY^T (F, T) @ the unfolded input evaluate builds (T, C_in*kh*kw) is exactly torch's conv2d
+    weight gradient, for strides, paddings (ints, pairs, 'same', 'valid') and dilations."""
+    from nmgrad_cli.evaluate.run import conv_input_matrix
+
+    torch.manual_seed(4)
+    layer = nn.Conv2d(3, 5, (3, 2), stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    y = layer.double()(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xu = conv_input_matrix(x, conv, tuple(layer.weight.shape), dy.shape)
+    g2 = dy.permute(0, 2, 3, 1).reshape(-1, 5)  # dY as (T, F): evaluate's as_matrix
+    assert torch.allclose((g2.T @ xu).reshape(layer.weight.shape), layer.weight.grad, atol=1e-10)
+
+
+def test_conv2d_dw_operands_refuse_what_they_cannot_build():
+    from nmgrad_cli.evaluate.run import conv_input_matrix
+
+    x, dy = torch.randn(2, 4, 6, 6), torch.Size((2, 8, 6, 6))
+    assert "recapture" in conv_input_matrix(x, None, (8, 4, 3, 3), dy)
+    grouped = {"stride": 1, "padding": 1, "dilation": 1, "groups": 2}
+    assert "groups=2" in conv_input_matrix(x, grouped, (8, 2, 3, 3), dy)
+    plain = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    assert "does not match" in conv_input_matrix(x, plain, (8, 4, 3, 3), dy)  # 4x4 outputs, not 6x6
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method):
+    torch.manual_seed(5)
+    from nmgrad_cli.evaluate.run import conv_input_matrix
+
+    conv = {"stride": 1, "padding": 1, "dilation": 1, "groups": 1}
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    dy = torch.randn(2, 6, 4, 4, dtype=torch.float64).abs()
+    xu = conv_input_matrix(x, conv, (6, 3, 3, 3), dy.shape)
+    g2 = dy.permute(0, 2, 3, 1).reshape(-1, 6)
+    _check(g2.T.contiguous(), xu, method, "2:4", draws=400)  # blocks along the 32 tokens

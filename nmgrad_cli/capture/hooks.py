@@ -24,6 +24,15 @@ from ..layers import layer_matches, parse_layers
 from ..sites import Site, dense_gemm
 
 
+def conv_attrs(conv: dict) -> dict:
+    """A conv call's stride/padding/dilation/groups as JSON values (tuples as lists; padding may be
+    'same' or 'valid'), stored as the layer attribute ``conv`` so evaluate can unfold X for dW."""
+    out = {}
+    for k, v in conv.items():
+        out[k] = v if isinstance(v, (int, str)) else [int(x) for x in v]
+    return out
+
+
 def dy_axes(kind: str, ndim: int) -> tuple[int, tuple[int, ...]]:
     """(feature_axis, token_axes) of dY: features last for Linear, dim 1 for convolutions."""
     if kind == "Linear" or ndim < 2:
@@ -57,6 +66,8 @@ class SiteRecorder:
         self.active = False
         self.selected: dict[str, Site] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.convs: dict[str, dict] = {}
+        """stride/padding/dilation/groups of each conv site (as JSON values), for the dump."""
         """The weight shape of each selected site in its canonical layout ((F, I) for linear-like)."""
         self._calls: dict[str, int] = {}
         self._chosen: dict[str, bool] = {}
@@ -83,6 +94,8 @@ class SiteRecorder:
         if site.name not in self.selected:
             self.selected[site.name] = site
             self.shapes[site.name] = tuple(w.shape)
+            if conv is not None:
+                self.convs[site.name] = conv_attrs(conv)
         y = dense_gemm(site, x, w, b, conv) if inner is None else inner
         if not self.active or not y.requires_grad:
             return y
@@ -138,6 +151,7 @@ class StepRecords:
                 gemm=site.gemm, parameter=site.param,
                 weight_layout="(F, I/groups, *kernel)" if site.is_conv else "(F, I)",
                 **({"rows": list(site.rows)} if site.rows else {}),
+                **({"conv": self.recorder.convs[site.name]} if site.name in self.recorder.convs else {}),
             )
             self.declared.add(site.name)
         for site, kind, call, tensor in self.buffer:

@@ -29,6 +29,8 @@ class LayerInfo:
     weight_shape: tuple[int, ...] | None
     records: dict[str, list[str]] = field(default_factory=dict, compare=False)
     """kind -> sorted record names present."""
+    conv: dict | None = None
+    """A convolution's stride/padding/dilation/groups (None for other layers, and in older dumps)."""
 
 
 @dataclass(frozen=True)

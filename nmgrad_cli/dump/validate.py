@@ -126,6 +126,8 @@ def check_layer(path: Path, key: str, g) -> dict:
     if ws is not None and (not isinstance(ws, list) or not all(_is_int(x) and x >= 0 for x in ws)):
         raise corrupt(path, f"{where}: weight_shape is {ws!r}, not a list of sizes or null")
     out["weight_shape"] = tuple(ws) if ws is not None else None
+    if "conv" in a:
+        out["conv"] = _conv_attr(path, where, a["conv"])
     index = a.get("index", 0)
     if not _is_int(index):
         raise corrupt(path, f"{where}: index is {_show(index)}, not an integer")
@@ -140,6 +142,24 @@ def check_layer(path: Path, key: str, g) -> dict:
         records[kind] = sorted(check_links(path, sub, f"/layers/{key}/{kind}"))
     out["records"] = records
     return out
+
+
+def _conv_attr(path: Path, where: str, v) -> dict:
+    """The layer attribute ``conv``: {stride, padding, dilation, groups}, ints or lists of ints
+    (padding may also be 'same' or 'valid'), groups a positive int."""
+    conv = _json(path, f"{where}: conv", v)
+
+    def ints(x) -> bool:
+        return (_is_int(x) and x >= 0) or (isinstance(x, list) and all(_is_int(i) and i >= 0 for i in x))
+
+    ok = (
+        isinstance(conv, dict) and set(conv) == {"stride", "padding", "dilation", "groups"}
+        and ints(conv["stride"]) and ints(conv["dilation"]) and _is_int(conv["groups"]) and conv["groups"] >= 1
+        and (ints(conv["padding"]) or conv["padding"] in ("same", "valid"))
+    )
+    if not ok:
+        raise corrupt(path, f"{where}: conv is {conv!r}, not {{stride, padding, dilation, groups}}")
+    return conv
 
 
 def check_record(path: Path, ds, feature_axis: int, token_axes: tuple[int, ...]) -> tuple[int, int, str]:

@@ -114,8 +114,9 @@ def _gemm_operands(
     - Linear-like (feature axis last): features a = dY (T, F), b = W (F, I); tokens a = dY^T (F, T),
       b = X (T, I).
     - Conv2d (dY (B, F, H, W)): features a = dY as (T = B*H*W, F), b = W as (F, C_in*kh*kw)
-      (block-diagonal over groups), the implicit GEMM whose output col2im folds into dX. The tokens
-      GEMM needs the unfolded input, i.e. the conv's stride and padding, which dumps do not hold.
+      (block-diagonal over groups), the implicit GEMM whose output col2im folds into dX; tokens
+      a = dY^T (F, T), b = X unfolded with the conv's stride/padding/dilation (T, C_in*kh*kw)
+      (:func:`conv_input_matrix`; groups = 1, from the layer's ``conv`` attribute).
     """
     layer = rec.layer
     kinds = {"features": "weight", "tokens": "input"}
@@ -131,6 +132,7 @@ def _gemm_operands(
         )
     f = g2.shape[1]
     out = {}
+    conv_note = None
     loaded = {kind: reader.load(layer.key, kind, rec.name) for kind in {kinds[a] for a in present}}
     for kind, v in loaded.items():
         if not bool(torch.isfinite(v).all()):
@@ -139,7 +141,12 @@ def _gemm_operands(
         v = loaded[kinds[axis]]
         if conv:
             if axis == "tokens":
-                continue  # noted below
+                xu = conv_input_matrix(v, layer.conv, layer.weight_shape, g.shape)
+                if isinstance(xu, str):
+                    conv_note = f"layer {layer.name} (Conv2d): dW errors skipped, {xu}; dX errors are computed"
+                else:
+                    out[axis] = (g2.T, xu)
+                continue
             w = _conv_weight_matrix(v, f, reader, rec)
             if isinstance(w, str):
                 return {}, f"layer {layer.name} (Conv2d): {w}; GEMM skipped"
@@ -155,12 +162,41 @@ def _gemm_operands(
                     f"{tuple(g.shape[:-1])}; GEMM skipped"
                 )
             out[axis] = (g2.T, v.reshape(-1, v.shape[-1]))
-    if conv and "tokens" in present:
-        return out, (
-            f"layer {layer.name} (Conv2d): dW errors skipped, they need the unfolded input (the conv's stride "
-            "and padding are not in the dump); dX errors are computed"
-        )
-    return out, None
+    return out, conv_note
+
+
+def conv_input_matrix(
+    x: torch.Tensor, conv: dict | None, weight_shape: tuple[int, ...] | None, dy_shape: torch.Size
+) -> torch.Tensor | str:
+    """The Conv2d input x (B, C_in, H, W) unfolded as the (T = B*Ho*Wo, C_in*kh*kw) operand of
+    dW = dY^T X_unf, rows in dY's token order (b, ho, wo); or why it cannot be built.
+
+    ``conv`` is the dump's layer attribute (stride, padding, dilation, groups); padding 'same' pads
+    dilation*(k-1) per dim, the extra one after, as torch does."""
+    if conv is None:
+        return "the dump holds no conv parameters (stride, padding): recapture it with this version"
+    if weight_shape is None or len(weight_shape) != 4 or x.dim() != 4:
+        return f"input {tuple(x.shape)} / weight {weight_shape} are not a Conv2d's"
+    if conv["groups"] != 1:
+        return f"grouped convolutions (groups={conv['groups']}) are not handled yet"
+    k = tuple(weight_shape[2:])
+
+    def pair(v) -> tuple[int, int]:
+        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+    stride, dilation = pair(conv["stride"]), pair(conv["dilation"])
+    padding = conv["padding"]
+    if padding == "valid":
+        padding = 0
+    if padding == "same":
+        (th, tw) = (d * (kk - 1) for d, kk in zip(dilation, k))
+        x = torch.nn.functional.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+        padding = 0
+    cols = torch.nn.functional.unfold(x, k, dilation=dilation, padding=pair(padding), stride=stride)  # (B, C*k, L)
+    b, _, length = cols.shape
+    if b != dy_shape[0] or length != dy_shape[2] * dy_shape[3]:
+        return f"the unfolded input ({b} x {length} positions) does not match dY {tuple(dy_shape)}"
+    return cols.transpose(1, 2).reshape(b * length, -1)
 
 
 def _conv_weight_matrix(w: torch.Tensor, f: int, reader: DumpReader, rec: Record) -> torch.Tensor | str:
