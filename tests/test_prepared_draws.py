@@ -111,3 +111,22 @@ def test_smallest_keys_is_the_sorted_rank(m):
         mask = smallest_keys(keys, n)
         assert torch.equal(mask, kept_by_rank(keys, n, descending=False))
         assert (mask.sum(-1) == n).all()
+
+
+def test_the_law_is_prepared_once_per_record(monkeypatch):
+    """Several chunks of draws (DRAW_CHUNK small) prepare the record's law once, and the draws are
+    still the separate ones; pruning the stacked copies (PREPARED_DRAWS off) prepares per chunk."""
+    meth = METHODS["mvue"]
+    calls = []
+    real = type(meth).prepare
+    monkeypatch.setattr(type(meth), "prepare", lambda self, a, n: calls.append(a.shape) or real(self, a, n))
+    g = odd_tensor(8)
+    monkeypatch.setattr(metrics, "DRAW_CHUNK", 3 * g.numel())  # chunks of 3 draws: 3 + 3 + 3 + 1
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for prepared in (True, False):
+        monkeypatch.setattr(metrics, "PREPARED_DRAWS", prepared)
+        calls.clear()
+        monte_carlo(g, "mvue", "2:4", 0, 10, torch.Generator().manual_seed(4), on_sample=seen[prepared].append,
+                    backend="reference")
+        assert len(calls) == (1 if prepared else 4)
+    assert all(torch.equal(a, b) for a, b in zip(seen[True], seen[False], strict=True))
