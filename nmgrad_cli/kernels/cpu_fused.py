@@ -163,7 +163,7 @@ def _fused(a: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tenso
         raise ValueError(f"no fused kernel for {method}: add its column-wise code to cpu_fused._fused")
     # a block with a NaN or an infinity comes out all NaN (the reference's rule)
     finite = functools.reduce(torch.logical_and, [mi < float("inf") for mi in mag])
-    return torch.where(finite[:, None], torch.stack(out, -1), float("nan"))
+    return torch.stack([torch.where(finite, o, float("nan")) for o in out], -1)
 
 
 _M32 = 0xFFFFFFFF
