@@ -34,6 +34,7 @@ from . import __version__
 from . import results as res
 from .errors import NmgradError, PatternError
 from .methods import get_method
+from .outputs import write_text
 from .patterns import Pattern, parse_pattern
 from .progress import ProgressLike
 
@@ -256,7 +257,9 @@ class Plan:
 
 
 def save(plan: Plan, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    """Write the plan JSON through the shared output helper (temporary file, then rename; one-line
+    errors that name the file), like every other JSON nmgrad writes."""
+    write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
 def load(path: str | os.PathLike) -> Plan:
