@@ -17,6 +17,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def num(x, fmt: str = ".2e") -> str:
+    """A table cell: ``x`` formatted with ``fmt``, or ``-`` when there is no value."""
+    return "-" if x is None else format(x, fmt)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import results as lib
-from .common import console, user_errors
+from .common import console, num, user_errors
 from .evaluate import _print as print_table  # natural width off a terminal
 
 SHOWN = {"variance": "variance", "bias": "bias", "angle": "angle", "gemm_mse": "dX|dW mse"}
@@ -49,12 +49,10 @@ def compare(
         prev = r["layer"]
         for m in names:
             fmt = ".2f" if m == "angle" else ".2e"
-            cells += [_num(r[f"{m}_a"], fmt), _num(r[f"{m}_b"], fmt), _num(r[f"{m}_diff"], "+" + fmt)]
+            cells += [num(r[f"{m}_a"], fmt), num(r[f"{m}_b"], fmt), num(r[f"{m}_diff"], "+" + fmt)]
         table.add_row(*map(Text, cells))
     print_table(console, table)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
-def _num(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)

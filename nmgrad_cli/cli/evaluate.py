@@ -23,7 +23,7 @@ from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
 from ..methods import METHODS
 from ..outputs import atomic_open, check_distinct
 from ..train.distributed import dist_info
-from .common import check_new_file, console, err_console, user_errors, write_json
+from .common import check_new_file, console, err_console, num, user_errors, write_json
 from .progress import cli_progress
 
 
@@ -161,9 +161,6 @@ def _run(dumps: list[Path], config: EvalConfig, quiet: bool = False) -> EvalRepo
     return lib.evaluate(dumps, config, cli_progress(quiet))
 
 
-def _num(x, fmt: str = ".2e") -> str:
-    return "-" if x is None else format(x, fmt)
-
 
 def _angle(row: dict) -> str:
     if row["angle"] is None:
@@ -176,7 +173,7 @@ def _bias(row: dict, value) -> str:
     """An exactly unbiased method's bias that is only rounding noise prints as 0 (JSON keeps it)."""
     if value is not None and value < ROUNDING and METHODS[row["method"]].unbiased:
         return "0"
-    return _num(value)
+    return num(value)
 
 
 def _gemm(row: dict, key: str) -> str:
@@ -187,7 +184,7 @@ def _gemm(row: dict, key: str) -> str:
         return _bias(row, g[key])
     if key == "mc_mse":
         return f"{g[key]:.2e}" + (f"±{g['mc_mse_se']:.1e}" if g.get("mc_mse_se") is not None else "")
-    return _num(g[key])
+    return num(g[key])
 
 
 def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool) -> Table:
@@ -228,9 +225,9 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
         shown = labels if labels != prev else [""] * len(labels)
         prev = labels
         cells = [*shown, *([r["axis"]] if show_axis else []), r["method"]]
-        cells += [_num(r["mse"]), _bias(r, r["bias"]), _num(r["variance"]), _angle(r)]
+        cells += [num(r["mse"]), _bias(r, r["bias"]), num(r["variance"]), _angle(r)]
         if mc:
-            cells.append(_num(r.get("mc_mse")))
+            cells.append(num(r.get("mc_mse")))
         cells += [_gemm(r, col) for col in gemm_cols]
         cells.append(str(r["records"]))
         table.add_row(*map(Text, cells))  # Text: a '[' in a layer or file name is not markup
