@@ -16,6 +16,12 @@ The targets are R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*,blocks.1.*'
     python benchmarks/evaluate_bench.py /tmp/g.h5                    # the README's 2-step dump
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*' --also-backend fused
+    python benchmarks/evaluate_bench.py /tmp/g1.h5 --device cuda     # on a GPU: GB/s vs the file-read rate
+
+``--device cuda`` measures instead, in this process: the rate of reading the selected dY records from the
+HDF5 file (``Record.load``, best of 3), and evaluate's rate in GB/s of dY evaluated (after one run that
+compiles the Triton kernels), beside the same evaluate on the CPU. The target: evaluate on the GPU bound
+by reading the file (its rate near the read rate).
 """
 
 from __future__ import annotations
@@ -80,6 +86,46 @@ def run_evaluate(dump: Path, args: argparse.Namespace, cache: Path, backend: str
     return time.perf_counter() - t
 
 
+def read_rate(dump: Path, cfg: EvalConfig, reps: int = 3) -> float:
+    """GB/s of reading every selected dY record from the file (best of ``reps``; page cache as it is)."""
+    opened = _open_all([dump], cfg)
+    try:
+        recs = [r for reader, sel in opened for r in _selected_records(reader, sel, cfg)]
+        best = math.inf
+        nbytes = 0
+        for _ in range(reps):
+            t = time.perf_counter()
+            nbytes = sum(r.load().nbytes for r in recs)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        for reader, _ in opened:
+            reader.close()
+    return nbytes / best / 1e9
+
+
+def device_rates(dump: Path, args: argparse.Namespace, floats: int) -> None:
+    """Evaluate's GB/s of dY on ``args.device`` and on the CPU, beside the file-read rate, in this process."""
+    from nmgrad_cli.evaluate import evaluate
+
+    rate = read_rate(dump, EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps,
+                                      max_records=args.max_records, samples=args.samples))
+    print(f"file read (Record.load of the selected dY, best of 3): {rate:.2f} GB/s")
+    rows = []
+    for device in dict.fromkeys([args.device, "cpu"]):
+        cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
+                         samples=args.samples, device=device)
+        t = time.perf_counter()
+        evaluate([dump], cfg)  # compiles what it needs
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        evaluate([dump], cfg)
+        wall = time.perf_counter() - t
+        rows.append((device, first, wall, floats * 4 / wall / 1e9))
+    print(f"{'device':<10} {'first s':>8} {'again s':>8} {'dY GB/s':>8} {'vs read':>8}")
+    for device, first, wall, gbs in rows:
+        print(f"{device:<10} {first:8.2f} {wall:8.2f} {gbs:8.3f} {gbs / rate:7.2f}x")
+
+
 def busy_loops(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
@@ -96,6 +142,8 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=2, help="busy-loop processes beside the 'busy' run")
     ap.add_argument("--also-backend", dest="also", default=None,
                     help="also time the draws on this backend (e.g. fused: the compiled CPU kernel), warm and busy")
+    ap.add_argument("--device", default=None,
+                    help="cuda: GB/s of dY evaluated on the GPU (and the CPU) vs the file-read rate, in-process")
     args = ap.parse_args()
 
     cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
@@ -108,6 +156,11 @@ def main() -> None:
     print(f"dump {args.dump} ({size_mb:.0f} MB, {layers} layers): {records} grad records selected, "
           f"{floats / 1e6:.1f} M floats, {len(methods)} methods x {args.samples} samples, "
           f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start")
+    if args.device is not None:
+        if args.device.startswith("cuda"):
+            print(f"GPU {torch.cuda.get_device_name()}")
+        device_rates(args.dump, args, floats)
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
