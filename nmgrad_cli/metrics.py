@@ -132,6 +132,13 @@ PREPARED_DRAWS = True
 the same draws as pruning g stacked ``c`` times, without recomputing the law for every copy.
 False prunes the stacked copies (kept to test that the two are bit for bit the same)."""
 
+REDUCED_ANGLES = True
+"""When only the angle is asked for (no ``moments``, no ``on_sample``) and the draws are prepared,
+reduce each draw's <g^, g> and ||g^||^2 from its keep-mask (:meth:`PruningMethod.kept`) against
+per-record weights, without building the draw or a float64 copy of it (:class:`_AngleTerms`); a
+deterministic method's one draw gives every angle. The same angles up to float64 rounding. False
+runs the draw-by-draw float64 path (kept to test and time the two side by side)."""
+
 
 def monte_carlo(
     g, method, pattern, dim=-1, samples=16, generator=None, moments=False, on_sample=None, batch: bool = True,
@@ -149,6 +156,7 @@ def monte_carlo(
     so a seed gives the same draws whether or not the fused kernel can be compiled here."""
     g64 = g.detach().to(torch.float64).flatten()
     norm2 = torch.dot(g64, g64).item()
+    reduced = REDUCED_ANGLES and not moments and on_sample is None
     angles: list[float] = []
     total = torch.zeros_like(g64) if moments else None
     total2 = torch.zeros_like(g64) if moments else None
@@ -157,7 +165,10 @@ def monte_carlo(
     fixed = prune(g, meth, pat, dim, backend=backend) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
     per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
     bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
-    blocks = view = state = None
+    if fixed is not None and reduced and batch:  # every draw is the same: one angle
+        angles = _angles(fixed.detach().reshape(1, -1).to(torch.float64), g64, norm2) * samples
+        return _angle_stats(angles, samples)
+    blocks = view = state = terms = None
     if fixed is None and batch and PREPARED_DRAWS:
         blocks, view = to_blocks(g, pat.m, dim)
     done = 0
@@ -168,10 +179,20 @@ def monte_carlo(
         elif blocks is not None and _runs_reference(meth, pat, blocks, c, backend):
             # what prune(stacked) runs, without the copies: the law once, c draws of uniforms
             if state is None:
-                state = meth.prepare(blocks, pat.n)
+                state = _column_major(meth.prepare(blocks, pat.n))
             k = len(blocks)
-            u = draw_uniforms(c * k, meth, pat, blocks.device, generator).to(blocks.dtype)
-            out = meth.draw(state, u.view(c, k, -1))  # (c, K, M)
+            u = draw_uniforms(c * k, meth, pat, blocks.device, generator).to(blocks.dtype).view(c, k, -1)
+            if u.shape[-1] > 1:  # e.g. random's M keys: (c, n_uniforms, K) in memory, as the law
+                u = u.transpose(1, 2).contiguous().transpose(1, 2)
+            if reduced and state.bad is None:
+                keep, v = meth.kept(state, u)  # (c, K, M), (K, M)
+                if terms is None:
+                    terms = _AngleTerms(blocks, v, norm2)
+                if terms.ok:
+                    angles += terms.angles(keep)
+                    done += c
+                    continue
+            out = meth.draw(state, u)  # (c, K, M)
             draws = from_blocks(out, BlockView((c, *g.shape), g.dtype, bdim, view.length))
         elif batch:
             stacked = g.unsqueeze(0).expand(c, *g.shape)
@@ -183,19 +204,12 @@ def monte_carlo(
             for d in draws:
                 on_sample(d)
         est = draws.detach().reshape(c, -1).to(torch.float64)  # (c, numel)
-        dots = est @ g64
-        denom = torch.sqrt(torch.sum(est * est, dim=1) * norm2)
-        cos = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-        angles += torch.rad2deg(torch.arccos(cos)).tolist()
+        angles += _angles(est, g64, norm2)
         if moments:
             total += est.sum(0)
             total2 += (est * est).sum(0)
             err2 += torch.sum((est - g64) ** 2).item()
-    at = torch.tensor(angles, dtype=torch.float64)
-    out = {
-        "angle": at.mean().item(),
-        "angle_se": (at.std(unbiased=True).item() / math.sqrt(samples)) if samples > 1 else math.nan,
-    }
+    out = _angle_stats(angles, samples)
     if moments:
         mean = total / samples
         out["mse"] = err2 / samples / norm2
@@ -206,6 +220,84 @@ def monte_carlo(
         else:
             out["variance"] = math.nan
     return out
+
+
+def _cos_to_degrees(dots: torch.Tensor, sumsq: torch.Tensor, norm2: float) -> list[float]:
+    """arccos(<g^, g> / (||g^|| ||g||)) in degrees per draw (90 for a zero draw), float64."""
+    denom = torch.sqrt(sumsq * norm2)
+    cos = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).tolist()
+
+
+def _angles(est: torch.Tensor, g64: torch.Tensor, norm2: float) -> list[float]:
+    """The angle of every draw in ``est`` (c, numel) float64 to g64."""
+    return _cos_to_degrees(est @ g64, torch.sum(est * est, dim=1), norm2)
+
+
+def _angle_stats(angles: list[float], samples: int) -> dict:
+    at = torch.tensor(angles, dtype=torch.float64)
+    return {
+        "angle": at.mean().item(),
+        "angle_se": (at.std(unbiased=True).item() / math.sqrt(samples)) if samples > 1 else math.nan,
+    }
+
+
+class _AngleTerms:
+    """<g^, g> and ||g^||^2 of draws given by their keep-masks, in float64 without the draws.
+
+    A draw is g^ = keep * v on the blocks a, so <g^, g> = sum keep * (v a) and ||g^||^2 =
+    sum keep * v^2. The weights v a and v^2 are exact in float64 (products of two float32), scaled
+    by one power of two 2^-s (so float32 holds them whatever the magnitudes; the cosine does not
+    depend on it) and split into float32 hi + lo parts: keep * hi is exact in float32, and the sums
+    accumulate in float64, so a draw costs a few float32 passes over its mask. ``ok`` is False
+    when a kept value is not finite (the draw-by-draw path then gives the same inf/NaN)."""
+
+    def __init__(self, blocks: torch.Tensor, v: torch.Tensor, norm2: float):
+        w = v.to(torch.float64) * blocks.to(torch.float64)
+        w = torch.stack([w, v.to(torch.float64) * v.to(torch.float64)])  # (2, K, M)
+        top = float(w.abs().max()) if w.numel() else 0.0
+        self.ok = math.isfinite(top) and math.isfinite(norm2)
+        if not self.ok:
+            return
+        shift = math.frexp(top)[1] if top > 0 else 0
+        self.w = w * 2.0**-shift  # max |w| in [0.5, 1): exact
+        self.norm2 = math.ldexp(norm2, -shift)  # the same scale, so the cosine is unchanged
+        self.dtype = blocks.dtype
+        self.split: dict[bool, tuple] = {}
+
+    def _weights(self, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hi (2, numel), lo (2, numel) or None) in the order of the masks: (K, M), or (M, K)
+        when ``columns``."""
+        if columns not in self.split:
+            w = (self.w.transpose(1, 2) if columns else self.w).reshape(2, -1)
+            hi = w.to(self.dtype)
+            lo = None if self.dtype == torch.float64 else (w - hi.to(torch.float64)).to(torch.float32)
+            self.split[columns] = (hi, lo)
+        return self.split[columns]
+
+    def angles(self, keep: torch.Tensor) -> list[float]:
+        """The angle in degrees of each of the draws with keep-masks ``keep`` (c, K, M)."""
+        kf = keep.to(self.dtype)  # 0 and 1, in keep's memory layout
+        columns = kf.transpose(1, 2).is_contiguous() and not kf.is_contiguous()
+        kf = (kf.transpose(1, 2) if columns else kf).reshape(len(kf), -1)  # (c, numel), a view
+        hi, lo = self._weights(columns)
+        dots = (kf * hi[0]).sum(1, dtype=torch.float64)
+        sumsq = (kf * hi[1]).sum(1, dtype=torch.float64)
+        if lo is not None:  # the float32 remainders, 2^-24 of the terms: float32 sums suffice
+            rest = (kf @ lo.T).to(torch.float64)  # (c, 2)
+            dots, sumsq = dots + rest[:, 0], sumsq + rest[:, 1]
+        return _cos_to_degrees(dots, sumsq, self.norm2)
+
+
+def _column_major(law):
+    """The law with every (K, M) tensor laid out column by column (same shape and values): draws
+    broadcast uniforms (c, K, 1) over M, and with K innermost in memory those are vectorised passes
+    (row-major (K, M) makes every op a loop of M = 4). The draws are the same, bit for bit."""
+    if isinstance(law, torch.Tensor):
+        return law.mT.contiguous().mT if law.dim() == 2 and law.shape[-1] > 1 else law
+    if isinstance(law, tuple):
+        return type(law)(*map(_column_major, law)) if hasattr(law, "_fields") else tuple(map(_column_major, law))
+    return law
 
 
 def _runs_reference(meth, pat, blocks: torch.Tensor, c: int, backend: str) -> bool:

@@ -72,14 +72,13 @@ class ApproxMvue(PruningMethod):
         _, v = self._law(mag, a, n)
         return ("two", mag, *proportional_bounds(mag), v)
 
-    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+    def _kept(self, law, u: torch.Tensor):
         if law[0] == "mvue":  # N = 1: mvue's law and draw
-            return get_method("mvue")._draw(law[1], u)
+            return get_method("mvue")._kept(law[1], u)
         _, mag, prev, c, v = law
         keep = proportional_keep(prev, c, u[..., :1])  # the first, then one of the rest
         rest = torch.where(keep, torch.zeros_like(mag), mag)
-        keep = keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0))
-        return torch.where(keep, v, torch.zeros_like(v))
+        return keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0)), v
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         """N = 1: one element kept, pi_ij = 0. N = 2: P(i then j) + P(j then i) =

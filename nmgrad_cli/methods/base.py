@@ -88,8 +88,19 @@ class PruningMethod:
         """The law of blocks ``a`` as a tuple of tensors (K, ...) that :meth:`_draw` reads."""
         raise NotImplementedError
 
+    def kept(self, state: Prepared, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep, v): the keep-mask (..., K, M) of the draws with uniforms ``u`` and the kept values
+        v (K, M), so that ``draw(state, u) == where(keep, v, 0)`` on the finite blocks. Monte Carlo
+        reduces a draw's <g^, g> and ||g^||^2 from these without building the draw."""
+        return self._kept(state.law, u)
+
     def _draw(self, law: tuple, u: torch.Tensor) -> torch.Tensor:
         """Draws from ``_prepare``'s law with uniforms (..., K, n_uniforms): (..., K, M)."""
+        keep, v = self._kept(law, u)
+        return torch.where(keep, v, torch.zeros_like(v))
+
+    def _kept(self, law: tuple, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`kept` from ``_prepare``'s law: the methods that keep elements unchanged in value."""
         raise NotImplementedError
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:

@@ -28,6 +28,11 @@ class Greedy(PruningMethod):
         shape = (*u.shape[:-1], out.shape[-1])
         return out if out.shape == shape else out.expand(shape)
 
+    def _kept(self, law, u: torch.Tensor):
+        (out,) = law
+        keep = out != 0  # a kept zero is a zero either way
+        return keep.expand(*u.shape[:-1], out.shape[-1]), out
+
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         keep = kept_by_rank(a.abs(), n, descending=True).to(a.dtype)
         return keep[..., :, None] * keep[..., None, :]  # deterministic: both kept iff each is

@@ -51,10 +51,9 @@ class Mvue(PruningMethod):
         p, v = self._marginals(a, n)
         return (*systematic_bounds(p, n), v)
 
-    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+    def _kept(self, law, u: torch.Tensor):
         prev, c, v = law
-        keep = systematic_keep(prev, c, u[..., :1])  # systematic sampling, u broadcast over the draws
-        return torch.where(keep, v, torch.zeros_like(v))
+        return systematic_keep(prev, c, u[..., :1]), v  # systematic sampling, u broadcast over the draws
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         return systematic_joint(water_fill(scaled_magnitudes(a), n), n)

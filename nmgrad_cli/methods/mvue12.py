@@ -32,9 +32,9 @@ class Mvue12(PruningMethod):
     def _prepare(self, a: torch.Tensor, n: int):
         return get_method("mvue")._prepare(a.reshape(-1, 2), 1)  # (K * N, 2): the pairs
 
-    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
-        pairs = get_method("mvue")._draw(law, u.reshape(*u.shape[:-2], -1, 1))  # one uniform per pair
-        return pairs.reshape(*u.shape[:-1], -1)
+    def _kept(self, law, u: torch.Tensor):
+        keep, v = get_method("mvue")._kept(law, u.reshape(*u.shape[:-2], -1, 1))  # one uniform per pair
+        return keep.reshape(*u.shape[:-1], -1), v.reshape(u.shape[-2], -1)
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         p, _ = self.marginals(a, n)

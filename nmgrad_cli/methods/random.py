@@ -25,10 +25,9 @@ class Random(PruningMethod):
     def _prepare(self, a: torch.Tensor, n: int):
         return a * (a.shape[-1] / n), n
 
-    def _draw(self, law, u: torch.Tensor) -> torch.Tensor:
+    def _kept(self, law, u: torch.Tensor):
         v, n = law
-        keep = smallest_keys(u, n)  # the N smallest keys, as kept_by_rank(u, n, descending=False)
-        return torch.where(keep, v, torch.zeros_like(v))
+        return smallest_keys(u, n), v  # the N smallest keys, as kept_by_rank(u, n, descending=False)
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         m = a.shape[-1]
