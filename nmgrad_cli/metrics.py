@@ -179,11 +179,9 @@ def monte_carlo(
         elif blocks is not None and _runs_reference(meth, pat, blocks, c, backend):
             # what prune(stacked) runs, without the copies: the law once, c draws of uniforms
             if state is None:
-                state = _column_major(meth.prepare(blocks, pat.n))
+                state = meth.prepare(blocks, pat.n)
             k = len(blocks)
             u = draw_uniforms(c * k, meth, pat, blocks.device, generator).to(blocks.dtype).view(c, k, -1)
-            if u.shape[-1] > 1:  # e.g. random's M keys: (c, n_uniforms, K) in memory, as the law
-                u = u.transpose(1, 2).contiguous().transpose(1, 2)
             if reduced and state.bad is None:
                 keep, v = meth.kept(state, u)  # (c, K, M), (K, M)
                 if terms is None:
@@ -246,58 +244,21 @@ class _AngleTerms:
     """<g^, g> and ||g^||^2 of draws given by their keep-masks, in float64 without the draws.
 
     A draw is g^ = keep * v on the blocks a, so <g^, g> = sum keep * (v a) and ||g^||^2 =
-    sum keep * v^2. The weights v a and v^2 are exact in float64 (products of two float32), scaled
-    by one power of two 2^-s (so float32 holds them whatever the magnitudes; the cosine does not
-    depend on it) and split into float32 hi + lo parts: keep * hi is exact in float32, and the sums
-    accumulate in float64, so a draw costs a few float32 passes over its mask. ``ok`` is False
-    when a kept value is not finite (the draw-by-draw path then gives the same inf/NaN)."""
+    sum keep * v^2: two float64 matrix-vector products of the 0/1 masks with per-record weights
+    (exact products of float32 values), instead of the draw, its float64 copy, its square and the
+    dot. ``ok`` is False when a kept value is not finite (the draw-by-draw path then gives the same
+    inf/NaN)."""
 
     def __init__(self, blocks: torch.Tensor, v: torch.Tensor, norm2: float):
-        w = v.to(torch.float64) * blocks.to(torch.float64)
-        w = torch.stack([w, v.to(torch.float64) * v.to(torch.float64)])  # (2, K, M)
-        top = float(w.abs().max()) if w.numel() else 0.0
-        self.ok = math.isfinite(top) and math.isfinite(norm2)
-        if not self.ok:
-            return
-        shift = math.frexp(top)[1] if top > 0 else 0
-        self.w = w * 2.0**-shift  # max |w| in [0.5, 1): exact
-        self.norm2 = math.ldexp(norm2, -shift)  # the same scale, so the cosine is unchanged
-        self.dtype = blocks.dtype
-        self.split: dict[bool, tuple] = {}
-
-    def _weights(self, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hi (2, numel), lo (2, numel) or None) in the order of the masks: (K, M), or (M, K)
-        when ``columns``."""
-        if columns not in self.split:
-            w = (self.w.transpose(1, 2) if columns else self.w).reshape(2, -1)
-            hi = w.to(self.dtype)
-            lo = None if self.dtype == torch.float64 else (w - hi.to(torch.float64)).to(torch.float32)
-            self.split[columns] = (hi, lo)
-        return self.split[columns]
+        v64 = v.to(torch.float64)
+        self.w = torch.stack([v64 * blocks.to(torch.float64), v64 * v64]).view(2, -1)  # (2, K M)
+        self.ok = bool(torch.isfinite(self.w).all()) and math.isfinite(norm2)
+        self.norm2 = norm2
 
     def angles(self, keep: torch.Tensor) -> list[float]:
         """The angle in degrees of each of the draws with keep-masks ``keep`` (c, K, M)."""
-        kf = keep.to(self.dtype)  # 0 and 1, in keep's memory layout
-        columns = kf.transpose(1, 2).is_contiguous() and not kf.is_contiguous()
-        kf = (kf.transpose(1, 2) if columns else kf).reshape(len(kf), -1)  # (c, numel), a view
-        hi, lo = self._weights(columns)
-        dots = (kf * hi[0]).sum(1, dtype=torch.float64)
-        sumsq = (kf * hi[1]).sum(1, dtype=torch.float64)
-        if lo is not None:  # the float32 remainders, 2^-24 of the terms: float32 sums suffice
-            rest = (kf @ lo.T).to(torch.float64)  # (c, 2)
-            dots, sumsq = dots + rest[:, 0], sumsq + rest[:, 1]
-        return _cos_to_degrees(dots, sumsq, self.norm2)
-
-
-def _column_major(law):
-    """The law with every (K, M) tensor laid out column by column (same shape and values): draws
-    broadcast uniforms (c, K, 1) over M, and with K innermost in memory those are vectorised passes
-    (row-major (K, M) makes every op a loop of M = 4). The draws are the same, bit for bit."""
-    if isinstance(law, torch.Tensor):
-        return law.mT.contiguous().mT if law.dim() == 2 and law.shape[-1] > 1 else law
-    if isinstance(law, tuple):
-        return type(law)(*map(_column_major, law)) if hasattr(law, "_fields") else tuple(map(_column_major, law))
-    return law
+        k64 = keep.reshape(len(keep), -1).to(torch.float64)  # (c, numel) of 0 and 1
+        return _cos_to_degrees(k64 @ self.w[0], k64 @ self.w[1], self.norm2)
 
 
 def _runs_reference(meth, pat, blocks: torch.Tensor, c: int, backend: str) -> bool:
