@@ -24,6 +24,7 @@ pruned into a finite one (docs/methods.md, "Numerics").
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -61,8 +62,8 @@ class PruningMethod:
     def marginals(self, a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, v) of every element; NaN for the whole of a block with a non-finite value."""
         p, v = self._marginals(a, n)
-        bad = nonfinite_blocks(a)
-        if not bool(bad.any()):  # nothing to poison: skip two passes
+        bad = nonfinite_or_none(a)
+        if bad is None:  # nothing to poison: skip two passes
             return p, v
         return poison(p, bad), poison(v, bad)
 
@@ -72,8 +73,7 @@ class PruningMethod:
 
     def prepare(self, a: torch.Tensor, n: int) -> Prepared:
         """The part of a draw of blocks ``a`` (K, M) that does not depend on the uniforms."""
-        bad = nonfinite_blocks(a)
-        return Prepared(self._prepare(a, n), bad if bool(bad.any()) else None)
+        return Prepared(self._prepare(a, n), nonfinite_or_none(a))
 
     def draw(self, state: Prepared, u: torch.Tensor) -> torch.Tensor:
         """Draws with uniforms ``u`` (..., K, n_uniforms) from a :meth:`prepare` d state: (..., K, M);
@@ -116,6 +116,31 @@ class PruningMethod:
 def nonfinite_blocks(a: torch.Tensor) -> torch.Tensor:
     """(K, 1) bool: the blocks holding a NaN or an infinity."""
     return ~torch.isfinite(a).all(-1, keepdim=True)
+
+
+def nonfinite_or_none(a: torch.Tensor) -> torch.Tensor | None:
+    """:func:`nonfinite_blocks`, or None when every block is finite. A sum of finite values is
+    finite unless it overflows, so one quick reduction clears the common case; a non-finite sum
+    (a NaN, an infinity, or an overflow) takes the block-by-block check."""
+    if math.isfinite(float(a.sum())):
+        return None
+    bad = nonfinite_blocks(a)
+    return bad if bool(bad.any()) else None
+
+
+def sort_descending(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sort(x, -1, descending=True).values``; for rows of 2 or 4 a sorting network of
+    maximum/minimum passes (the same values: a sort only moves them; 2.5x quicker than the sort on
+    (K, 4) blocks). Rows holding a NaN may come out otherwise (NaN propagates), which no caller
+    reads: those blocks are all NaN (:func:`poison`)."""
+    m = x.shape[-1]
+    if m not in (2, 4):
+        return torch.sort(x, dim=-1, descending=True).values
+    cols = list(x.unbind(-1))
+    pairs = [(0, 1)] if m == 2 else [(0, 1), (2, 3), (0, 2), (1, 3), (1, 2)]
+    for i, j in pairs:
+        cols[i], cols[j] = torch.maximum(cols[i], cols[j]), torch.minimum(cols[i], cols[j])
+    return torch.stack(cols, -1)
 
 
 def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:

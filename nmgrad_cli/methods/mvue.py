@@ -13,7 +13,15 @@ import torch
 
 from ..patterns import Pattern
 from . import register
-from .base import PruningMethod, safe_div, scaled_magnitudes, systematic_bounds, systematic_joint, systematic_keep
+from .base import (
+    PruningMethod,
+    safe_div,
+    scaled_magnitudes,
+    sort_descending,
+    systematic_bounds,
+    systematic_joint,
+    systematic_keep,
+)
 
 
 def water_fill(mag: torch.Tensor, n: int) -> torch.Tensor:
@@ -22,7 +30,7 @@ def water_fill(mag: torch.Tensor, n: int) -> torch.Tensor:
     With s sorted descending and k elements saturated (p = 1), lam_k = (s_{k+1} + .. + s_M)/(n - k);
     the right k is the smallest one with s_{k+1} <= lam_k (k = n - 1 always qualifies).
     """
-    s = torch.sort(mag, dim=-1, descending=True).values  # (K, M)
+    s = sort_descending(mag)  # (K, M)
     tail = s.flip(-1).cumsum(-1).flip(-1)[..., :n]  # (K, n): tail[k] = s_k + .. + s_M (0-based)
     k = torch.arange(n, device=mag.device, dtype=mag.dtype)
     lam = tail / (n - k)  # (K, n)
