@@ -12,6 +12,7 @@ A record with NaN/Inf values is reported as an error event and skipped; the rest
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import os
@@ -369,8 +370,6 @@ def _record_results(opened, chosen, methods: list[str], config: EvalConfig, devi
             for rec in records:
                 yield record_events(reader, rec, str(reader.path), methods, config, device)
         return
-    import concurrent.futures
-
     import torch.multiprocessing as mp
 
     jobs = [
@@ -396,13 +395,30 @@ def record_events(
     reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device=None
 ) -> list[Event]:
     """Every event of one grad record on ``device`` (default CPU), with the thread policy applied."""
-    threads = thread_policy(math.prod(rec.shape), config.threads, config.workers)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    workers = max(config.workers, world)  # processes sharing this machine's cores
+    threads = thread_policy(math.prod(rec.shape), config.threads, workers)
     with _torch_threads(threads):
-        return list(_evaluate_record(reader, rec, file, methods, config, device or torch.device("cpu")))
+        return list(_evaluate_record(reader, rec, file, methods, config, device or torch.device("cpu"), workers))
+
+
+def method_threads(numel: int, threads: int = 0, workers: int = 1, device=None, backend: str = "reference") -> int:
+    """Python threads evaluating the (axis, method) pairs of a record at once, each on its own
+    stream: with the auto policy and a record on one torch thread (:func:`thread_policy`), the
+    cores shared among the ``workers`` processes. Independent streams of small ops have no barrier
+    to wait on, unlike torch's intra-op threads on a busy machine. Else 1: ``--threads N`` is N
+    torch threads and no more, a GPU runs one stream, and only the plain-torch reference draws
+    (``backend``) run in threads (torch.compile's tracing is not thread-safe)."""
+    if threads or thread_policy(numel, threads, workers) > 1 or torch.device(device or "cpu").type != "cpu":
+        return 1
+    if backend != "reference":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def _evaluate_record(
-    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device,
+    workers: int = 1,
 ) -> Iterator[Event]:
     g = rec.load().to(device)
     layer = rec.layer
@@ -426,24 +442,34 @@ def _evaluate_record(
     operands, gemm_note = _gemm_operands(reader, rec, g, g2, config.axes)
     if gemm_note:
         yield Note(gemm_note)
-    for axis in config.axes:
-        for method in methods:
-            parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
-            gen = torch.Generator(device=device).manual_seed(stream_seed(config.seed, *parts))
-            gemm, mc = None, None
-            if axis in operands:
-                a, b = operands[axis]
-                b = b.to(device)
-                gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.parsed_pattern).relative()}
-                if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
-                    mc = GemmError(g2, b, axis)
-            m = evaluate_tensor(
-                g2, method, config.parsed_pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
-                on_sample=mc.add if mc is not None else None, backend=draw_backend(config.backend, device),
-            )
-            if mc is not None:
-                r = mc.result()
-                gemm["mc_mse"], gemm["mc_mse_se"] = r["err"], r["err_se"]
+
+    def one(job: tuple[str, str]) -> tuple:
+        """Exact and Monte-Carlo metrics of one (axis, method): its own stream, so jobs run in any order."""
+        axis, method = job
+        parts = (Path(file).name, layer.key, rec.name, axis, method)  # not the path: ./a.h5 == a.h5
+        gen = torch.Generator(device=device).manual_seed(stream_seed(config.seed, *parts))
+        gemm, mc = None, None
+        if axis in operands:
+            a, b = operands[axis]
+            b = b.to(device)
+            gemm = {"target": GEMM_OF_AXIS[axis], **gemm_moments(a, b, method, config.parsed_pattern).relative()}
+            if config.mc_check and config.samples > 0:  # the cross-check reuses the angle's draws
+                mc = GemmError(g2, b, axis)
+        m = evaluate_tensor(
+            g2, method, config.parsed_pattern, AXIS_DIM[axis], config.samples, gen, config.mc_check,
+            on_sample=mc.add if mc is not None else None, backend=draw_backend(config.backend, device),
+        )
+        if mc is not None:
+            r = mc.result()
+            gemm["mc_mse"], gemm["mc_mse_se"] = r["err"], r["err_se"]
+        return axis, method, m, gemm
+
+    jobs = [(axis, method) for axis in config.axes for method in methods]
+    n = method_threads(g2.numel(), config.threads, workers, device, draw_backend(config.backend, device))
+    n = min(n, len(jobs))
+    pool = concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
+    try:
+        for axis, method, m, gemm in (pool.map(one, jobs) if pool is not None else map(one, jobs)):
             if not math.isfinite(m.norm2):
                 top = float(g2.abs().max())
                 yield ErrorEntry(
@@ -458,6 +484,9 @@ def _evaluate_record(
                 file, layer.name, rec.name, rec.step, axis, method, tuple(g2.shape), m.to_dict(), gemm,
                 "all-zero gradient" if zero else None,
             )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: ProgressLike = None) -> EvalReport:

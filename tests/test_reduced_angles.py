@@ -1,0 +1,144 @@
+"""Evaluate's fast paths give the numbers of the plain ones.
+
+- Reduced angles: without --mc-check, a draw's <g^, g> and ||g^||^2 come from its keep-mask and
+  per-record float64 weights (``metrics.REDUCED_ANGLES``), not from the draw itself; the angles
+  must be those of the draw-by-draw float64 path on the same generator, to float64 rounding.
+- Method threads: a record's (axis, method) pairs run in threads, each on its own stream, so the
+  report is the one of running them one after the other, number for number.
+- The sort-free helpers (max/min network, the one-sum finiteness check) equal what they replace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_prepared_draws import CASES, odd_tensor
+
+from nmgrad_cli import METHODS, metrics
+from nmgrad_cli.evaluate import EvalConfig, evaluate, run
+from nmgrad_cli.methods.base import nonfinite_blocks, nonfinite_or_none, sort_descending
+from nmgrad_cli.metrics import monte_carlo
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "mlp_digits.h5"
+
+
+def both_paths(g, method, pattern, dim, samples=9, seed=11) -> tuple[dict, dict]:
+    out = {}
+    for reduced in (False, True):
+        old = metrics.REDUCED_ANGLES
+        metrics.REDUCED_ANGLES = reduced
+        try:
+            out[reduced] = monte_carlo(g, method, pattern, dim, samples, torch.Generator().manual_seed(seed),
+                                       backend="reference")
+        finally:
+            metrics.REDUCED_ANGLES = old
+    return out[False], out[True]
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    """Padded odd shapes with zero blocks, ties, a dominant and a tiny element; huge and tiny
+    magnitudes (squares and products past float32's range); float64."""
+    g = torch.randn(37, 22, generator=torch.Generator().manual_seed(4))
+    g[5:9] = 0.0  # all-zero blocks along both axes
+    return {
+        "odd": odd_tensor(3),
+        "zero rows": g,
+        "huge": odd_tensor(6) * 1e25,  # (v a) ~ 1e50: past float32, exact in float64
+        "tiny": odd_tensor(7) * 1e-30,  # squares ~ 1e-60: float32 would flush them to 0
+        "float64": odd_tensor(8, torch.float64),
+    }
+
+
+@pytest.mark.parametrize("method,pattern", CASES)
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_reduced_angles_are_the_draw_by_draw_angles(method, pattern, dim):
+    """Every method, both axes: the same angles (mean and standard error) as the float64 path of
+    the same draws, to float64 rounding; a randomised method's angles do vary between draws."""
+    for name, g in tensors().items():
+        slow, fast = both_paths(g, method, pattern, dim)
+        assert fast["angle"] == pytest.approx(slow["angle"], rel=1e-12, abs=1e-10), name
+        assert fast["angle_se"] == pytest.approx(slow["angle_se"], rel=1e-8, abs=1e-10), name
+        if METHODS[method].n_uniforms(metrics.parse_pattern(pattern)) and name == "zero rows":
+            assert fast["angle_se"] > 1e-3  # the draws differ: not one draw repeated (odd: 1e30 dominates, angle 0)
+
+
+def test_deterministic_method_has_one_angle_and_no_spread():
+    """greedy: every draw is the same, so one angle serves all and its standard error is 0 (the
+    draw-by-draw path gives rounding noise ~1e-13 there)."""
+    g = odd_tensor(9)
+    slow, fast = both_paths(g, "greedy", "2:4", -1, samples=16)
+    assert fast["angle_se"] == 0.0 and slow["angle_se"] < 1e-9
+    assert fast["angle"] == pytest.approx(slow["angle"], rel=1e-13)
+
+
+@pytest.mark.parametrize("method", ["mvue", "random"])
+def test_kept_values_out_of_range_take_the_draw_by_draw_path(method):
+    """float32 values near its max: the kept values a/p overflow to inf, so the reduced path hands
+    over to the draw-by-draw one and both report the same (NaN) angle, never a finite wrong one."""
+    g = torch.full((6, 8), 3e38)  # 2:4 keeps 2 of 4 equal values as 2 x 3e38 = inf
+    slow, fast = both_paths(g, method, "2:4", -1)
+    assert torch.isnan(torch.tensor(slow["angle"])) and torch.isnan(torch.tensor(fast["angle"]))
+
+
+def test_mc_check_and_on_sample_keep_the_draws():
+    """--mc-check needs the draws themselves: it runs the draw-by-draw path, and its angle is the
+    reduced one to rounding."""
+    g = odd_tensor(2)
+    seen = []
+    full = monte_carlo(g, "mvue", "2:4", 0, 6, torch.Generator().manual_seed(1), True, seen.append,
+                       backend="reference")
+    fast = monte_carlo(g, "mvue", "2:4", 0, 6, torch.Generator().manual_seed(1), backend="reference")
+    assert len(seen) == 6 and fast["angle"] == pytest.approx(full["angle"], rel=1e-12)
+
+
+def test_method_threads_give_the_sequential_report(monkeypatch):
+    """The sample dump, every method, both axes, --mc-check: the report with the (axis, method)
+    pairs in 3 threads equals the one with them in turn, number for number."""
+    cfg = EvalConfig(pattern="2:4", axis="both", samples=5, seed=2, mc_check=True)
+    reports = {}
+    for n in (1, 3):
+        monkeypatch.setattr(run, "method_threads", lambda *a, n=n, **k: n)
+        reports[n] = evaluate([SAMPLE], cfg).to_dict()
+    assert reports[1]["records"] and reports[1] == reports[3]
+    cfg = EvalConfig(pattern="2:4", samples=5, seed=2)  # the reduced angles as well
+    for n in (1, 3):
+        monkeypatch.setattr(run, "method_threads", lambda *a, n=n, **k: n)
+        reports[n] = evaluate([SAMPLE], cfg).to_dict()
+    assert reports[1] == reports[3]
+
+
+def test_method_threads_policy():
+    """Threads only where each record runs on one torch thread with reference draws on the CPU."""
+    cores = max(1, __import__("os").cpu_count() or 1)
+    assert run.method_threads(1000) == cores
+    assert run.method_threads(1000, workers=cores) == 1
+    assert run.method_threads(1000, threads=1) == 1  # --threads N: N torch threads, no more
+    assert run.method_threads(1 << 23) == (1 if run.thread_policy(1 << 23) > 1 else cores)
+    assert run.method_threads(1000, device="meta") == 1
+    assert run.method_threads(1000, backend="fused") == 1  # torch.compile's tracing is not thread-safe
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sort_descending_is_the_sort(m, dtype):
+    x = torch.rand(4000, m, generator=torch.Generator().manual_seed(m), dtype=dtype)
+    x[::3, 1] = x[::3, 0]  # ties
+    x[::5] = 0.0
+    x[::7, 0] = 0.0
+    assert torch.equal(sort_descending(x), torch.sort(x, -1, descending=True).values)
+
+
+def test_nonfinite_or_none_is_the_block_check():
+    """None exactly when no block holds a NaN or an infinity, including finite values whose sum
+    overflows (the quick sum is inf, the block check then clears them)."""
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    assert nonfinite_or_none(x) is None
+    big = torch.full((50, 4), 3e38)
+    assert not torch.isfinite(big.sum()) and nonfinite_or_none(big) is None
+    for value in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[7, 2] = value
+        assert torch.equal(nonfinite_or_none(y), nonfinite_blocks(y))
+        assert nonfinite_or_none(y).sum() == 1
