@@ -142,3 +142,20 @@ def test_nonfinite_or_none_is_the_block_check():
         y[7, 2] = value
         assert torch.equal(nonfinite_or_none(y), nonfinite_blocks(y))
         assert nonfinite_or_none(y).sum() == 1
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+@pytest.mark.parametrize("descending", [True, False])
+def test_kept_by_rank_is_the_stable_sort(m, descending):
+    """greedy's mask without a sort (rows of up to 8): the n first of a stable sort, ties to the
+    lower index, zeros and whole tied rows included."""
+    from nmgrad_cli.methods.base import kept_by_rank
+
+    keys = torch.rand(3000, m, generator=torch.Generator().manual_seed(m)).abs()
+    keys[::3, 1] = keys[::3, 0]
+    keys[::5] = 0.0
+    keys[::7, -1] = keys[::7, 0]
+    order = torch.sort(keys, dim=-1, descending=descending, stable=True).indices
+    for n in range(1, m):
+        want = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+        assert torch.equal(kept_by_rank(keys, n, descending), want)

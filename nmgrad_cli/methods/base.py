@@ -150,8 +150,7 @@ def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den == 0 (so zero blocks give zeros, never NaN)."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    return torch.where(den != 0, num / den, 0.0)  # the inf/NaN of x / 0 is never selected
 
 
 def scaled_magnitudes(a: torch.Tensor) -> torch.Tensor:
@@ -211,7 +210,11 @@ def systematic_sample(p: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
 
 
 def kept_by_rank(keys: torch.Tensor, n: int, descending: bool) -> torch.Tensor:
-    """Boolean mask of the n first elements of each row ordered by ``keys`` (ties: lower index)."""
+    """Boolean mask of the n first elements of each row ordered by ``keys`` (ties: lower index).
+    Rows of up to 8 take :func:`smallest_keys`' sort-free rank (of -keys when ``descending``);
+    keys must not be NaN there (a NaN block's output is all NaN whatever the mask)."""
+    if keys.shape[-1] <= 8:
+        return smallest_keys(-keys if descending else keys, n)
     order = torch.sort(keys, dim=-1, descending=descending, stable=True).indices
     keep = torch.zeros_like(keys, dtype=torch.bool)
     return keep.scatter_(-1, order[..., :n], True)
