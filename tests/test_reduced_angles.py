@@ -159,3 +159,21 @@ def test_kept_by_rank_is_the_stable_sort(m, descending):
     for n in range(1, m):
         want = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, order[..., :n], True)
         assert torch.equal(kept_by_rank(keys, n, descending), want)
+
+
+@pytest.mark.parametrize("m,n", [(2, 1), (4, 2), (8, 3)])
+def test_systematic_keep_running_is_the_two_bound_mask(m, n):
+    """mvue's one-ceil keep-mask equals systematic_keep on (prev, c) for the same uniforms,
+    saturated (p = 1), zero and tiny probabilities and u = 0 included, with draws broadcast."""
+    from nmgrad_cli.methods.base import systematic_bounds, systematic_keep, systematic_keep_running
+    from nmgrad_cli.methods.mvue import water_fill
+
+    mag = torch.rand(5000, m, generator=torch.Generator().manual_seed(m)) ** 4
+    mag[::3, 0] = 50.0  # saturates
+    mag[::5, 1:] = 0.0  # few non-zeros
+    mag[::7, -1] = 1e-30
+    prev, c = systematic_bounds(water_fill(mag, n), n)
+    u = torch.rand(6, 5000, 1, generator=torch.Generator().manual_seed(0))
+    u[0] = 0.0
+    assert torch.equal(systematic_keep_running(c, u), systematic_keep(prev, c, u))
+    assert (systematic_keep_running(c, u).sum(-1) <= n).all()

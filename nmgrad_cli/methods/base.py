@@ -198,6 +198,17 @@ def systematic_keep(prev: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> tor
     return torch.ceil(c - u) > torch.ceil(prev - u)
 
 
+def systematic_keep_running(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``systematic_keep(prev, c, u)`` for the bounds of :func:`systematic_bounds`, where prev is c
+    shifted right by one (0 first): ceil(C_{i-1} - u) is then ceil(C_i - u) of the element before,
+    so one subtraction and one ceil serve both bounds (the same mask, bit for bit)."""
+    t = torch.ceil(c - u)
+    keep = torch.empty(t.shape, dtype=torch.bool, device=t.device)
+    torch.gt(t[..., :1], 0.0, out=keep[..., :1])  # ceil(0 - u) is 0 for u in [0, 1)
+    torch.gt(t[..., 1:], t[..., :-1], out=keep[..., 1:])
+    return keep
+
+
 def systematic_sample(p: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     """Boolean keep-mask with marginals ``p`` (rows summing to at most n), one uniform per row.
 

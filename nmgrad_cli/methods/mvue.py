@@ -20,7 +20,7 @@ from .base import (
     sort_descending,
     systematic_bounds,
     systematic_joint,
-    systematic_keep,
+    systematic_keep_running,
 )
 
 
@@ -60,8 +60,8 @@ class Mvue(PruningMethod):
         return (*systematic_bounds(p, n), v)
 
     def _kept(self, law, u: torch.Tensor):
-        prev, c, v = law
-        return systematic_keep(prev, c, u[..., :1]), v  # systematic sampling, u broadcast over the draws
+        _, c, v = law  # prev is c shifted: systematic_keep_running reads it from c
+        return systematic_keep_running(c, u[..., :1]), v  # systematic sampling, u broadcast over the draws
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         return systematic_joint(water_fill(scaled_magnitudes(a), n), n)
