@@ -177,3 +177,19 @@ def test_systematic_keep_running_is_the_two_bound_mask(m, n):
     u[0] = 0.0
     assert torch.equal(systematic_keep_running(c, u), systematic_keep(prev, c, u))
     assert (systematic_keep_running(c, u).sum(-1) <= n).all()
+
+
+def test_proportional_keep_running_is_the_two_bound_mask():
+    """approx-mvue's one-comparison mask equals proportional_keep on (prev, c): zeros (equal
+    running sums), a dominant element, u = 0, and draws broadcast over the blocks."""
+    from nmgrad_cli.methods.approx_mvue import proportional_bounds, proportional_keep, proportional_keep_running
+
+    mag = torch.rand(5000, 4, generator=torch.Generator().manual_seed(1)) ** 3
+    mag[::3, 1] = 0.0
+    mag[::5, 2:] = 0.0
+    mag[::7, 0] = 1e7
+    prev, c = proportional_bounds(mag)
+    u = torch.rand(6, 5000, 1, generator=torch.Generator().manual_seed(2))
+    u[0] = 0.0
+    got = proportional_keep_running(c, u)
+    assert torch.equal(got, proportional_keep(prev, c, u)) and (got.sum(-1) == 1).all()

@@ -22,7 +22,7 @@ from .base import PruningMethod, running_sum, safe_div, scaled_magnitudes, sum_o
 
 def draw_proportional(mag: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One-hot draw per row with P(i) = mag_i / sum(mag): keep i iff C_{i-1} <= u*S < C_i."""
-    return proportional_keep(*proportional_bounds(mag), u)
+    return proportional_keep_running(running_sum(mag), u)
 
 
 def proportional_bounds(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +35,18 @@ def proportional_keep(prev: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> t
     """:func:`draw_proportional`'s one-hot mask from its bounds; ``u`` (..., K, 1) broadcasts."""
     thr = u * c[..., -1:]
     return (prev <= thr) & (thr < c)
+
+
+def proportional_keep_running(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``proportional_keep(prev, c, u)`` for prev = c shifted right by one (0 first), as
+    :func:`proportional_bounds` makes it: C_{i-1} <= thr is not(thr < C_{i-1}), the previous
+    element's test, so one comparison pass serves both bounds (the same mask; thr >= 0 >= C_{-1})."""
+    thr = u * c[..., -1:]
+    below = thr < c
+    keep = torch.empty(below.shape, dtype=torch.bool, device=below.device)
+    keep[..., :1] = below[..., :1]
+    torch.gt(below[..., 1:], below[..., :-1], out=keep[..., 1:])  # below_i and not below_{i-1}
+    return keep
 
 
 @register
@@ -75,9 +87,9 @@ class ApproxMvue(PruningMethod):
     def _kept(self, law, u: torch.Tensor):
         if law[0] == "mvue":  # N = 1: mvue's law and draw
             return get_method("mvue")._kept(law[1], u)
-        _, mag, prev, c, v = law
-        keep = proportional_keep(prev, c, u[..., :1])  # the first, then one of the rest
-        rest = torch.where(keep, torch.zeros_like(mag), mag)
+        _, mag, _, c, v = law  # the bounds' prev is c shifted: proportional_keep_running reads it from c
+        keep = proportional_keep_running(c, u[..., :1])  # the first, then one of the rest
+        rest = torch.where(keep, 0.0, mag)
         return keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0)), v
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
