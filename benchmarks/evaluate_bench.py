@@ -110,7 +110,7 @@ def device_rates(dump: Path, args: argparse.Namespace, floats: int) -> None:
     rate = read_rate(dump, EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps,
                                       max_records=args.max_records, samples=args.samples))
     print(f"file read (Record.load of the selected dY, best of 3): {rate:.2f} GB/s")
-    rows = []
+    rows, reports = [], []
     for device in dict.fromkeys([args.device, "cpu"]):
         cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
                          samples=args.samples, device=device)
@@ -118,12 +118,33 @@ def device_rates(dump: Path, args: argparse.Namespace, floats: int) -> None:
         evaluate([dump], cfg)  # compiles what it needs
         first = time.perf_counter() - t
         t = time.perf_counter()
-        evaluate([dump], cfg)
+        reports.append(evaluate([dump], cfg))
         wall = time.perf_counter() - t
         rows.append((device, first, wall, floats * 4 / wall / 1e9))
     print(f"{'device':<10} {'first s':>8} {'again s':>8} {'dY GB/s':>8} {'vs read':>8}")
     for device, first, wall, gbs in rows:
         print(f"{device:<10} {first:8.2f} {wall:8.2f} {gbs:8.3f} {gbs / rate:7.2f}x")
+    if len(reports) == 2:
+        agreement(*reports)
+
+
+def agreement(a, b) -> None:
+    """How far the Monte-Carlo angles of two evaluations lie apart, in standard errors of the difference
+    (the exact metrics must agree to rounding): the GPU's draws vs the CPU's."""
+    exact, z = 0.0, []
+    rows_b = {(r["file"], r["layer"], r["axis"], r["method"]): r for r in b.layers}
+    for ra in a.layers:
+        rb = rows_b[(ra["file"], ra["layer"], ra["axis"], ra["method"])]
+        for key in ("mse", "bias", "variance"):
+            if ra.get(key) is not None and rb.get(key) is not None:
+                exact = max(exact, abs(ra[key] - rb[key]) / max(abs(rb[key]), 1e-30))
+        se = math.hypot(ra.get("angle_se") or 0.0, rb.get("angle_se") or 0.0)
+        if se > 0 and ra.get("angle") is not None and rb.get("angle") is not None:
+            z.append(abs(ra["angle"] - rb["angle"]) / se)
+    z.sort()
+    print(f"agreement: exact metrics max rel diff {exact:.1e}; angle |diff| / se over {len(z)} rows: "
+          f"median {z[len(z) // 2]:.2f}, max {z[-1]:.2f} (draws differ: expect a median ~0.7, max ~3-4)"
+          if z else f"agreement: exact metrics max rel diff {exact:.1e}; no angle rows")
 
 
 def busy_loops(n: int) -> list[subprocess.Popen]:

@@ -226,3 +226,24 @@ def _recording(fn, calls):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def test_fastest_alg_picks_the_quickest_and_stops_at_the_first_missing_id():
+    ran = []
+
+    def run(alg):
+        ran.append(alg)
+        if alg >= 5:
+            raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")  # past the last algorithm
+
+    times = {0: 2.7, 1: 2.9, 2: 2.5, 3: 2.1, 4: 2.4}
+    assert sparse_gemm.fastest_alg(run, lambda fn: (fn(), times[ran[-1]])[1]) == 3
+    assert 5 in ran and 6 not in ran  # stopped at the first id that does not exist
+
+
+def test_fastest_alg_keeps_the_default_when_only_it_runs():
+    def run(alg):
+        if alg:
+            raise RuntimeError("no such algorithm")
+
+    assert sparse_gemm.fastest_alg(run, lambda fn: 1.0) == 0
