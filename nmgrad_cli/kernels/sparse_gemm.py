@@ -45,6 +45,20 @@ MIN_SPARSE_MNK = 1 << 31
 """Below m*n*k = 2^31 (e.g. 1024^3 * 2) the dense GEMM is used: a 2:4 GEMM saves at most half the
 math, and small GEMMs are launch- and memory-bound; tune with ``benchmarks/gpu_bench.py``."""
 
+AUTO_CUSPARSELT = False
+"""Whether ``backend="auto"`` takes the cuSPARSELt route (prune -> ``_cslt_compress`` -> 2:4 GEMM).
+Measured on an H200 (BENCHMARKS.md, gpu_bench): ``_cslt_compress`` of a 16384 x 8192 bf16 operand
+takes 3.1 ms, 6.7x the prune kernel, while the 2:4 GEMM saves ~1.1 ms of 3.3; the Linear backward
+(dX + dW) took 12.6 ms sparse, 7.5 ms pruned + dense and 6.7 ms dense. So ``auto`` prunes with the
+Triton kernel and runs the dense GEMM whenever the sparse path would need ``_cslt_compress``;
+``backend="cusparselt"`` still runs it. Set True once a compressed form can be written in the prune
+pass (as the CUTLASS route does on sm8x)."""
+AUTO_CUSPARSELT_REASON = (
+    "auto: the cuSPARSELt route costs more than it saves here (_cslt_compress took 6.7x the prune kernel on "
+    "an H200; prune + dense GEMM was 1.7x faster than prune + compress + 2:4 GEMM); pass backend "
+    "'cusparselt' to run it anyway"
+)
+
 # (rows of A, K, columns of B) multiples: torch's _DTYPE_SHAPE_CONSTRAINTS for fp16/bf16, no padding
 ALIGN = {"cusparselt": (16, 16, 8), "cutlass": (32, 64, 8)}
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
@@ -157,6 +171,8 @@ def plan_gemm(
     dense_why = dense_reason(m, k, n, dtype, chosen, pattern, min_mnk)
     if dense_why is not None:
         return GemmPlan("dense", f"{note}; {dense_why}" if note else dense_why)
+    if backend == "auto" and chosen == "cusparselt" and not AUTO_CUSPARSELT:
+        return GemmPlan("dense", AUTO_CUSPARSELT_REASON)
     return GemmPlan(chosen, note)
 
 
