@@ -17,6 +17,11 @@ The targets are R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
     python benchmarks/evaluate_bench.py /tmp/g.h5                    # the README's 2-step dump
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*' --also-backend fused
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --device cuda     # on a GPU: GB/s vs the file-read rate
+    python benchmarks/evaluate_bench.py /tmp/big.h5 --synthetic 4,16384,4096 --device cuda --no-cpu
+
+``--synthetic LAYERS,T,F`` first writes (uncompressed) a dump of that many Linear layers with one dY
+record of (T, F) each, heavy-tailed like real gradients, to the dump path (refusing to overwrite one):
+real-size records for ``--device cuda``, where the gpt dump's small records measure launch overhead.
 
 ``--device cuda`` measures instead, in this process: the rate of reading the selected dY records from the
 HDF5 file (``Record.load``, best of 3), and evaluate's rate in GB/s of dY evaluated (after one run that
@@ -111,7 +116,7 @@ def device_rates(dump: Path, args: argparse.Namespace, floats: int) -> None:
                                       max_records=args.max_records, samples=args.samples))
     print(f"file read (Record.load of the selected dY, best of 3): {rate:.2f} GB/s")
     rows, reports = [], []
-    for device in dict.fromkeys([args.device, "cpu"]):
+    for device in dict.fromkeys([args.device, "cpu"] if args.cpu else [args.device]):
         cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
                          samples=args.samples, device=device)
         t = time.perf_counter()
@@ -155,6 +160,20 @@ def agreement(a, b) -> None:
                   f"max {z[-1]:.2f} (independent draws: expect a median ~0.7, a max ~3)" if z else ""))
 
 
+def write_synthetic(path: Path, spec: str) -> None:
+    """A dump of ``layers`` Linear layers, one (T, F) dY record each (randn x exp(randn): heavy tails)."""
+    from nmgrad_cli.dump import DumpWriter
+
+    layers, t, f = (int(v) for v in spec.split(","))
+    if path.exists():
+        raise SystemExit(f"{path} exists: --synthetic writes a new dump; remove it or pick another path")
+    gen = torch.Generator().manual_seed(0)
+    with DumpWriter(path, run={"model": "synthetic"}, compression="none") as w:
+        for i in range(layers):
+            w.add_layer(f"l{i}", "Linear", 1, [0], (f, f))
+            w.write(f"l{i}", "grad", 0, 0, torch.randn(t, f, generator=gen) * torch.randn(t, f, generator=gen).exp())
+
+
 def busy_loops(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
@@ -171,9 +190,13 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=2, help="busy-loop processes beside the 'busy' run")
     ap.add_argument("--also-backend", dest="also", default=None,
                     help="also time the draws on this backend (e.g. fused: the compiled CPU kernel), warm and busy")
+    ap.add_argument("--synthetic", default=None, help="LAYERS,T,F: first write such a dump to the dump path")
+    ap.add_argument("--no-cpu", dest="cpu", action="store_false", help="with --device: skip the CPU comparison")
     ap.add_argument("--device", default=None,
                     help="cuda: GB/s of dY evaluated on the GPU (and the CPU) vs the file-read rate, in-process")
     args = ap.parse_args()
+    if args.synthetic:
+        write_synthetic(args.dump, args.synthetic)
 
     cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
                      samples=args.samples)

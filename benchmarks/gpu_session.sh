@@ -13,4 +13,8 @@ timeout "${TEST_S:-150}" python -m pytest -q -p no:cacheprovider --timeout 90 -n
     tests/test_sparse_gemm.py tests/test_triton_kernels.py 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log"
 python -m nmgrad_cli capture --model gpt --steps 1 --out /tmp/g1.h5 --force >/dev/null 2>"$OUT/capture.log" &&
   timeout "${EVAL_S:-100}" python benchmarks/evaluate_bench.py /tmp/g1.h5 --device cuda 2>&1 | tee "$OUT/eval_gpu.log"
+# real-size records (4 x 16384 x 4096 float32, 1.1 GB): evaluate on the GPU against the file-read rate
+rm -f /tmp/big.h5
+timeout "${BIG_S:-150}" python benchmarks/evaluate_bench.py /tmp/big.h5 --synthetic 4,16384,4096 --device cuda --no-cpu \
+    2>&1 | tee "$OUT/eval_gpu_big.log"
 echo done
