@@ -17,6 +17,11 @@ The targets are R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
     python benchmarks/evaluate_bench.py /tmp/g.h5                    # the README's 2-step dump
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*' --also-backend fused
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --device cuda     # on a GPU: GB/s vs the file-read rate
+    python benchmarks/evaluate_bench.py /tmp/big.h5 --synthetic 4,16384,4096 --device cuda --no-cpu
+
+``--synthetic LAYERS,T,F`` first writes (uncompressed) a dump of that many Linear layers with one dY
+record of (T, F) each, heavy-tailed like real gradients, to the dump path (refusing to overwrite one):
+real-size records for ``--device cuda``, where the gpt dump's small records measure launch overhead.
 
 ``--device cuda`` measures instead, in this process: the rate of reading the selected dY records from the
 HDF5 file (``Record.load``, best of 3), and evaluate's rate in GB/s of dY evaluated (after one run that
@@ -110,20 +115,63 @@ def device_rates(dump: Path, args: argparse.Namespace, floats: int) -> None:
     rate = read_rate(dump, EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps,
                                       max_records=args.max_records, samples=args.samples))
     print(f"file read (Record.load of the selected dY, best of 3): {rate:.2f} GB/s")
-    rows = []
-    for device in dict.fromkeys([args.device, "cpu"]):
+    rows, reports = [], []
+    for device in dict.fromkeys([args.device, "cpu"] if args.cpu else [args.device]):
         cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
                          samples=args.samples, device=device)
         t = time.perf_counter()
         evaluate([dump], cfg)  # compiles what it needs
         first = time.perf_counter() - t
         t = time.perf_counter()
-        evaluate([dump], cfg)
+        reports.append(evaluate([dump], cfg))
         wall = time.perf_counter() - t
         rows.append((device, first, wall, floats * 4 / wall / 1e9))
     print(f"{'device':<10} {'first s':>8} {'again s':>8} {'dY GB/s':>8} {'vs read':>8}")
     for device, first, wall, gbs in rows:
         print(f"{device:<10} {first:8.2f} {wall:8.2f} {gbs:8.3f} {gbs / rate:7.2f}x")
+    if len(reports) == 2:
+        agreement(*reports)
+
+
+def agreement(a, b) -> None:
+    """How far two evaluations lie apart (the GPU's vs the CPU's): the exact metrics, as a fraction of
+    the row's mse (they must agree to rounding); the Monte-Carlo angles of random methods, in
+    standard errors of the difference. Deterministic rows (greedy: every draw the same, se ~0) are
+    compared like the exact metrics, since their se is rounding noise."""
+    exact, z = 0.0, []
+    rows_b = {(r["file"], r["layer"], r["axis"], r["method"]): r for r in b.layers}
+    for ra in a.layers:
+        rb = rows_b[(ra["file"], ra["layer"], ra["axis"], ra["method"])]
+        if ra.get("mse") is None or rb.get("mse") is None:
+            continue
+        scale = max(abs(rb["mse"]), 1e-30)
+        for key in ("mse", "bias", "variance"):
+            exact = max(exact, abs(ra[key] - rb[key]) / scale)
+        if ra.get("angle") is None or rb.get("angle") is None:
+            continue
+        se = math.hypot(ra.get("angle_se") or 0.0, rb.get("angle_se") or 0.0)
+        if se > 1e-9 * max(abs(rb["angle"]), 1.0):
+            z.append(abs(ra["angle"] - rb["angle"]) / se)
+        else:
+            exact = max(exact, abs(ra["angle"] - rb["angle"]) / max(abs(rb["angle"]), 1e-30))
+    z.sort()
+    line = f"agreement: exact metrics (and deterministic angles) max rel diff {exact:.1e}"
+    print(line + (f"; random methods' angle |diff| / se over {len(z)} rows: median {z[len(z) // 2]:.2f}, "
+                  f"max {z[-1]:.2f} (independent draws: expect a median ~0.7, a max ~3)" if z else ""))
+
+
+def write_synthetic(path: Path, spec: str) -> None:
+    """A dump of ``layers`` Linear layers, one (T, F) dY record each (randn x exp(randn): heavy tails)."""
+    from nmgrad_cli.dump import DumpWriter
+
+    layers, t, f = (int(v) for v in spec.split(","))
+    if path.exists():
+        raise SystemExit(f"{path} exists: --synthetic writes a new dump; remove it or pick another path")
+    gen = torch.Generator().manual_seed(0)
+    with DumpWriter(path, run={"model": "synthetic"}, compression="none") as w:
+        for i in range(layers):
+            w.add_layer(f"l{i}", "Linear", 1, [0], (f, f))
+            w.write(f"l{i}", "grad", 0, 0, torch.randn(t, f, generator=gen) * torch.randn(t, f, generator=gen).exp())
 
 
 def busy_loops(n: int) -> list[subprocess.Popen]:
@@ -142,9 +190,13 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=2, help="busy-loop processes beside the 'busy' run")
     ap.add_argument("--also-backend", dest="also", default=None,
                     help="also time the draws on this backend (e.g. fused: the compiled CPU kernel), warm and busy")
+    ap.add_argument("--synthetic", default=None, help="LAYERS,T,F: first write such a dump to the dump path")
+    ap.add_argument("--no-cpu", dest="cpu", action="store_false", help="with --device: skip the CPU comparison")
     ap.add_argument("--device", default=None,
                     help="cuda: GB/s of dY evaluated on the GPU (and the CPU) vs the file-read rate, in-process")
     args = ap.parse_args()
+    if args.synthetic:
+        write_synthetic(args.dump, args.synthetic)
 
     cfg = EvalConfig(pattern=args.pattern, layers=args.layers, steps=args.steps, max_records=args.max_records,
                      samples=args.samples)

@@ -379,7 +379,7 @@ def tile_sweep(dev, quick: bool, clock, budget: Budget) -> None:
                     break
                 tm = measure(lambda a=axis, tl_=tile, w=warps: triton_prune.prune_2d(
                     dy, "mvue", "2:4", a, seed=1, tile=tl_, num_warps=w), clock)
-                mark = " (default)" if tile == default and warps == 4 else ""
+                mark = " (default)" if tile == default and warps == triton_prune.DEFAULT_WARPS else ""
                 rows.append([axis, f"{tile}{mark}", warps, *fmt(tm), f"{nbytes / ms(tm) / 1e6:.0f}",
                              f"{ms(copy) / ms(tm):.2f}"])
     table(f"Tile sweep, prune mvue 2:4 (Philox), dY {t}x{f} bf16 (copy {ms(copy):.3f} ms)",

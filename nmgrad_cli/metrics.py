@@ -302,6 +302,17 @@ class GemmMoments:
     def mse_abs(self) -> float:
         return (self.bias + self.var) * self.scale2
 
+    @classmethod
+    def combine(cls, parts: list[GemmMoments]) -> GemmMoments:
+        """The moments of GEMMs on disjoint rows (blocks are independent, so errors and norms add),
+        in units of the largest part's ``scale2``."""
+        scale2 = max(p.scale2 for p in parts)
+
+        def total(attr: str) -> float:
+            return sum(getattr(p, attr) * (p.scale2 / scale2) for p in parts)
+
+        return cls(total("bias"), total("var"), total("norm"), scale2)
+
     def relative(self) -> dict:
         """mse, bias, variance relative to ||a b||^2 (0 when the product is 0), and the absolute values."""
         rel = (lambda x: x / self.norm) if self.norm > 0 else (lambda x: 0.0)
@@ -321,8 +332,18 @@ def gemm_moments(
     first- and second-order inclusion probabilities (``marginals``, ``joint_marginals``). In float64;
     L is zero-padded to a multiple of M (padding is never kept and has zero rows of b).
     For dX = dY W: a = dY (T, F), b = W (F, I); for dW = dY^T X: a = dY^T (F, T), b = X (T, I).
+    A 3-D b (G, L, I) is a grouped GEMM: rows j*R/G to (j+1)*R/G of a times b[j] (a grouped conv's
+    dW, :func:`nmgrad_cli.evaluate.run.conv_input_matrix`), the moments summed over the groups.
     """
     meth, pat = resolve(method, pattern)
+    if b.dim() == 3:  # a grouped GEMM: row group j of a times b[j] (a grouped conv's dW)
+        groups = b.shape[0]
+        if a.shape[0] % groups:
+            raise ValueError(f"gemm_moments: {a.shape[0]} rows of a do not split into {groups} groups")
+        rows_per = a.shape[0] // groups
+        return GemmMoments.combine(
+            [gemm_moments(a[j * rows_per : (j + 1) * rows_per], b[j], meth, pat) for j in range(groups)]
+        )
     m, n = pat.m, pat.n
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
     rows, length = a64.shape

@@ -453,3 +453,28 @@ def test_a_captured_cnn_gets_conv2d_dw_gemm_errors(tmp_path):
         else:
             assert r.gemm["bias"] > 0 and r.gemm["variance"] == 0
     assert {r.layer for r in rep.records} >= set(convs)
+
+
+def test_grouped_and_depthwise_convs_get_dw_gemm_errors(tmp_path):
+    """A user's model with stock grouped convs (depthwise groups=8, pointwise groups=2): evaluate's
+    dW GEMM errors cover them (per group), no layer is skipped."""
+    from nmgrad_cli.capture import CaptureConfig, run_capture
+    from nmgrad_cli.dump import DumpReader
+
+    out = tmp_path / "mobile.h5"
+    run_capture(CaptureConfig(model="tests.user_models:mobile_block", data="tests.user_models:images", steps=1,
+                              batch_size=4, with_inputs=True, out=str(out)), None, False)
+    with DumpReader(out) as r:
+        groups = {li.name: li.conv["groups"] for li in r.layers.values() if li.module_type == "Conv2d"}
+    assert groups == {"stem": 1, "depthwise": 8, "pointwise": 2}
+    rep = evaluate([out], EvalConfig(methods=("mvue", "greedy"), samples=2, axis="tokens"))
+    assert not any("skipped" in n for n in rep.notes), rep.notes
+    seen = set()
+    for r in rep.records:
+        assert r.gemm is not None and r.gemm["target"] == "dW", r.layer
+        seen.add(r.layer)
+        if r.method == "mvue":
+            assert r.gemm["bias"] < 1e-12 and r.gemm["variance"] > 0
+        else:
+            assert r.gemm["bias"] > 0 and r.gemm["variance"] == 0
+    assert seen >= set(groups)

@@ -176,7 +176,7 @@ def test_conv2d_dw_operands_refuse_what_they_cannot_build():
     x, dy = torch.randn(2, 4, 6, 6), torch.Size((2, 8, 6, 6))
     assert "recapture" in conv_input_matrix(x, None, (8, 4, 3, 3), dy)
     grouped = {"stride": 1, "padding": 1, "dilation": 1, "groups": 2}
-    assert "groups=2" in conv_input_matrix(x, grouped, (8, 2, 3, 3), dy)
+    assert "groups=2 does not fit an input with 4 channels" in conv_input_matrix(x, grouped, (8, 4, 3, 3), dy)
     plain = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     assert "does not match" in conv_input_matrix(x, plain, (8, 4, 3, 3), dy)  # 4x4 outputs, not 6x6
 
@@ -192,3 +192,53 @@ def test_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method):
     xu = conv_input_matrix(x, conv, (6, 3, 3, 3), dy.shape)
     g2 = dy.permute(0, 2, 3, 1).reshape(-1, 6)
     _check(g2.T.contiguous(), xu, method, "2:4", draws=400)  # blocks along the 32 tokens
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv2d_dw_operands_are_torchs_weight_gradient(groups):
+    """Feature group j of dY^T times group j of the unfolded input (the 3-D operand), stacked, is
+    exactly torch's weight gradient of a grouped conv (depthwise included: groups = C_in = 4)."""
+    from nmgrad_cli.evaluate.run import GemmError, conv_input_matrix
+
+    torch.manual_seed(6)
+    conv = {"stride": [1, 2], "padding": 1, "dilation": 1, "groups": groups}
+    layer = nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1, groups=groups).double()
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xu = conv_input_matrix(x, conv, tuple(layer.weight.shape), dy.shape)
+    assert xu.shape == (groups, 2 * y.shape[2] * y.shape[3], 4 // groups * 9)
+    g2 = dy.permute(0, 2, 3, 1).reshape(-1, 8)
+    got = GemmError(g2, xu, "tokens")._gemm(g2)  # what the Monte-Carlo cross-check multiplies
+    assert torch.allclose(got.reshape(layer.weight.shape), layer.weight.grad, atol=1e-10)
+    rows = 8 // groups  # and gemm_moments' split: row group j of dY^T times xu[j]
+    parts = torch.cat([g2.T[j * rows : (j + 1) * rows] @ xu[j] for j in range(groups)])
+    assert torch.allclose(parts, got, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_grouped_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method):
+    """The grouped GEMM's exact moments (summed over groups) against Monte Carlo of the whole dW."""
+    from nmgrad_cli.evaluate.run import conv_input_matrix
+
+    torch.manual_seed(7)
+    conv = {"stride": 1, "padding": 1, "dilation": 1, "groups": 2}
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    dy = torch.randn(2, 6, 4, 4, dtype=torch.float64).abs()
+    xu = conv_input_matrix(x, conv, (6, 2, 3, 3), dy.shape)
+    a = dy.permute(0, 2, 3, 1).reshape(-1, 6).T.contiguous()  # dY^T (F, T), blocks along the 32 tokens
+    exact = gemm_moments(a, xu, method, "2:4")
+    whole = torch.cat([a[j * 3 : (j + 1) * 3] @ xu[j] for j in range(2)])
+    assert exact.norm2 == pytest.approx(float(whole.pow(2).sum()), rel=1e-12)
+    gen = torch.Generator().manual_seed(2)
+    errs = []
+    for _ in range(400):
+        est = prune(a, method, "2:4", -1, gen, backend="reference").double()
+        errs.append(float(torch.cat([(est - a)[j * 3 : (j + 1) * 3] @ xu[j] for j in range(2)]).pow(2).sum()))
+    e = torch.tensor(errs, dtype=torch.float64)
+    mse, se = e.mean().item(), e.std().item() / math.sqrt(len(errs))
+    if METHODS[method].unbiased:
+        assert exact.bias_abs <= 1e-20 * exact.norm2 + 1e-300
+        assert se < 0.1 * exact.mse_abs  # tight enough to catch a group's missing or doubled term
+    assert abs(mse - exact.mse_abs) <= 4 * se + 1e-9 * exact.mse_abs, (method, mse, se, exact)

@@ -76,9 +76,10 @@ H100, A100, T4 = (9, 0), (8, 0), (7, 5)
         # an explicit backend that can run, runs
         (A100, True, torch.bfloat16, "2:4", BIG, "cusparselt", "cusparselt", None),
         (A100, True, torch.bfloat16, "2:4", BIG, "cutlass", "cutlass", None),
-        (H100, True, torch.bfloat16, "2:4", BIG, "auto", "cusparselt", None),
+        # auto never takes the route through _cslt_compress (slower than dense on an H200: AUTO_CUSPARSELT)
+        (H100, True, torch.bfloat16, "2:4", BIG, "auto", "dense", "_cslt_compress took 6.7x"),
         (A100, True, torch.float16, "2:4", BIG, "auto", "cutlass", None),
-        (A100, True, torch.float16, "1:2", BIG, "auto", "cusparselt", None),  # the fused compressor is 2:4
+        (A100, True, torch.float16, "1:2", BIG, "auto", "dense", "pass backend 'cusparselt'"),  # fused compressor: 2:4
         (A100, False, torch.float16, "1:2", BIG, "auto", "cutlass", None),
         # after a fallback, the operand's own reasons still apply (and both are said)
         (H100, True, torch.bfloat16, "2:4", (4096, 4080, 4096), "cutlass", "cusparselt", "run only on sm8x"),
@@ -165,7 +166,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", ["mvue", "approx-mvue", "greedy"])
 def test_sparse_gemms_equal_dense_on_pruned(method, dtype, caplog):
     """The sparse tensor-core GEMMs equal the dense GEMM on the same pruned tensor (bf16 tolerance)."""
-    _sparse_backend_or_skip()
+    backend = _sparse_backend_or_skip()  # named: auto takes the dense GEMM where only cuSPARSELt runs
     t, f, i = 512, 256, 384
     gen = torch.Generator().manual_seed(3)
     dy, x, w = (torch.randn(s, generator=gen).to(dtype) for s in ((t, f), (t, i), (f, i)))
@@ -176,8 +177,8 @@ def test_sparse_gemms_equal_dense_on_pruned(method, dtype, caplog):
     dev = torch.device("cuda")
     sparse_gemm._log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="nmgrad_cli.kernels.sparse_gemm"):
-        dx = sparse_gemm.grad_input(dy.to(dev), w.to(dev), method, uniforms=u_f.to(dev), min_mnk=0)
-        dw = sparse_gemm.grad_weight(dy.to(dev), x.to(dev), method, uniforms=u_t.to(dev), min_mnk=0)
+        dx = sparse_gemm.grad_input(dy.to(dev), w.to(dev), method, uniforms=u_f.to(dev), min_mnk=0, backend=backend)
+        dw = sparse_gemm.grad_weight(dy.to(dev), x.to(dev), method, uniforms=u_t.to(dev), min_mnk=0, backend=backend)
     assert not [r for r in caplog.records if "dense GEMM" in r.getMessage()], "took the dense fallback"
     assert dx.dtype == dtype and dx.shape == (t, i) and dw.shape == (f, i)
     # same decisions; kept values and products rounded to dtype: ~1e-3 relative
@@ -226,3 +227,24 @@ def _recording(fn, calls):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def test_fastest_alg_picks_the_quickest_and_stops_at_the_first_missing_id():
+    ran = []
+
+    def run(alg):
+        ran.append(alg)
+        if alg >= 5:
+            raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")  # past the last algorithm
+
+    times = {0: 2.7, 1: 2.9, 2: 2.5, 3: 2.1, 4: 2.4}
+    assert sparse_gemm.fastest_alg(run, lambda fn: (fn(), times[ran[-1]])[1]) == 3
+    assert 5 in ran and 6 not in ran  # stopped at the first id that does not exist
+
+
+def test_fastest_alg_keeps_the_default_when_only_it_runs():
+    def run(alg):
+        if alg:
+            raise RuntimeError("no such algorithm")
+
+    assert sparse_gemm.fastest_alg(run, lambda fn: 1.0) == 0

@@ -98,3 +98,31 @@ def raising_data(batch_size: int = 4, seed: int = 0):
 
 def frozen_encoder() -> nn.Module:
     return Encoder().requires_grad_(False)
+
+
+class MobileBlock(nn.Module):
+    """A MobileNet-style stack of stock convolutions: a full conv, a depthwise conv (groups = channels)
+    and a grouped pointwise conv (groups = 2), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = nn.Conv2d(8, 8, 1, groups=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.pointwise(torch.relu(self.depthwise(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def mobile_block() -> nn.Module:
+    return MobileBlock()
+
+
+def images(batch_size: int = 4, seed: int = 0):
+    """(B, 1, 8, 8) images and 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 1, 8, 8, generator=g), torch.randint(0, 3, (batch_size,), generator=g))
+            for _ in range(4)]

@@ -75,7 +75,12 @@ class GemmError:
         self.errs: list[float] = []
 
     def _gemm(self, a: torch.Tensor) -> torch.Tensor:
-        return a @ self.other if self.axis == "features" else a.T @ self.other
+        if self.axis == "features":
+            return a @ self.other
+        if self.other.dim() == 3:  # grouped (a grouped conv's dW): feature group j times other[j]
+            groups = self.other.shape[0]
+            return (a.T.reshape(groups, -1, a.shape[0]) @ self.other).reshape(a.shape[1], -1)
+        return a.T @ self.other
 
     def add(self, draw: torch.Tensor) -> None:
         self.errs.append(float(torch.sum(self._gemm(draw.to(self.cdt) - self.g).double() ** 2)))
@@ -116,8 +121,9 @@ def _gemm_operands(
       b = X (T, I).
     - Conv2d (dY (B, F, H, W)): features a = dY as (T = B*H*W, F), b = W as (F, C_in*kh*kw)
       (block-diagonal over groups), the implicit GEMM whose output col2im folds into dX; tokens
-      a = dY^T (F, T), b = X unfolded with the conv's stride/padding/dilation (T, C_in*kh*kw)
-      (:func:`conv_input_matrix`; groups = 1, from the layer's ``conv`` attribute).
+      a = dY^T (F, T), b = X unfolded with the conv's stride/padding/dilation (T, C_in*kh*kw), or
+      with G groups (G, T, C_in/G*kh*kw), feature group j times b[j] (:func:`conv_input_matrix`,
+      from the layer's ``conv`` attribute).
     """
     layer = rec.layer
     kinds = {"features": "weight", "tokens": "input"}
@@ -170,7 +176,9 @@ def conv_input_matrix(
     x: torch.Tensor, conv: dict | None, weight_shape: tuple[int, ...] | None, dy_shape: torch.Size
 ) -> torch.Tensor | str:
     """The Conv2d input x (B, C_in, H, W) unfolded as the (T = B*Ho*Wo, C_in*kh*kw) operand of
-    dW = dY^T X_unf, rows in dY's token order (b, ho, wo); or why it cannot be built.
+    dW = dY^T X_unf, rows in dY's token order (b, ho, wo); or why it cannot be built. With G > 1
+    groups, (G, T, C_in/G*kh*kw): group j's channels, whose GEMM with feature group j of dY^T gives
+    those features' rows of dW.
 
     ``conv`` is the dump's layer attribute (stride, padding, dilation, groups); padding 'same' pads
     dilation*(k-1) per dim, the extra one after, as torch does."""
@@ -178,8 +186,9 @@ def conv_input_matrix(
         return "the dump holds no conv parameters (stride, padding): recapture it with this version"
     if weight_shape is None or len(weight_shape) != 4 or x.dim() != 4:
         return f"input {tuple(x.shape)} / weight {weight_shape} are not a Conv2d's"
-    if conv["groups"] != 1:
-        return f"grouped convolutions (groups={conv['groups']}) are not handled yet"
+    groups = int(conv["groups"])
+    if groups < 1 or weight_shape[1] * groups != x.shape[1] or weight_shape[0] % groups:
+        return f"weight {tuple(weight_shape)} with groups={groups} does not fit an input with {x.shape[1]} channels"
     k = tuple(weight_shape[2:])
 
     def pair(v) -> tuple[int, int]:
@@ -197,7 +206,10 @@ def conv_input_matrix(
     b, _, length = cols.shape
     if b != dy_shape[0] or length != dy_shape[2] * dy_shape[3]:
         return f"the unfolded input ({b} x {length} positions) does not match dY {tuple(dy_shape)}"
-    return cols.transpose(1, 2).reshape(b * length, -1)
+    if groups == 1:
+        return cols.transpose(1, 2).reshape(b * length, -1)
+    # unfold's rows are (channel, kh, kw) with the channel slowest: group j is a contiguous slice
+    return cols.view(b, groups, -1, length).permute(1, 0, 3, 2).reshape(groups, b * length, -1)
 
 
 def _conv_weight_matrix(w: torch.Tensor, f: int, reader: DumpReader, rec: Record) -> torch.Tensor | str:

@@ -45,6 +45,20 @@ MIN_SPARSE_MNK = 1 << 31
 """Below m*n*k = 2^31 (e.g. 1024^3 * 2) the dense GEMM is used: a 2:4 GEMM saves at most half the
 math, and small GEMMs are launch- and memory-bound; tune with ``benchmarks/gpu_bench.py``."""
 
+AUTO_CUSPARSELT = False
+"""Whether ``backend="auto"`` takes the cuSPARSELt route (prune -> ``_cslt_compress`` -> 2:4 GEMM).
+Measured on an H200 (BENCHMARKS.md, gpu_bench): ``_cslt_compress`` of a 16384 x 8192 bf16 operand
+takes 3.1 ms, 6.7x the prune kernel, while the 2:4 GEMM saves ~1.1 ms of 3.3; the Linear backward
+(dX + dW) took 12.6 ms sparse, 7.5 ms pruned + dense and 6.7 ms dense. So ``auto`` prunes with the
+Triton kernel and runs the dense GEMM whenever the sparse path would need ``_cslt_compress``;
+``backend="cusparselt"`` still runs it. Set True once a compressed form can be written in the prune
+pass (as the CUTLASS route does on sm8x)."""
+AUTO_CUSPARSELT_REASON = (
+    "auto: the cuSPARSELt route costs more than it saves here (_cslt_compress took 6.7x the prune kernel on "
+    "an H200; prune + dense GEMM was 1.7x faster than prune + compress + 2:4 GEMM); pass backend "
+    "'cusparselt' to run it anyway"
+)
+
 # (rows of A, K, columns of B) multiples: torch's _DTYPE_SHAPE_CONSTRAINTS for fp16/bf16, no padding
 ALIGN = {"cusparselt": (16, 16, 8), "cutlass": (32, 64, 8)}
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
@@ -157,7 +171,61 @@ def plan_gemm(
     dense_why = dense_reason(m, k, n, dtype, chosen, pattern, min_mnk)
     if dense_why is not None:
         return GemmPlan("dense", f"{note}; {dense_why}" if note else dense_why)
+    if backend == "auto" and chosen == "cusparselt" and not AUTO_CUSPARSELT:
+        return GemmPlan("dense", AUTO_CUSPARSELT_REASON)
     return GemmPlan(chosen, note)
+
+
+CSLT_B_COLUMN_MAJOR = True
+"""cuSPARSELt gets the dense operand B column-major (a copy when it is row-major). On an H200
+(gpu_bench, 16384 x 8192 x 8192 bf16) column-major B made the 2:4 GEMMs 1.49x the dense one where
+row-major gave 1.25x (dX) and 1.31x (dW); the copy costs ~0.1 ms of the ~0.35 ms it saves."""
+
+CSLT_SEARCH = True
+"""Time cuSPARSELt's algorithms (``alg_id``) once per GEMM shape and use the quickest: on an H200
+alg 3 or 6 took 0.95/2.13 ms where the default alg 0 took 1.12/2.74 ms (4096 / 8192 wide)."""
+
+CSLT_MAX_ALG = 16
+_CSLT_ALG: dict[tuple, int] = {}
+
+
+def fastest_alg(run, time_ms, max_alg: int = CSLT_MAX_ALG) -> int:
+    """The ``alg_id`` in 0, 1, ... for which ``time_ms(lambda: run(alg_id))`` is least; an id that
+    raises RuntimeError ends the search (cuSPARSELt numbers its algorithms from 0 without gaps)."""
+    best, best_ms = 0, float("inf")
+    for alg in range(max_alg):
+        try:
+            run(alg)  # warm-up, and the check that this id exists
+            took = time_ms(lambda alg=alg: run(alg))
+        except RuntimeError:
+            break
+        if took < best_ms:
+            best, best_ms = alg, took
+    return best
+
+
+def _cuda_time_ms(fn, calls: int = 3) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def _cslt_mm(ca: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor) -> torch.Tensor:
+    """``_cslt_sparse_mm`` with the algorithm found quickest for this shape (searched on first use,
+    never while a CUDA graph is being captured: then the default algorithm runs)."""
+    key = (a_shape, tuple(b.shape), b.stride(), b.dtype, b.device)
+    alg = _CSLT_ALG.get(key)
+    if alg is None:
+        if not CSLT_SEARCH or torch.cuda.is_current_stream_capturing():
+            alg = 0
+        else:
+            alg = _CSLT_ALG[key] = fastest_alg(lambda i: torch._cslt_sparse_mm(ca, b, alg_id=i), _cuda_time_ms)
+            log.info("cuSPARSELt alg_id %d for A %s @ B %s", alg, a_shape, tuple(b.shape))
+    return torch._cslt_sparse_mm(ca, b, alg_id=alg) if alg else torch._cslt_sparse_mm(ca, b)
 
 
 def sparse_mm(a: torch.Tensor, b: torch.Tensor, backend: str, compressed=None) -> torch.Tensor:
@@ -167,7 +235,9 @@ def sparse_mm(a: torch.Tensor, b: torch.Tensor, backend: str, compressed=None) -
     if not (b.is_contiguous() or b.t().is_contiguous()):
         b = b.contiguous()  # cuSPARSELt reads B as row-major if contiguous, else as its contiguous transpose
     if backend == "cusparselt":
-        return torch._cslt_sparse_mm(torch._cslt_compress(a.contiguous()), b)
+        if CSLT_B_COLUMN_MAJOR and b.is_contiguous() and b.shape[1] > 1:
+            b = b.t().contiguous().t()
+        return _cslt_mm(torch._cslt_compress(a.contiguous()), tuple(a.shape), b)
     if backend == "cutlass":
         if compressed is None:
             from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass

@@ -22,6 +22,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -434,12 +436,13 @@ def _run(
     t_train = 0.0
     t_start = time.perf_counter()
     stats: list[float] = []
+    ctrl_c = CtrlC()
 
     def finite(output, loss, y) -> bool:  # every rank agrees: all-reduced loss and accuracy
         tensors = isinstance(y, torch.Tensor) and isinstance(output, torch.Tensor)
         acc = _accuracy(output.detach(), y) if tensors else None
-        stats[:] = all_reduce_sum(
-            [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1], device, info
+        stats[:] = all_reduce_sum(  # the last: ranks that saw Ctrl-C, so that every rank stops after this step
+            [float(loss.detach()), acc[0] if acc else 0.0, acc[1] if acc else 0, 1, float(ctrl_c.seen)], device, info
         )
         return math.isfinite(stats[0] / stats[3])
 
@@ -487,7 +490,7 @@ def _run(
             if cfg.weight_pattern and (step + 1) % cfg.weight_every == 0:
                 sites.refresh_weight_masks_()
             t_train += time.perf_counter() - st["t0"]
-            loss_sum, correct, counted, n = stats
+            loss_sum, correct, counted, n, _ = stats
             acc_val = correct / counted if counted else None
             record = {
                 "step": step + 1,
@@ -508,16 +511,19 @@ def _run(
                     last_eval = _eval_record(model, task, device, step + 1, cfg.eval_batches)
                 writer.write(last_eval)
                 _call(hooks.eval, cfg.label, last_eval)
-            return False
+            return stats[4] > 0  # Ctrl-C on some rank: stop here, after a whole step, on every rank
 
         callbacks = StepCallbacks(before=before, start=start, check=finite, stop=stop,
                                   after_backward=after_backward, after=after)
         try:
+            stack.enter_context(ctrl_c)
             steps_done, stopped = run_steps(
                 net, task.train_batches, task.loss_fn, opt, mode, device, cfg.steps, callbacks,
                 autocast(device, cfg.amp), lambda step: lr_at(step, cfg.steps, lr), d.grad_clip, number_from=1,
             )
-            if stopped:
+            if (ctrl_c.seen or (stats and stats[4] > 0)) and steps_done < cfg.steps:
+                interrupted = "SIGINT"
+            elif stopped:
                 diverged = (  # step numbers as in metrics.jsonl: 1 is the first step
                     f"loss became {stats[0] / stats[3]} at step {steps_done + 1}: training diverged; lower --lr"
                     f" (was {lr:g}); metrics so far are kept"
@@ -562,6 +568,32 @@ def _run(
         _write_json(out / "summary.json", asdict(summary))
     _call(hooks.end, summary)
     return summary
+
+
+class CtrlC:
+    """SIGINT while training (a context manager, main thread only): the first Ctrl-C lets the step in
+    progress finish and stops the run after it (``seen``), the second interrupts at once
+    (KeyboardInterrupt). No exception is raised at an arbitrary point by the first, so none can be
+    lost in a finaliser or leave a half-written metrics line."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+        self.seen = True
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def capture_path(cfg: TrainConfig, info: DistInfo) -> Path:
