@@ -76,8 +76,9 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
-    """A text file handle whose content replaces ``path`` only when the block ends without error.
+def atomic_open(path: str | os.PathLike, newline: str | None = None, binary: bool = False) -> Iterator[IO]:
+    """A text (or, with ``binary``, bytes) file handle whose content replaces ``path`` only when the
+    block ends without error.
 
     Written to a temporary file in the same folder, flushed to disk, then renamed over ``path``;
     on any error the temporary file is removed and ``path`` is left as it was. ``-`` is stdout.
@@ -85,12 +86,13 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     An ``OSError`` (full disk, read-only folder) becomes :class:`OutputError` naming the file.
     """
     if str(path) == STDOUT:
-        yield sys.stdout
+        yield sys.stdout.buffer if binary else sys.stdout
         return
     path = Path(path)
+    mode = {"mode": "wb"} if binary else {"mode": "w", "encoding": "utf-8", "newline": newline}
     try:
         if path.exists() and not path.is_file():
-            with open(path, "w", encoding="utf-8", newline=newline) as fh:
+            with open(path, **mode) as fh:
                 yield fh
             return
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
@@ -98,7 +100,7 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     except OSError as exc:
         raise _write_error(path, exc) from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
+        with os.fdopen(fd, **mode) as fh:
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
             yield fh
             fh.flush()

@@ -196,17 +196,25 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
 
 
 def _save_small(fig, out: Path) -> None:
-    """Save as a PNG with a 64-colour palette when Pillow is there (plots have few colours: ~3x smaller)."""
+    """Save as a PNG with a 64-colour palette when Pillow is there (plots have few colours: ~3x
+    smaller), through a temporary file renamed over ``out`` (:func:`nmgrad_cli.outputs.atomic_open`):
+    a failed write leaves what was there."""
+    from .outputs import atomic_open
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     try:
         from PIL import Image
     except ImportError:
-        fig.savefig(out)
-        return
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    with Image.open(buf) as img:
-        img.convert("RGB").quantize(colors=64).save(out, format="PNG", optimize=True)
+        data = buf.getvalue()
+    else:
+        buf.seek(0)
+        small = io.BytesIO()
+        with Image.open(buf) as img:
+            img.convert("RGB").quantize(colors=64).save(small, format="PNG", optimize=True)
+        data = small.getvalue()
+    with atomic_open(out, binary=True) as fh:
+        fh.write(data)
 
 
 def plot_file(results_path: str | os.PathLike, out: str | os.PathLike) -> Path:

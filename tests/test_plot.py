@@ -101,3 +101,17 @@ def test_train_png_with_accuracy(tmp_path):
     out = train_plot.plot_loss_curves(curves, tmp_path / "loss.png", title="mlp · mvue 2:4")
     assert out.read_bytes()[:8] == PNG
     assert train_plot.has_accuracy(curves) and not train_plot.has_accuracy({"x": {"step": [1], "loss": [1.0]}})
+
+
+def test_a_png_that_cannot_be_written_leaves_the_old_one(payload, tmp_path):
+    """The picture goes through a temporary file and a rename: a full disk (RLIMIT_FSIZE) keeps the
+    old file whole and leaves no temporary."""
+    from test_outputs import file_size_limit
+
+    from nmgrad_cli.errors import OutputError
+
+    out = tmp_path / "e.png"
+    out.write_bytes(b"old picture")
+    with pytest.raises(OutputError, match=f"cannot write {out}: File too large"), file_size_limit(2048):
+        lib.plot_results(payload, out)
+    assert out.read_bytes() == b"old picture" and [p.name for p in tmp_path.iterdir()] == ["e.png"]
