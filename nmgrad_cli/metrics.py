@@ -126,6 +126,11 @@ max(1, DRAW_CHUNK // numel), so memory stays bounded whatever the record size. B
 which ``prune``'s auto backend switches to the compiled kernel, so batching never changes the
 backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
 
+GPU_DRAW_CHUNK = 1 << 25
+"""The same bound off the CPU (the Triton kernels: no compile-size threshold to stay under). On the
+H200 the gpt dump's records (<= 0.8 M floats) went one draw per call under :data:`DRAW_CHUNK`: 777
+prune launches for 125 (record, method) pairs, the evaluate bound by launches (BENCHMARKS.md)."""
+
 PREPARED_DRAWS = True
 """On the reference backend, batched draws prepare the method's law of a record once
 (:meth:`nmgrad_cli.methods.PruningMethod.prepare`) and draw every chunk of uniforms against it:
@@ -163,7 +168,8 @@ def monte_carlo(
     err2 = 0.0
     meth, pat = resolve(method, pattern)
     fixed = prune(g, meth, pat, dim, backend=backend) if meth.n_uniforms(pat) == 0 else None  # deterministic (greedy):
-    per = max(1, min(samples, DRAW_CHUNK // max(1, g.numel()))) if batch else 1  # one draw is every draw
+    chunk = DRAW_CHUNK if g.device.type == "cpu" else GPU_DRAW_CHUNK
+    per = max(1, min(samples, chunk // max(1, g.numel()))) if batch else 1  # one draw is every draw
     bdim = dim % g.dim() + 1  # the block dim once draws are stacked in front
     if fixed is not None and reduced and batch:  # every draw is the same: one angle
         angles = _angles(fixed.detach().reshape(1, -1).to(torch.float64), g64, norm2) * samples

@@ -8,6 +8,7 @@ import pytest
 import torch
 from _cli import invoke
 from _dumps import make_mlp_dump
+from conftest import requires_cuda
 
 from nmgrad_cli import METHODS
 from nmgrad_cli.dump import DumpWriter
@@ -194,3 +195,23 @@ def test_triton_kernels_agree_with_the_cpu_within_monte_carlo_error(dump, monkey
         assert a.gemm == b.gemm
         se = math.hypot(a.metrics["angle_se"], b.metrics["angle_se"])
         assert abs(a.metrics["angle"] - b.metrics["angle"]) <= 4 * se + 1e-4, (a.layer, a.axis, a.method)
+
+
+@requires_cuda
+@pytest.mark.parametrize("method", ["mvue", "approx-mvue", "random", "greedy"])
+def test_batched_draws_on_cuda_have_the_law_of_unbatched_ones(method):
+    """On CUDA (Triton kernels, uniforms from the generator) the draws are batched up to
+    GPU_DRAW_CHUNK elements. A CUDA generator's rand(c*k) is not c rand(k) calls in a row, so the
+    draws differ: the angles agree within their standard errors (greedy's exactly)."""
+    from nmgrad_cli import metrics
+
+    g = torch.randn(512, 256, generator=torch.Generator().manual_seed(0)).abs().cuda()
+    assert metrics.GPU_DRAW_CHUNK // g.numel() >= 64 > metrics.DRAW_CHUNK // g.numel()  # batched only on CUDA
+    out = {}
+    for batch in (False, True):
+        gen = torch.Generator("cuda").manual_seed(7 + batch)
+        out[batch] = monte_carlo(g, method, "2:4", -1, 64, gen, batch=batch)
+    se = math.hypot(out[True]["angle_se"], out[False]["angle_se"])
+    assert abs(out[True]["angle"] - out[False]["angle"]) <= 4 * se + 1e-9 * out[False]["angle"]
+    if method != "greedy":
+        assert se > 0
