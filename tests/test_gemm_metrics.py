@@ -59,6 +59,14 @@ def test_joint_marginals_match_the_co_inclusion_frequencies(method, pattern):
     assert z < 5.5, z
 
 
+def _mm(a, b):
+    """a @ b; a 3-D b (G, L, I) is a grouped GEMM: row group j of a times b[j] (gemm_moments' rule)."""
+    if b.dim() == 2:
+        return a @ b
+    rows = a.shape[0] // b.shape[0]
+    return torch.cat([a[j * rows : (j + 1) * rows] @ b[j] for j in range(b.shape[0])])
+
+
 def _mc_gemm(a, b, method, pattern, draws, seed=2):
     """Monte-Carlo E||(a^ - a) b||^2 and E||(a^ - E a^) b||^2 (with the exact E a^), with their se."""
     from nmgrad_cli.prune import marginals
@@ -69,8 +77,8 @@ def _mc_gemm(a, b, method, pattern, draws, seed=2):
     err, var = [], []
     for _ in range(draws):
         est = prune(a, method, pattern, -1, gen, backend="reference").double()
-        err.append(float(((est - a) @ b).pow(2).sum()))
-        var.append(float(((est - mean) @ b).pow(2).sum()))
+        err.append(float(_mm(est - a, b).pow(2).sum()))
+        var.append(float(_mm(est - mean, b).pow(2).sum()))
     e, w = torch.tensor(err, dtype=torch.float64), torch.tensor(var, dtype=torch.float64)
     return e.mean().item(), e.std().item() / math.sqrt(draws), w.mean().item(), w.std().item() / math.sqrt(draws)
 
@@ -78,7 +86,7 @@ def _mc_gemm(a, b, method, pattern, draws, seed=2):
 def _check(a, b, method, pattern, draws=600):
     exact = gemm_moments(a, b, method, pattern)
     mse, mse_se, var, var_se = _mc_gemm(a, b, method, pattern, draws)
-    assert exact.norm2 == pytest.approx(float((a @ b).pow(2).sum()), rel=1e-12)
+    assert exact.norm2 == pytest.approx(float(_mm(a, b).pow(2).sum()), rel=1e-12)
     if METHODS[method].unbiased:
         assert exact.bias_abs <= 1e-20 * exact.norm2 + 1e-300
         assert abs(var - exact.var_abs) <= 4 * var_se + 1e-12 * exact.var_abs, (method, pattern, var, exact)
@@ -181,15 +189,18 @@ def test_conv2d_dw_operands_refuse_what_they_cannot_build():
     assert "does not match" in conv_input_matrix(x, plain, (8, 4, 3, 3), dy)  # 4x4 outputs, not 6x6
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method):
+def test_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method, groups):
+    """dW of a Conv2d, grouped too: the exact moments (summed over the groups) against Monte Carlo
+    of the whole dW, tight enough to catch a group's missing or doubled term."""
     torch.manual_seed(5)
     from nmgrad_cli.evaluate.run import conv_input_matrix
 
-    conv = {"stride": 1, "padding": 1, "dilation": 1, "groups": 1}
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    conv = {"stride": 1, "padding": 1, "dilation": 1, "groups": groups}
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
     dy = torch.randn(2, 6, 4, 4, dtype=torch.float64).abs()
-    xu = conv_input_matrix(x, conv, (6, 3, 3, 3), dy.shape)
+    xu = conv_input_matrix(x, conv, (6, 4 // groups, 3, 3), dy.shape)
     g2 = dy.permute(0, 2, 3, 1).reshape(-1, 6)
     _check(g2.T.contiguous(), xu, method, "2:4", draws=400)  # blocks along the 32 tokens
 
@@ -215,30 +226,3 @@ def test_grouped_conv2d_dw_operands_are_torchs_weight_gradient(groups):
     rows = 8 // groups  # and gemm_moments' split: row group j of dY^T times xu[j]
     parts = torch.cat([g2.T[j * rows : (j + 1) * rows] @ xu[j] for j in range(groups)])
     assert torch.allclose(parts, got, atol=1e-12)
-
-
-@pytest.mark.parametrize("method", list(METHODS))
-def test_grouped_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method):
-    """The grouped GEMM's exact moments (summed over groups) against Monte Carlo of the whole dW."""
-    from nmgrad_cli.evaluate.run import conv_input_matrix
-
-    torch.manual_seed(7)
-    conv = {"stride": 1, "padding": 1, "dilation": 1, "groups": 2}
-    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
-    dy = torch.randn(2, 6, 4, 4, dtype=torch.float64).abs()
-    xu = conv_input_matrix(x, conv, (6, 2, 3, 3), dy.shape)
-    a = dy.permute(0, 2, 3, 1).reshape(-1, 6).T.contiguous()  # dY^T (F, T), blocks along the 32 tokens
-    exact = gemm_moments(a, xu, method, "2:4")
-    whole = torch.cat([a[j * 3 : (j + 1) * 3] @ xu[j] for j in range(2)])
-    assert exact.norm2 == pytest.approx(float(whole.pow(2).sum()), rel=1e-12)
-    gen = torch.Generator().manual_seed(2)
-    errs = []
-    for _ in range(400):
-        est = prune(a, method, "2:4", -1, gen, backend="reference").double()
-        errs.append(float(torch.cat([(est - a)[j * 3 : (j + 1) * 3] @ xu[j] for j in range(2)]).pow(2).sum()))
-    e = torch.tensor(errs, dtype=torch.float64)
-    mse, se = e.mean().item(), e.std().item() / math.sqrt(len(errs))
-    if METHODS[method].unbiased:
-        assert exact.bias_abs <= 1e-20 * exact.norm2 + 1e-300
-        assert se < 0.1 * exact.mse_abs  # tight enough to catch a group's missing or doubled term
-    assert abs(mse - exact.mse_abs) <= 4 * se + 1e-9 * exact.mse_abs, (method, mse, se, exact)
