@@ -578,7 +578,7 @@ class CtrlC:
 
     def __init__(self) -> None:
         self.seen = False
-        self._old = None
+        self._old: list = []  # the handler to put back, when one was installed
 
     def _handler(self, signum, frame) -> None:
         if self.seen:
@@ -587,13 +587,13 @@ class CtrlC:
 
     def __enter__(self) -> CtrlC:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old = [signal.signal(signal.SIGINT, self._handler)]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        if self._old:
+            old = self._old.pop()
+            signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
 
 
 def capture_path(cfg: TrainConfig, info: DistInfo) -> Path:
