@@ -85,13 +85,13 @@ def test_thread_policy_and_threads_restored(dump, monkeypatch):
     before = torch.get_num_threads()
     from nmgrad_cli.evaluate import run
 
-    real = run._evaluate_record
+    real = run._start_record
 
     def spy(*a, **k):
         seen.append(torch.get_num_threads())
         return real(*a, **k)
 
-    monkeypatch.setattr(run, "_evaluate_record", spy)
+    monkeypatch.setattr(run, "_start_record", spy)
     evaluate([dump], EvalConfig(methods=("greedy",), samples=0, max_records=1))
     evaluate([dump], EvalConfig(methods=("greedy",), samples=0, max_records=1, threads=2))
     assert seen == [1, 1, 2, 2] and torch.get_num_threads() == before

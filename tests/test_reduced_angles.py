@@ -109,6 +109,47 @@ def test_method_threads_give_the_sequential_report(monkeypatch):
     assert reports[1] == reports[3]
 
 
+def test_pipelined_records_give_the_sequential_events(tmp_path, monkeypatch):
+    """Records one ahead in a shared pool (``run.PIPELINE``): the events of a dump mixing method-thread
+    records, a NaN record, a record over the thread threshold (its own policy) and a record whose
+    ||g||^2 overflows are those of one record after the other, in order; and the next record's jobs
+    really start before the current record's results are taken."""
+    from nmgrad_cli.dump import DumpWriter
+    from nmgrad_cli.evaluate.events import RecordResult
+
+    gen = torch.Generator().manual_seed(5)
+    path = tmp_path / "mix.h5"
+    with DumpWriter(path) as w:
+        w.add_layer("a", "Linear", -1, [0])
+        for step, (rows, scale) in enumerate([(16, 1), (16, float("nan")), (12, 1), (64, 1), (8, 1), (8, 1e160)]):
+            g = torch.randn(rows, 12, dtype=torch.float64, generator=gen) * scale
+            w.write("a", "grad", step, 0, g if step != 2 else g.float())
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(run, "THREADS_MIN_NUMEL", 700)  # the 64 x 12 record: 2 torch threads, no method threads
+    cfg = EvalConfig(pattern="2:4", axis="both", samples=3, seed=4)
+    events, starts = {}, {}
+    real = run._start_record
+    for pipe in (False, True):
+        monkeypatch.setattr(run, "PIPELINE", pipe)
+        seen, starts[pipe] = [], []
+
+        def spy(*a, seen=seen, pipe=pipe, **k):
+            starts[pipe].append(sum(isinstance(e, RecordResult) for e in seen))
+            return real(*a, **k)
+
+        monkeypatch.setattr(run, "_start_record", spy)
+        for e in run.iter_evaluate([path], cfg):
+            seen.append(e)
+        events[pipe] = seen
+    assert events[True] == events[False]
+    kinds = [type(e).__name__ for e in events[True]]
+    assert kinds.count("ErrorEntry") == 2 and kinds.count("RecordResult") == 4 * 10
+    per = 10  # (axis, method) results of a record
+    assert starts[False] == [0, per, per, 2 * per, 3 * per, 4 * per]
+    # one record ahead: the second starts before the first's results are out; the big record drains
+    assert starts[True] == [0, 0, per, 2 * per, 3 * per, 3 * per]
+
+
 def test_method_threads_policy():
     """Threads only where each record runs on one torch thread with reference draws on the CPU."""
     cores = max(1, __import__("os").cpu_count() or 1)

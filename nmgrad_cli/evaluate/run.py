@@ -378,9 +378,9 @@ def _record_results(opened, chosen, methods: list[str], config: EvalConfig, devi
             yield gathered[i % world][i // world]
         return
     if config.workers <= 1:
-        for (reader, _), records in zip(opened, chosen):
-            for rec in records:
-                yield record_events(reader, rec, str(reader.path), methods, config, device)
+        yield from _pipelined_events(
+            [(reader, rec) for (reader, _), records in zip(opened, chosen) for rec in records], methods, config, device
+        )
         return
     import torch.multiprocessing as mp
 
@@ -393,6 +393,52 @@ def _record_results(opened, chosen, methods: list[str], config: EvalConfig, devi
         yield from pool.map(_worker_job, jobs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+PIPELINE = True
+"""In one process, consecutive records evaluated in method threads (:func:`method_threads`) share
+one thread pool, and the next record's (axis, method) jobs are queued behind the current one's, so
+no core idles while a record's longest job (approx-mvue's) finishes. At most two records are in
+memory. False: one pool per record, each record finished before the next is loaded (kept to test
+and time the two side by side)."""
+
+
+def _pipelined_events(pairs, methods: list[str], config: EvalConfig, device) -> Iterator[list[Event]]:
+    """:func:`record_events` of every (reader, record) in ``pairs``, in order, one record ahead
+    (:data:`PIPELINE`): a record that runs in method threads starts its jobs in the pool shared
+    with the records around it before the previous record's events are collected."""
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+    size = 0  # the pool's threads
+    pending: list[_StartedRecord] = []
+    before = torch.get_num_threads()
+    device = device or torch.device("cpu")
+    backend = draw_backend(config.backend, device)
+    try:
+        for reader, rec in pairs:
+            n = method_threads(math.prod(rec.shape), config.threads, 1, device, backend) if PIPELINE else 1
+            if n != size or n <= 1:  # another policy: finish the records under way first
+                while pending:
+                    yield list(pending.pop(0).events())
+            if n <= 1:
+                yield record_events(reader, rec, str(reader.path), methods, config, device)
+                continue
+            if n != size:
+                if pool is not None:
+                    pool.shutdown(wait=True)
+                pool, size = concurrent.futures.ThreadPoolExecutor(n), n
+            torch.set_num_threads(1)  # method threads run where thread_policy gives one torch thread
+            pending.append(_start_record(reader, rec, str(reader.path), methods, config, device, pool))
+            if len(pending) > 1:
+                yield list(pending.pop(0).events())
+        while pending:
+            yield list(pending.pop(0).events())
+    finally:
+        for started in pending:
+            started.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _worker_job(job) -> list[Event]:
@@ -432,28 +478,65 @@ def _evaluate_record(
     reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device,
     workers: int = 1,
 ) -> Iterator[Event]:
+    """The events of one record, its (axis, method) jobs in :func:`method_threads` threads of a
+    pool of its own (or in turn)."""
+    numel = math.prod(rec.shape)
+    n = method_threads(numel, config.threads, workers, device, draw_backend(config.backend, device))
+    n = min(n, len(config.axes) * len(methods))
+    pool = concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
+    try:
+        yield from _start_record(reader, rec, file, methods, config, device, pool).events()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _StartedRecord:
+    """A record whose (axis, method) jobs are running (or done, without a pool): :meth:`events`
+    waits for them and gives the record's events in job order."""
+
+    def __init__(self, head: list[Event], results: list, finish):
+        self.head, self.results, self.finish = head, results, finish
+
+    def events(self) -> Iterator[Event]:
+        yield from self.head
+        if self.results:
+            yield from self.finish(
+                [r.result() if isinstance(r, concurrent.futures.Future) else r for r in self.results]
+            )
+
+    def cancel(self) -> None:
+        for r in self.results:
+            if isinstance(r, concurrent.futures.Future):
+                r.cancel()
+
+
+def _start_record(
+    reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device,
+    pool: concurrent.futures.Executor | None = None,
+) -> _StartedRecord:
+    """Load one record, check it, and start its (axis, method) jobs in ``pool`` (in turn, here,
+    when None). A record that cannot be evaluated gives its error event and no job."""
     g = rec.load().to(device)
     layer = rec.layer
     bad = int((~torch.isfinite(g)).sum())
     if bad:
-        yield ErrorEntry(
+        return _StartedRecord([ErrorEntry(
             file, layer.name, rec.name,
             f"{file}: layer {layer.name} record {rec.name}: {bad} of {g.numel()} gradient values are NaN/Inf;"
             " record skipped, the rest evaluated",
-        )
-        return
+        )], [], None)
     try:
         g2 = as_matrix(g, layer)
     except DumpError as exc:
-        yield ErrorEntry(file, layer.name, rec.name, str(exc))
-        return
+        return _StartedRecord([ErrorEntry(file, layer.name, rec.name, str(exc))], [], None)
     if g2.numel() == 0:
-        yield ErrorEntry(file, layer.name, rec.name, f"layer {layer.name} record {rec.name}: empty gradient")
-        return
+        return _StartedRecord(
+            [ErrorEntry(file, layer.name, rec.name, f"layer {layer.name} record {rec.name}: empty gradient")], [], None
+        )
     zero = not bool(g2.any())
     operands, gemm_note = _gemm_operands(reader, rec, g, g2, config.axes)
-    if gemm_note:
-        yield Note(gemm_note)
+    head: list[Event] = [Note(gemm_note)] if gemm_note else []
 
     def one(job: tuple[str, str]) -> tuple:
         """Exact and Monte-Carlo metrics of one (axis, method): its own stream, so jobs run in any order."""
@@ -476,12 +559,8 @@ def _evaluate_record(
             gemm["mc_mse"], gemm["mc_mse_se"] = r["err"], r["err_se"]
         return axis, method, m, gemm
 
-    jobs = [(axis, method) for axis in config.axes for method in methods]
-    n = method_threads(g2.numel(), config.threads, workers, device, draw_backend(config.backend, device))
-    n = min(n, len(jobs))
-    pool = concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
-    try:
-        for axis, method, m, gemm in (pool.map(one, jobs) if pool is not None else map(one, jobs)):
+    def finish(results: list[tuple]) -> Iterator[Event]:
+        for axis, method, m, gemm in results:
             if not math.isfinite(m.norm2):
                 top = float(g2.abs().max())
                 yield ErrorEntry(
@@ -496,9 +575,10 @@ def _evaluate_record(
                 file, layer.name, rec.name, rec.step, axis, method, tuple(g2.shape), m.to_dict(), gemm,
                 "all-zero gradient" if zero else None,
             )
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+
+    jobs = [(axis, method) for axis in config.axes for method in methods]
+    results = [pool.submit(one, job) for job in jobs] if pool is not None else [one(job) for job in jobs]
+    return _StartedRecord(head, results, finish)
 
 
 def evaluate(paths: Sequence[str | Path], config: EvalConfig, progress: ProgressLike = None) -> EvalReport:
