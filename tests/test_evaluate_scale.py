@@ -215,3 +215,14 @@ def test_batched_draws_on_cuda_have_the_law_of_unbatched_ones(method):
     assert abs(out[True]["angle"] - out[False]["angle"]) <= 4 * se + 1e-9 * out[False]["angle"]
     if method != "greedy":
         assert se > 0
+
+
+def test_keep_freed_memory_is_set_once_on_glibc():
+    """evaluate's allocator setting (run.keep_freed_memory): glibc accepts both thresholds, once per process."""
+    import platform
+
+    from nmgrad_cli.evaluate import run
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert run.keep_freed_memory() is True and run.keep_freed_memory.cache_info().currsize == 1

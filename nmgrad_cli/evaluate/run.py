@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
+import functools
 import math
 import os
 import zlib
@@ -279,6 +281,22 @@ def thread_policy(numel: int, threads: int = 0, workers: int = 1) -> int:
 THREADS_MIN_NUMEL = 1 << 22
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Once per process, on glibc: serve blocks up to 32 MiB from the heap (M_MMAP_THRESHOLD) and
+    keep up to 256 MiB of freed heap (M_TRIM_THRESHOLD) instead of giving it back to the kernel.
+    Evaluate allocates and frees record-sized temporaries thousands of times; a block mapped afresh
+    costs a page fault and a zeroing per 4 KiB page (BENCHMARKS.md: 10% of an evaluate on one
+    thread). 32 MiB is the most glibc's own dynamic threshold rises to; the heap stays bounded by
+    evaluate's peak (one or two records and their draws). True when set; a no-op elsewhere."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs
+    except (AttributeError, OSError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int):
     before = torch.get_num_threads()
@@ -320,6 +338,8 @@ def iter_evaluate(
     if len(unique) < len(paths):
         yield Note("a dump given more than once is evaluated once")
     device = resolve_device(config.device, dist_info())
+    if device.type == "cpu":
+        keep_freed_memory()
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
     results = None
@@ -444,6 +464,8 @@ def _pipelined_events(pairs, methods: list[str], config: EvalConfig, device) -> 
 def _worker_job(job) -> list[Event]:
     """One record in a worker process: opens the dump itself (h5py handles do not cross processes)."""
     path, layer_key, name, methods, config, device = job
+    if device == "cpu":
+        keep_freed_memory()
     with DumpReader(path) as reader:
         (rec,) = [r for r in reader.records("grad", [reader.layers[layer_key]]) if r.name == name]
         return record_events(reader, rec, str(reader.path), methods, config, torch.device(device))
