@@ -257,13 +257,22 @@ class _AngleTerms:
 
     def __init__(self, blocks: torch.Tensor, v: torch.Tensor, norm2: float):
         v64 = v.to(torch.float64)
-        self.w = torch.stack([v64 * blocks.to(torch.float64), v64 * v64]).view(2, -1)  # (2, K M)
-        self.ok = bool(torch.isfinite(self.w).all()) and math.isfinite(norm2)
+        self.w = torch.empty(2, *v.shape, dtype=torch.float64, device=v.device)
+        torch.mul(v64, blocks.to(torch.float64), out=self.w[0])
+        torch.mul(v64, v64, out=self.w[1])
+        self.w = self.w.view(2, -1)  # (2, K M)
+        # a finite sum has no inf/NaN term; the element-wise test only when it is not finite
+        finite = math.isfinite(float(self.w.sum())) or bool(torch.isfinite(self.w).all())
+        self.ok = finite and math.isfinite(norm2)
         self.norm2 = norm2
+        self._masks: torch.Tensor | None = None  # float64 keep-masks, reused chunk after chunk
 
     def angles(self, keep: torch.Tensor) -> list[float]:
         """The angle in degrees of each of the draws with keep-masks ``keep`` (c, K, M)."""
-        k64 = keep.reshape(len(keep), -1).to(torch.float64)  # (c, numel) of 0 and 1
+        c = len(keep)
+        if self._masks is None or len(self._masks) < c:
+            self._masks = torch.empty(c, self.w.shape[1], dtype=torch.float64, device=self.w.device)
+        k64 = self._masks[:c].copy_(keep.reshape(c, -1))  # (c, numel) of 0 and 1
         return _cos_to_degrees(k64 @ self.w[0], k64 @ self.w[1], self.norm2)
 
 

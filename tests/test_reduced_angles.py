@@ -234,3 +234,62 @@ def test_proportional_keep_running_is_the_two_bound_mask():
     u[0] = 0.0
     got = proportional_keep_running(c, u)
     assert torch.equal(got, proportional_keep(prev, c, u)) and (got.sum(-1) == 1).all()
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 8])
+def test_rising_edges_is_the_first_true(m):
+    """The integer-view edge mask equals below_i and not below_{i-1} on every monotone row (all
+    False and all True included), on a broadcast view, and on a non-contiguous slice."""
+    from nmgrad_cli.methods.base import rising_edges
+
+    rows = torch.stack([torch.arange(m) >= j for j in range(m + 1)])  # (M + 1, M): every monotone row
+    below = rows[torch.randint(0, m + 1, (3, 500), generator=torch.Generator().manual_seed(m))]  # (3, 500, M)
+    want = below & ~torch.nn.functional.pad(below[..., :-1], (1, 0))
+    assert torch.equal(rising_edges(below), want)
+    assert torch.equal(rising_edges(below[:, ::2]), want[:, ::2])
+
+
+@pytest.mark.parametrize("m,n", [(2, 1), (4, 2), (4, 3), (8, 3), (3, 2)])
+def test_systematic_edges_are_the_ceil_mask(m, n):
+    """mvue's keep-mask from the edges of C_i - u > k - 1 (k = 1..n) equals the one-ceil mask:
+    saturated, zero and tiny probabilities, u = 0 and u just under 1, a NaN block."""
+    from nmgrad_cli.methods.base import systematic_bounds, systematic_keep_running
+    from nmgrad_cli.methods.mvue import water_fill
+
+    mag = torch.rand(4000, m, generator=torch.Generator().manual_seed(m + n)) ** 4
+    mag[::3, 0] = 50.0
+    mag[::5, 1:] = 0.0
+    mag[::7, -1] = 1e-30
+    mag[::11] = 0.0
+    _, c = systematic_bounds(water_fill(mag, n), n)
+    c[13] = float("nan")
+    u = torch.rand(5, 4000, 1, generator=torch.Generator().manual_seed(3))
+    u[0], u[1] = 0.0, 1 - 2**-24
+    assert torch.equal(systematic_keep_running(c, u, n), systematic_keep_running(c, u))
+
+
+def test_approx_mvue_second_draw_table_is_the_running_sum():
+    """approx-mvue's looked-up second-draw sums equal running_sum(where(keep, 0, mag)) bit for bit:
+    no element drawn first (zero blocks; u just under 1), ties, a dominant element;
+    batched draws take the table, a single draw sums."""
+    from nmgrad_cli.methods.approx_mvue import SecondBounds
+    from nmgrad_cli.methods.base import rising_edges, running_sum, scaled_magnitudes
+
+    gen = torch.Generator().manual_seed(8)
+    a = torch.randn(3000, 4, generator=gen)
+    a[::3, 1] = 0.0
+    a[::5] = 0.0
+    a[::7, 2] = a[::7, 0]
+    a[::9, 3] = 1e7
+    mag = scaled_magnitudes(a)
+    c = running_sum(mag)
+    u = torch.rand(4, 3000, 1, generator=gen)
+    u[0] = 1 - 2**-24
+    below = u * c[..., -1:] < c
+    assert (~below[0]).all(-1).sum() >= 3000 // 5  # nothing drawn first: the zero blocks
+    keep = rising_edges(below)
+    want = running_sum(torch.where(keep, 0.0, mag))
+    second = SecondBounds(mag)
+    assert torch.equal(second(below[0], keep[0]), want[0])  # the first, single draw: summed
+    assert second.table is None
+    assert torch.equal(second(below, keep), want) and second.table is not None

@@ -17,7 +17,7 @@ import torch
 
 from ..patterns import Pattern
 from . import get_method, register
-from .base import PruningMethod, running_sum, safe_div, scaled_magnitudes, sum_of_others
+from .base import PruningMethod, rising_edges, running_sum, safe_div, scaled_magnitudes, sum_of_others
 
 
 def draw_proportional(mag: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -41,12 +41,40 @@ def proportional_keep_running(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``proportional_keep(prev, c, u)`` for prev = c shifted right by one (0 first), as
     :func:`proportional_bounds` makes it: C_{i-1} <= thr is not(thr < C_{i-1}), the previous
     element's test, so one comparison pass serves both bounds (the same mask; thr >= 0 >= C_{-1})."""
-    thr = u * c[..., -1:]
-    below = thr < c
-    keep = torch.empty(below.shape, dtype=torch.bool, device=below.device)
-    keep[..., :1] = below[..., :1]
-    torch.gt(below[..., 1:], below[..., :-1], out=keep[..., 1:])  # below_i and not below_{i-1}
-    return keep
+    return rising_edges(u * c[..., -1:] < c)  # thr < C_i is non-decreasing along the row
+
+
+class SecondBounds:
+    """The second draw's running sums of a prepared approx-mvue law: running_sum(where(keep, 0,
+    mag)) for the first element taken out. From the second use of the law on (Monte Carlo draws
+    one record many times) they are looked up in a table of the M + 1 possible sums, built once,
+    instead of summed per draw; a single draw (a prune) sums them as before. Bit for bit the same
+    sums: the table is added in running_sum's order."""
+
+    def __init__(self, mag: torch.Tensor):
+        self.mag, self.table, self.used = mag, None, 0
+
+    def __call__(self, below: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(..., K, M) running sums of the rest, given the first draw's mask ``below`` (thr < C_i)
+        and its one-hot ``keep``."""
+        self.used += 1
+        k, m = self.mag.shape
+        if self.used < 2 and below.dim() == 2:
+            return running_sum(torch.where(keep, 0.0, self.mag))
+        if self.table is None:  # rows j K .. (j + 1) K: column j zeroed; the last K rows: none
+            sums = torch.empty(m + 1, k, m, dtype=self.mag.dtype, device=self.mag.device)
+            for j in range(m):
+                sums[j] = running_sum(self.mag.index_fill(-1, torch.tensor([j], device=self.mag.device), 0.0))
+            sums[m] = running_sum(self.mag)
+            self.table = (sums.view(-1, m), torch.arange(k, device=self.mag.device) + m * k)
+        sums, base = self.table
+        # the first element taken is j = M - (number of True in below), or none (row M) when all False
+        flags = below.view(torch.uint8)
+        count = flags[..., 0].to(torch.int16)
+        for i in range(1, m):
+            count += flags[..., i]
+        rows = torch.sub(base, count, alpha=k)  # (..., K): (M - count) K + k
+        return sums.index_select(0, rows.view(-1)).view(below.shape)
 
 
 @register
@@ -82,15 +110,17 @@ class ApproxMvue(PruningMethod):
             return ("mvue", get_method("mvue")._prepare(a, 1))
         mag = scaled_magnitudes(a)
         _, v = self._law(mag, a, n)
-        return ("two", mag, *proportional_bounds(mag), v)
+        return ("two", mag, *proportional_bounds(mag), v, SecondBounds(mag))
 
     def _kept(self, law, u: torch.Tensor):
         if law[0] == "mvue":  # N = 1: mvue's law and draw
             return get_method("mvue")._kept(law[1], u)
-        _, mag, _, c, v = law  # the bounds' prev is c shifted: proportional_keep_running reads it from c
-        keep = proportional_keep_running(c, u[..., :1])  # the first, then one of the rest
-        rest = torch.where(keep, 0.0, mag)
-        return keep | (draw_proportional(rest, u[..., 1:2]) & (rest > 0)), v
+        _, mag, _, c, v, second = law  # the bounds' prev is c shifted: proportional_keep_running reads it from c
+        below = u[..., :1] * c[..., -1:] < c  # (..., K, M): true from the first element drawn on
+        keep = rising_edges(below)  # proportional_keep_running's mask
+        c2 = second(below, keep)  # running_sum(where(keep, 0, mag)), from a table when drawn often
+        # (a kept element of the second draw always has rest > 0: C2_i > C2_{i-1} >= 0 <= thr2)
+        return keep | proportional_keep_running(c2, u[..., 1:2]), v
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         """N = 1: one element kept, pi_ij = 0. N = 2: P(i then j) + P(j then i) =

@@ -25,6 +25,7 @@ pruned into a finite one (docs/methods.md, "Numerics").
 from __future__ import annotations
 
 import math
+import sys
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -198,15 +199,46 @@ def systematic_keep(prev: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> tor
     return torch.ceil(c - u) > torch.ceil(prev - u)
 
 
-def systematic_keep_running(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def systematic_keep_running(c: torch.Tensor, u: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """``systematic_keep(prev, c, u)`` for the bounds of :func:`systematic_bounds`, where prev is c
     shifted right by one (0 first): ceil(C_{i-1} - u) is then ceil(C_i - u) of the element before,
-    so one subtraction and one ceil serve both bounds (the same mask, bit for bit)."""
-    t = torch.ceil(c - u)
+    so one subtraction and one ceil serve both bounds (the same mask, bit for bit).
+
+    With ``n`` (the bounds' clamp) and rows of 2, 4 or 8: t_i = ceil(C_i - u) is an integer in
+    [0, n], non-decreasing along the row, so t_i > t_{i-1} iff some k in 1..n has
+    C_{i-1} - u <= k - 1 < C_i - u: the OR over k of the rising edges of the monotone masks
+    C_i - u > k - 1 (:func:`rising_edges`, a few integer ops per row instead of strided passes)."""
+    x = c - u
+    if n is not None and _ROW_INT.get(x.shape[-1]) is not None:
+        keep = rising_edges(x > 0.0)
+        for k in range(1, n):
+            keep |= rising_edges(x > float(k))
+        return keep
+    t = torch.ceil(x)
     keep = torch.empty(t.shape, dtype=torch.bool, device=t.device)
     torch.gt(t[..., :1], 0.0, out=keep[..., :1])  # ceil(0 - u) is 0 for u in [0, 1)
     torch.gt(t[..., 1:], t[..., :-1], out=keep[..., 1:])
     return keep
+
+
+_ROW_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64} if sys.byteorder == "little" else {}
+"""The integer a row of M bools is, byte i = element i (little-endian only)."""
+
+
+def rising_edges(below: torch.Tensor) -> torch.Tensor:
+    """``below_i and not below_{i-1}`` (below_{-1} = False) along the last dim of a bool mask that
+    is non-decreasing along it (False then True): the first True of each row. For rows of 2, 4 or 8
+    a row's bytes are one integer x and the mask is x ^ (x << 8), one pass over K integers; any
+    other row length (or a non-contiguous mask) takes the comparison of shifted slices."""
+    itype = _ROW_INT.get(below.shape[-1])
+    if itype is None or not below.is_contiguous() or below.storage_offset() % below.shape[-1]:
+        keep = torch.empty(below.shape, dtype=torch.bool, device=below.device)
+        keep[..., :1] = below[..., :1]
+        torch.gt(below[..., 1:], below[..., :-1], out=keep[..., 1:])
+        return keep
+    x = below.view(itype)
+    low = (1 << (8 * (below.shape[-1] - 1))) - 1  # drop the last byte before the shift: no overflow
+    return torch.bitwise_xor(x, torch.bitwise_and(x, low).bitwise_left_shift_(8)).view(torch.bool)
 
 
 def systematic_sample(p: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,11 @@ class Mvue(PruningMethod):
 
     def _prepare(self, a: torch.Tensor, n: int):
         p, v = self._marginals(a, n)
-        return (*systematic_bounds(p, n), v)
+        return (*systematic_bounds(p, n), v, n)
 
     def _kept(self, law, u: torch.Tensor):
-        _, c, v = law  # prev is c shifted: systematic_keep_running reads it from c
-        return systematic_keep_running(c, u[..., :1]), v  # systematic sampling, u broadcast over the draws
+        _, c, v, n = law  # prev is c shifted: systematic_keep_running reads it from c
+        return systematic_keep_running(c, u[..., :1], n), v  # systematic sampling, u broadcast over the draws
 
     def joint_marginals(self, a: torch.Tensor, n: int) -> torch.Tensor:
         return systematic_joint(water_fill(scaled_magnitudes(a), n), n)
