@@ -286,7 +286,7 @@ def test_approx_mvue_second_draw_table_is_the_running_sum():
     u = torch.rand(4, 3000, 1, generator=gen)
     u[0] = 1 - 2**-24
     below = u * c[..., -1:] < c
-    assert (~below[0]).all(-1).sum() >= 3000 // 5  # nothing drawn first: the zero blocks
+    assert (~below[0]).all(-1).sum() > 400  # nothing drawn first: the zero blocks
     keep = rising_edges(below)
     want = running_sum(torch.where(keep, 0.0, mag))
     second = SecondBounds(mag)
