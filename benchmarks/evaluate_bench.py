@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+import nmgrad_cli
 from nmgrad_cli.dump import DumpReader
 from nmgrad_cli.evaluate import EvalConfig
 from nmgrad_cli.evaluate.run import _open_all, _selected_records
@@ -74,8 +75,12 @@ def abs_seconds_per_float(numel: int, reps: int = 10) -> float:
     return best / x.numel()
 
 
+TREE = Path(nmgrad_cli.__file__).resolve().parents[1]
+"""The checkout the evaluate processes run (PYTHONPATH=<tree>, or the installed one)."""
+
+
 def run_evaluate(dump: Path, args: argparse.Namespace, cache: Path, backend: str | None = None) -> float:
-    cmd = [sys.executable, "-m", "nmgrad_cli", "evaluate", str(dump), "--pattern", args.pattern,
+    cmd = [sys.executable, "-m", "nmgrad_cli", "evaluate", str(dump.resolve()), "--pattern", args.pattern,
            "--samples", str(args.samples), "--json", os.devnull, "--force"]
     if backend is not None:
         cmd += ["--backend", backend]
@@ -85,7 +90,9 @@ def run_evaluate(dump: Path, args: argparse.Namespace, cache: Path, backend: str
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     t = time.perf_counter()
-    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # run in the tree this script imported nmgrad_cli from: `python -m` puts the working directory
+    # first on sys.path, so another checkout's cwd would evaluate with that checkout's code
+    done = subprocess.run(cmd, env=env, cwd=TREE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"evaluate failed ({done.returncode}): {done.stderr.strip()}")
     return time.perf_counter() - t
@@ -205,6 +212,7 @@ def main() -> None:
     with DumpReader(args.dump) as r:
         size_mb = args.dump.stat().st_size / 1e6
         layers = len(r.layers)
+    print(f"code: {TREE}")
     print(f"dump {args.dump} ({size_mb:.0f} MB, {layers} layers): {records} grad records selected, "
           f"{floats / 1e6:.1f} M floats, {len(methods)} methods x {args.samples} samples, "
           f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start")
