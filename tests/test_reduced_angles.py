@@ -293,3 +293,39 @@ def test_approx_mvue_second_draw_table_is_the_running_sum():
     assert torch.equal(second(below[0], keep[0]), want[0])  # the first, single draw: summed
     assert second.table is None
     assert torch.equal(second(below, keep), want) and second.table is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_of_others_is_the_two_running_sums(dtype):
+    """sum_of_others column by column equals (prefix sums shifted) + (suffix sums shifted), the
+    same adds in the same order, bit for bit: huge, subnormal and zero entries, M = 1 to 8."""
+    from nmgrad_cli.methods.base import running_sum, sum_of_others
+
+    gen = torch.Generator().manual_seed(4)
+    big, tiny = torch.finfo(dtype).max / 8, torch.finfo(dtype).tiny / 64
+    for m in (1, 2, 3, 4, 8):
+        x = torch.rand(3000, m, generator=gen, dtype=dtype) ** 8 * 1e3
+        x[::3, 0], x[::5], x[::7, -1] = big, 0.0, tiny
+        zero = torch.zeros_like(x[..., :1])
+        want = torch.cat([zero, running_sum(x)[..., :-1]], -1) + torch.cat(
+            [running_sum(x.flip(-1))[..., :-1].flip(-1), zero], -1
+        )
+        assert torch.equal(sum_of_others(x), want)
+
+
+def test_smallest_keys_with_one_comparison_per_pair():
+    """The rank test with one comparison per pair equals the one with both (k_j <= k_i for j < i,
+    k_j < k_i for j > i): ties, zeros, -0.0, every N from 0 to M."""
+    from nmgrad_cli.methods.base import smallest_keys
+
+    gen = torch.Generator().manual_seed(6)
+    for m in range(1, 9):
+        keys = torch.rand(2000, m, generator=gen)
+        keys[::3, -1], keys[::5], keys[::7, 0] = keys[::3, 0], 0.0, -0.0
+        cols = keys.unbind(-1)
+        for n in range(m + 1):
+            zero = torch.zeros(len(keys), dtype=torch.int)
+            before = [sum((((cols[j] <= cols[i]) if j < i else (cols[j] < cols[i])).int() for j in range(m) if j != i),
+                          zero) for i in range(m)]
+            want = torch.stack([b < n for b in before], -1)
+            assert torch.equal(smallest_keys(keys, n), want), (m, n)

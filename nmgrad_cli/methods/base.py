@@ -182,10 +182,18 @@ def sum_of_others(x: torch.Tensor) -> torch.Tensor:
     """``out[.., j] = sum_{k != j} x[.., k]`` for x >= 0, summed directly as (x_0 + .. + x_{j-1}) +
     (x_{M-1} + .. + x_{j+1}): sum(x) - x_j cancels to 0 when x_j dominates (|x_j| ~ 2^24 x the rest
     in float32), which made approx-mvue's probabilities wrong."""
-    zero = torch.zeros_like(x[..., :1])
-    before = torch.cat([zero, running_sum(x)[..., :-1]], -1)  # x_0 + .. + x_{j-1}
-    after = torch.cat([running_sum(x.flip(-1))[..., :-1].flip(-1), zero], -1)  # x_{M-1} + .. + x_{j+1}
-    return before + after
+    cols = x.unbind(-1)
+    m = len(cols)
+    if m == 1:
+        return torch.zeros_like(x)
+    before, after = [None] * m, [None] * m  # x_0 + .. + x_{j-1}; x_{M-1} + .. + x_{j+1} (running_sum's adds)
+    before[1], after[m - 2] = cols[0], cols[m - 1]
+    for j in range(2, m):
+        before[j] = before[j - 1] + cols[j - 1]
+    for j in range(m - 3, -1, -1):
+        after[j] = after[j + 1] + cols[j + 1]
+    out = [after[0] + 0.0] + [before[j] + after[j] for j in range(1, m - 1)] + [before[m - 1] + 0.0]
+    return torch.stack(out, -1)
 
 
 def systematic_bounds(p: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,14 +279,15 @@ def smallest_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
     if m > 8:  # M^2 comparisons: beyond 8 the sort is quicker
         return kept_by_rank(keys, n, descending=False)
     cols = keys.unbind(-1)
-    out = []
+    # one comparison per pair j < i: [k_j <= k_i] counts for i, and [k_i < k_j] = 1 - [k_j <= k_i]
+    # (no NaN) for j, whose m - 1 - j constant ones move into its threshold
+    before = [torch.zeros(cols[0].shape, dtype=torch.int8, device=keys.device) for _ in range(m)]
     for i in range(m):
-        before = torch.zeros(cols[i].shape, dtype=torch.int8, device=keys.device)
-        for j in range(m):
-            if j != i:
-                before += (cols[j] <= cols[i]) if j < i else (cols[j] < cols[i])
-        out.append(before < n)
-    return torch.stack(out, -1)
+        for j in range(i):
+            le = cols[j] <= cols[i]
+            before[i].add_(le.view(torch.int8))
+            before[j].sub_(le.view(torch.int8))
+    return torch.stack([before[i] < n - (m - 1 - i) for i in range(m)], -1)
 
 
 def systematic_joint(p: torch.Tensor, n: int) -> torch.Tensor:
