@@ -157,7 +157,11 @@ def evaluate(
 
 
 def _run(dumps: list[Path], config: EvalConfig, quiet: bool = False) -> EvalReport:
-    """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines)."""
+    """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines), in a
+    process whose allocator keeps freed memory (a process-wide setting: the command's, not the library's)."""
+    from ..evaluate.run import keep_freed_memory
+
+    keep_freed_memory()
     return lib.evaluate(dumps, config, cli_progress(quiet))
 
 

@@ -288,7 +288,10 @@ def keep_freed_memory() -> bool:
     Evaluate allocates and frees record-sized temporaries thousands of times; a block mapped afresh
     costs a page fault and a zeroing per 4 KiB page (BENCHMARKS.md: 10% of an evaluate on one
     thread). 32 MiB is the most glibc's own dynamic threshold rises to; the heap stays bounded by
-    evaluate's peak (one or two records and their draws). True when set; a no-op elsewhere."""
+    evaluate's peak (one or two records and their draws). True when set; a no-op elsewhere.
+
+    A process-wide setting, so the library never makes it for its caller: ``nmgrad evaluate`` calls
+    it, and so do the ``--workers`` processes evaluate starts itself; a Python user may call it."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs
     except (AttributeError, OSError):
@@ -338,8 +341,6 @@ def iter_evaluate(
     if len(unique) < len(paths):
         yield Note("a dump given more than once is evaluated once")
     device = resolve_device(config.device, dist_info())
-    if device.type == "cpu":
-        keep_freed_memory()
     opened = _open_all(unique, config)
     bar = resolve_progress(progress, unit="records")
     results = None
