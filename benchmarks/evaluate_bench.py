@@ -32,6 +32,7 @@ by reading the file (its rate near the read rate).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
@@ -48,15 +49,21 @@ from nmgrad_cli.evaluate import EvalConfig
 from nmgrad_cli.evaluate.run import _open_all, _selected_records
 
 
-def selected_floats(dump: Path, cfg: EvalConfig) -> tuple[int, int, int]:
-    """(dY floats, records, largest record) that evaluate will prune with ``cfg``."""
+@contextlib.contextmanager
+def selected_records(dump: Path, cfg: EvalConfig):
+    """The grad records evaluate will prune with ``cfg`` (their dumps open inside the block)."""
     opened = _open_all([dump], cfg)
     try:
-        recs = [r for reader, sel in opened for r in _selected_records(reader, sel, cfg)]
+        yield [r for reader, sel in opened for r in _selected_records(reader, sel, cfg)]
     finally:
         for reader, _ in opened:
             reader.close()
-    sizes = [math.prod(r.shape) for r in recs]
+
+
+def selected_floats(dump: Path, cfg: EvalConfig) -> tuple[int, int, int]:
+    """(dY floats, records, largest record) that evaluate will prune with ``cfg``."""
+    with selected_records(dump, cfg) as recs:
+        sizes = [math.prod(r.shape) for r in recs]
     return sum(sizes), len(sizes), max(sizes)
 
 
@@ -100,18 +107,12 @@ def run_evaluate(dump: Path, args: argparse.Namespace, cache: Path, backend: str
 
 def read_rate(dump: Path, cfg: EvalConfig, reps: int = 3) -> float:
     """GB/s of reading every selected dY record from the file (best of ``reps``; page cache as it is)."""
-    opened = _open_all([dump], cfg)
-    try:
-        recs = [r for reader, sel in opened for r in _selected_records(reader, sel, cfg)]
-        best = math.inf
-        nbytes = 0
+    best, nbytes = math.inf, 0
+    with selected_records(dump, cfg) as recs:
         for _ in range(reps):
             t = time.perf_counter()
             nbytes = sum(r.load().nbytes for r in recs)
             best = min(best, time.perf_counter() - t)
-    finally:
-        for reader, _ in opened:
-            reader.close()
     return nbytes / best / 1e9
 
 

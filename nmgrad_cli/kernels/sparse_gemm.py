@@ -225,7 +225,7 @@ def _cslt_mm(ca: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor) -> tor
         else:
             alg = _CSLT_ALG[key] = fastest_alg(lambda i: torch._cslt_sparse_mm(ca, b, alg_id=i), _cuda_time_ms)
             log.info("cuSPARSELt alg_id %d for A %s @ B %s", alg, a_shape, tuple(b.shape))
-    return torch._cslt_sparse_mm(ca, b, alg_id=alg) if alg else torch._cslt_sparse_mm(ca, b)
+    return torch._cslt_sparse_mm(ca, b, alg_id=alg)
 
 
 def sparse_mm(a: torch.Tensor, b: torch.Tensor, backend: str, compressed=None) -> torch.Tensor:
