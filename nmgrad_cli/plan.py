@@ -1,23 +1,34 @@
 """From measurement to decision: a per-layer N:M plan (the library behind ``nmgrad evaluate --recommend``).
 
 For every layer (GEMM site) of the dumps and each of its two backward GEMMs (dX: blocks along
-features, dW: blocks along tokens), :func:`recommend` evaluates every candidate pattern with the
-plan's method and keeps the **sparsest** pattern whose error stays within the budget (ties: the
-smaller error); a GEMM where no candidate fits stays dense. The errors are evaluate's exact ones:
+features, dW: blocks along tokens), :func:`recommend` evaluates every candidate pattern with every
+candidate method (one evaluate pass per pattern), takes **per pattern the method with the smallest
+exact error of that GEMM** (its variance; under an mse budget that admits biased methods, its mse),
+and keeps the **sparsest** pattern whose error stays within the budget (ties: the smaller error); a
+GEMM where no candidate fits stays dense. mvue is the minimum-variance unbiased pruning of each
+block of dY, not of the GEMM: approx-mvue or random can give dX or dW a smaller variance
+(docs/methods.md, "Per element is not per GEMM"), so the method is chosen per GEMM. The errors are
+evaluate's exact ones:
 
 - ``variance``, ``mse``: of the backward GEMM fed with the pruned dY, relative to ||dX||^2 (||dW||^2),
   when the dump holds X and W (``capture --with-inputs``); else of dY itself, relative to ||dY||^2
   (the plan says which, per GEMM);
 - ``angle``: the Monte-Carlo angle in degrees between the pruned and the dense dY.
 
-The saving is counted in multiply-adds of the two backward GEMMs: dX = dY W and dW = dY^T X each
-cost T·F·I, and an N:M-sparse dY costs N/M of that, so a layer saves
-(1 - N_dX/M_dX + 1 - N_dW/M_dW) / 2 of its backward GEMM FLOPs, and the model the T·F·I-weighted
-mean of its layers.
+A variance (or angle) budget is met only by unbiased methods: a biased one (greedy: all its error is
+bias, its variance 0) enters a plan only under an mse budget, which counts the bias (:func:`admit_methods`).
 
-The plan (:class:`Plan`, JSON) records the budget, the candidates, the method, the dumps with their
+The saving is counted in multiply-adds of the two backward GEMMs: dX = dY W and dW = dY^T X each
+cost T·F·I, and a pruned dY costs its kept fraction of that, with padding: a length L (F for dX, T
+for dW) that is not a multiple of M keeps ``(L // M) N + min(N, L % M)`` of L (:func:`kept_fraction`;
+F = 10 at 2:8 keeps 0.4, not 0.25). A GEMM that never runs in training (dX of a layer whose input needs
+no gradient, the first layer's; dW of a frozen weight; the dump records which, ``needs_grad``) is
+neither pruned nor counted. A layer saves the T·F·I-weighted mean over its GEMMs that run, the model
+the same over every layer.
+
+The plan (:class:`Plan`, JSON) records the budget, the candidates, the methods, the dumps with their
 sha256, the evaluate config, and per layer the choice, its error and its shapes. ``nmgrad train
---plan`` applies it per site (:func:`Plan.gemm_choice`).
+--plan`` applies it per site and GEMM (:meth:`Plan.site_configs`).
 """
 
 from __future__ import annotations
@@ -42,8 +53,9 @@ PLAN_KIND = "nmgrad-plan"
 PLAN_VERSION = 1
 DEFAULT_CANDIDATES = "1:2,2:4,2:8,1:4"
 DEFAULT_BUDGET = "variance<=0.5"
-DEFAULT_METHODS = ("mvue", "approx-mvue")
-"""Per pattern the first of these defined for it (with a GPU kernel for it, when planning for CUDA)."""
+DEFAULT_METHODS = ("mvue", "approx-mvue", "mvue12", "random")
+"""The unbiased candidates: per pattern and GEMM the one with the smallest exact variance among those
+defined for the pattern (with a GPU kernel for it, when planning for CUDA)."""
 BUDGET_METRICS = {
     "variance": "relative variance of the backward GEMM (of dY without X and W in the dump)",
     "mse": "relative mse of the backward GEMM (of dY without X and W in the dump)",
@@ -118,10 +130,11 @@ def parse_candidates(spec: str) -> tuple[Pattern, ...]:
     return tuple(sorted(pats, key=lambda p: p.n / p.m))
 
 
-def method_for(pattern: Pattern, methods: tuple[str, ...], gpu: bool = False) -> str | None:
-    """The first of ``methods`` defined for ``pattern`` (on a GPU: that also has a Triton kernel)."""
+def methods_for(pattern: Pattern, methods: tuple[str, ...], gpu: bool = False) -> tuple[str, ...]:
+    """Those of ``methods`` defined for ``pattern`` (on a GPU: that also have a Triton kernel for it)."""
     from .kernels import triton_prune
 
+    out = []
     for name in methods:
         try:
             get_method(name).check(pattern)
@@ -129,8 +142,51 @@ def method_for(pattern: Pattern, methods: tuple[str, ...], gpu: bool = False) ->
             continue
         if gpu and not triton_prune.supports(name, pattern.n, pattern.m):
             continue
-        return name
-    return None
+        out.append(name)
+    return tuple(out)
+
+
+def method_for(pattern: Pattern, methods: tuple[str, ...], gpu: bool = False) -> str | None:
+    """The first of ``methods`` defined for ``pattern`` (on a GPU: that also has a Triton kernel for it)."""
+    found = methods_for(pattern, methods, gpu)
+    return found[0] if found else None
+
+
+def admits_biased(bounds: tuple[Bound, ...]) -> bool:
+    """Whether a biased method may enter a plan under ``bounds``: only an mse budget counts the bias;
+    a variance bound (a biased method's variance can be 0) or an angle bound alone does not."""
+    metrics = {b.metric for b in bounds}
+    return "mse" in metrics and "variance" not in metrics
+
+
+def admit_methods(methods: tuple[str, ...], bounds: tuple[Bound, ...]) -> tuple[tuple[str, ...], str | None]:
+    """(the methods a plan under ``bounds`` may use, one warning line or None). Biased methods (the
+    registry's ``unbiased = False``) are left out unless :func:`admits_biased`; an unknown name raises."""
+    biased = [m for m in methods if not get_method(m).unbiased]
+    if not biased:
+        return tuple(methods), None
+    names = ", ".join(biased)
+    if admits_biased(bounds):
+        return tuple(methods), (f"{names} {'is' if len(biased) == 1 else 'are'} biased: admitted under the mse "
+                                "budget (bias included), and marked 'biased' in the plan")
+    kept = tuple(m for m in methods if m not in biased)
+    budget = ",".join(map(str, bounds))
+    if not kept:
+        raise PlanError(f"--methods {','.join(methods)}: only biased methods, and the budget {budget} is met only "
+                        "by unbiased ones: add e.g. mvue,approx-mvue, or give an mse budget (bias included), "
+                        "e.g. 'mse<=0.05'")
+    return kept, (f"{names} {'is' if len(biased) == 1 else 'are'} biased: left out, since the budget {budget} is "
+                  "met only by unbiased methods (an mse budget, bias included, admits biased ones)")
+
+
+def kept_fraction(length: int, pattern: Pattern) -> float:
+    """The fraction of ``length`` elements (a row of dY along the block axis) an N:M pruning keeps:
+    full blocks keep N of M, the last block, zero-padded to M, keeps min(N, its length), so
+    ((L // M) N + min(N, L % M)) / L: F = 10 keeps 0.4 at 2:8, 0.6 at 2:4, 0.3 at 1:4."""
+    if length <= 0:
+        return 1.0
+    full, rest = divmod(int(length), pattern.m)
+    return (full * pattern.n + min(pattern.n, rest)) / length
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -154,18 +210,25 @@ class Plan:
     """The :class:`EvalConfig` of the evaluations (pattern and methods vary per candidate)."""
     layers: dict[str, dict]
     """name -> {module_type, T, F, I, flops_saved, dx: choice, dw: choice}; a choice is {pattern (None:
-    dense), method, density, level ("gemm"|"dY"), errors {metric: value}, tried [{pattern, method,
-    errors, fits}]}."""
+    dense), method, density (N/M; 1 dense), kept (the fraction of dY the GEMM reads, padding included),
+    runs (False: the GEMM never runs in training, neither pruned nor counted), biased, level
+    ("gemm"|"dY"), errors {metric: value}, tried [{pattern, method, density, kept, biased, errors,
+    fits, methods {method: errors} (every candidate method at that pattern)}]}."""
     flops_saved: float | None = None
-    """Fraction of the model's backward GEMM FLOPs (the layers in the plan) saved; None without shapes."""
+    """Fraction of the model's backward GEMM FLOPs (the GEMMs that run, of the layers in the plan)
+    saved; None without shapes."""
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What the user asked for that the plan did not do as asked (a biased method under a variance budget)."""
+    evaluations: dict = field(default_factory=dict, repr=False, compare=False)
+    """Pattern -> the :class:`~nmgrad_cli.evaluate.EvalReport` the plan was made from (not in the JSON)."""
 
     def to_dict(self) -> dict:
         return {
             "kind": PLAN_KIND, "version": PLAN_VERSION, "nmgrad_version": __version__,
             "budget": self.budget, "candidates": self.candidates, "methods": self.methods,
             "sources": self.sources, "evaluate": self.evaluate, "flops_saved": self.flops_saved,
-            "layers": self.layers, "notes": self.notes,
+            "layers": self.layers, "notes": self.notes, "warnings": self.warnings,
         }
 
     @classmethod
@@ -176,7 +239,8 @@ class Plan:
             raise PlanError(f"{source} is a plan of version {d['version']}: this nmgrad reads {PLAN_VERSION}; upgrade")
         try:
             plan = cls(d["budget"], list(d["candidates"]), list(d["methods"]), list(d["sources"]), dict(d["evaluate"]),
-                       dict(d["layers"]), d.get("flops_saved"), list(d.get("notes") or []))
+                       dict(d["layers"]), d.get("flops_saved"), list(d.get("notes") or []),
+                       list(d.get("warnings") or []))
             for name, entry in plan.layers.items():
                 for gemm in GEMM_AXIS:
                     c = entry[gemm]
@@ -285,15 +349,22 @@ def _errors(row: dict) -> tuple[dict, str]:
 
 
 def _shapes(dumps: list[Path], reports: list) -> dict[str, dict]:
-    """Per layer: mean T over its grad records, F, and I (from the stored weight shape)."""
+    """Per layer: mean T over its grad records, F, I (from the stored weight shape), each record's T
+    (``tokens``) and whether its dX and dW GEMMs run (``runs``; True where the dump does not say)."""
     from .dump import DumpReader
 
     weight: dict[str, tuple[int, ...] | None] = {}
+    needs: dict[str, dict | None] = {}
     for path in dumps:
         with DumpReader(path) as r:
             for name, info in r.layers.items():
                 if info.weight_shape is not None or name not in weight:
                     weight[name] = info.weight_shape
+                ng, old = info.needs_grad, needs.get(name)
+                if ng is not None:  # a GEMM runs if it ran in any dump
+                    needs[name] = ng if old is None else {k: old[k] or ng[k] for k in ng}
+                else:
+                    needs.setdefault(name, None)
     tokens: dict[str, list[int]] = {}
     feats: dict[str, int] = {}
     for rec in reports[0].records if reports else []:
@@ -302,9 +373,33 @@ def _shapes(dumps: list[Path], reports: list) -> dict[str, dict]:
             feats[rec.layer] = int(rec.shape[1])
     out = {}
     for name, ts in tokens.items():
-        ws = weight.get(name)
-        out[name] = {"T": sum(ts) / len(ts), "F": feats[name], "I": math.prod(ws[1:]) if ws else None}
+        ws, ng = weight.get(name), needs.get(name)
+        out[name] = {"T": sum(ts) / len(ts), "F": feats[name], "I": math.prod(ws[1:]) if ws else None,
+                     "tokens": ts, "runs": {"dx": True, "dw": True} if ng is None
+                     else {"dx": ng["input"], "dw": ng["weight"]}, "known": ng is not None}
     return out
+
+
+def _kept(gemm: str, dims: dict, pat: Pattern) -> float:
+    """The kept fraction of dY a GEMM reads: dX along F (every row alike), dW along each record's T
+    (weighted by T: the GEMM's cost is proportional to it)."""
+    if gemm == "dx":
+        return kept_fraction(dims["F"], pat) if dims.get("F") else pat.n / pat.m
+    ts = dims.get("tokens") or []
+    return sum(kept_fraction(t, pat) * t for t in ts) / sum(ts) if sum(ts) else pat.n / pat.m
+
+
+def _options(tried: dict, layer: str, gemm: str, pat: Pattern, rows: dict, key: str, bounds, dims: dict) -> None:
+    """The option of one (layer, GEMM, pattern): the candidate method with the smallest ``key`` error
+    (ties: the order given), with every method's errors beside it."""
+    best = min(rows.items(), key=lambda kv: kv[1][0].get(key) if kv[1][0].get(key) is not None else math.inf)
+    method, (errs, level) = best
+    tried.setdefault((layer, gemm), []).append({
+        "pattern": str(pat), "method": method, "density": pat.n / pat.m, "kept": _kept(gemm, dims, pat),
+        "biased": not get_method(method).unbiased, "level": level, "errors": errs,
+        "fits": all(b.holds(errs.get(b.metric)) for b in bounds),
+        "methods": {m: e for m, (e, _) in rows.items()},
+    })
 
 
 def recommend(
@@ -315,16 +410,20 @@ def recommend(
     config=None,
     progress: ProgressLike = None,
 ) -> Plan:
-    """Evaluate each candidate pattern (one evaluate pass per pattern, both axes) and pick per layer and
-    GEMM the sparsest one within ``budget``. ``config`` gives everything else evaluate needs (layers,
-    steps, samples, seed, device...: an :class:`~nmgrad_cli.evaluate.EvalConfig`); its pattern, methods
-    and axis are set here. Without an angle
-    term in the budget the passes draw no Monte-Carlo samples (the exact errors need none)."""
+    """Evaluate each candidate pattern with every admitted candidate method (one evaluate pass per
+    pattern, both axes), take per layer, GEMM and pattern the method with the smallest exact error,
+    and pick per layer and GEMM the sparsest pattern (by the kept fraction, padding included) within
+    ``budget``. ``config`` gives everything else evaluate needs (layers, steps, samples, seed,
+    device...: an :class:`~nmgrad_cli.evaluate.EvalConfig`); its pattern, methods and axis are set
+    here. Without an angle term in the budget the passes draw no Monte-Carlo samples (the exact
+    errors need none)."""
     from .evaluate import EvalConfig
     from .evaluate import evaluate as run_evaluate
 
     bounds = parse_budget(budget)
     pats = parse_candidates(candidates)
+    admitted, warning = admit_methods(tuple(methods), bounds)
+    key = "mse" if admits_biased(bounds) else "variance"  # mse == variance for an unbiased method
     config = config or EvalConfig()
     paths = [Path(p) for p in dumps]
     gpu = config.device.startswith("cuda")
@@ -333,69 +432,94 @@ def recommend(
     if wants_angle and base.samples == 0:
         raise PlanError("an angle budget needs Monte-Carlo draws: give --samples 1 or more, e.g. 16")
     notes: list[str] = []
-    tried: dict[tuple[str, str], list[dict]] = {}  # (layer, gemm) -> options
-    reports = []
+    per_pattern: list[tuple[Pattern, dict]] = []  # (pattern, {(layer, gemm): {method: (errors, level)}})
+    reports = {}
     module_types: dict[str, str] = {}
     for pat in pats:
-        method = method_for(pat, tuple(methods), gpu)
-        if method is None:
-            notes.append(f"candidate {pat} skipped: none of {', '.join(methods)} is defined for it"
+        usable = methods_for(pat, admitted, gpu)
+        if not usable:
+            notes.append(f"candidate {pat} skipped: none of {', '.join(admitted)} is defined for it"
                          + (" with a GPU kernel" if gpu else ""))
             continue
-        report = run_evaluate(paths, replace(base, pattern=str(pat), methods=(method,)), progress)
+        report = run_evaluate(paths, replace(base, pattern=str(pat), methods=usable), progress)
         if report.errors:
             raise PlanError(f"{report.errors[0].file}: {report.errors[0].message}; the plan needs every record")
-        reports.append(report)
-        parsed = res.Results("", base.to_dict(), [method], report.files,
+        reports[str(pat)] = report
+        parsed = res.Results("", base.to_dict(), list(usable), report.files,
                              layers=[res.flat_row(r) for r in report.layers])
-        for (layer, axis, _), row in res.pooled_layers(parsed).items():
+        rows: dict = {}
+        for (layer, axis, method), row in res.pooled_layers(parsed).items():
             module_types[layer] = row.get("module_type") or ""
-            errs, level = _errors(row)
             gemm = "dx" if axis == "features" else "dw"
-            tried.setdefault((layer, gemm), []).append({
-                "pattern": str(pat), "method": method, "density": pat.n / pat.m, "level": level,
-                "errors": errs, "fits": all(b.holds(errs.get(b.metric)) for b in bounds),
-            })
+            rows.setdefault((layer, gemm), {})[method] = _errors(row)
+        per_pattern.append((pat, rows))
     if not reports:
         raise PlanError(f"no candidate pattern could be evaluated ({'; '.join(notes)})")
-    shapes = _shapes(paths, reports)
+    shapes = _shapes(paths, list(reports.values()))
+    layer_names = list(dict.fromkeys(layer for _, rows in per_pattern for layer, _ in rows))
+    tried: dict[tuple[str, str], list[dict]] = {}
+    for pat, rows in per_pattern:
+        for (layer, gemm), by_method in rows.items():
+            dims = shapes.get(layer, {})
+            if dims.get("runs", {}).get(gemm, True):
+                _options(tried, layer, gemm, pat, {m: by_method[m] for m in admitted if m in by_method}, key,
+                         bounds, dims)
     first = bounds[0].metric
     layers: dict[str, dict] = {}
     total = saved = 0.0
-    for layer in dict.fromkeys(k[0] for k in tried):
+    not_run = []
+    for layer in layer_names:
         dims = shapes.get(layer, {"T": None, "F": None, "I": None})
-        entry: dict = {"module_type": module_types.get(layer, ""), **dims}
-        fraction = 0.0
+        runs = dims.get("runs", {"dx": True, "dw": True})
+        entry: dict = {"module_type": module_types.get(layer, ""), **{k: dims.get(k) for k in ("T", "F", "I")}}
+        macs = entry["T"] * entry["F"] * entry["I"] if entry.get("I") is not None else None
+        cost = gain = 0.0
         for gemm in GEMM_AXIS:
             options = tried.get((layer, gemm), [])
             fits = [o for o in options if o["fits"]]
-            best = min(fits, key=lambda o: (o["density"], o["errors"].get(first) or 0.0)) if fits else None
+            best = min(fits, key=lambda o: (o["kept"], o["errors"].get(first) or 0.0)) if fits else None
             entry[gemm] = {
                 "pattern": best["pattern"] if best else None,
                 "method": best["method"] if best else DENSE,
                 "density": best["density"] if best else 1.0,
+                "kept": best["kept"] if best else 1.0,
+                "runs": runs[gemm],
+                "biased": bool(best and best["biased"]),
                 "level": best["level"] if best else (options[0]["level"] if options else None),
                 "errors": best["errors"] if best else None,
                 "tried": options,
             }
-            fraction += (1.0 - entry[gemm]["density"]) / 2
-        entry["flops_saved"] = fraction
-        if entry.get("I") is not None:
-            macs = entry["T"] * entry["F"] * entry["I"]
-            total += 2 * macs
-            saved += 2 * macs * fraction
+            if not runs[gemm]:
+                not_run.append(f"{layer} {'dX' if gemm == 'dx' else 'dW'}")
+                continue
+            cost += 1.0
+            gain += 1.0 - entry[gemm]["kept"]
+        entry["flops_saved"] = gain / cost if cost else 0.0
+        if macs is not None:  # dX and dW each cost T·F·I
+            total += macs * cost
+            saved += macs * gain
         layers[layer] = entry
+    if not_run:
+        notes.append(f"never run in training, so neither pruned nor counted: {', '.join(not_run)} "
+                     "(dX: the layer's input needs no gradient; dW: a frozen weight)")
+    unknown = [n for n in layers if not shapes.get(n, {}).get("known", False)]
+    if unknown:
+        notes.append(f"the dump does not record whether the backward GEMMs of {', '.join(unknown[:4])}"
+                     f"{' ...' if len(unknown) > 4 else ''} run (made before nmgrad recorded needs_grad): "
+                     "both counted; capture again to count only those that run")
     if all(e[g]["pattern"] is None for e in layers.values() for g in GEMM_AXIS):
         notes.append(f"no candidate meets {budget} on any layer: the plan is all dense (loosen the budget)")
     missing_shape = [n for n, e in layers.items() if e.get("I") is None]
     if missing_shape:
         notes.append(f"no weight shape in the dump for {', '.join(missing_shape)}: not in the model's FLOPs total")
+    first_report = next(iter(reports.values()))
     sources = []
     for p in paths:
-        run = next((f.get("run") or {} for f in reports[0].files if Path(f["path"]) == p), {})
+        run = next((f.get("run") or {} for f in first_report.files if Path(f["path"]) == p), {})
         sources.append({"path": str(p), "sha256": sha256(p), "bytes": p.stat().st_size, "model": run.get("model")})
     return Plan(
-        budget=",".join(map(str, bounds)), candidates=[str(p) for p in pats], methods=list(methods),
+        budget=",".join(map(str, bounds)), candidates=[str(p) for p in pats], methods=list(admitted),
         sources=sources, evaluate={k: v for k, v in base.to_dict().items() if k not in ("pattern", "methods", "axis")},
         layers=layers, flops_saved=(saved / total if total else None), notes=notes,
+        warnings=[warning] if warning else [], evaluations=reports,
     )

@@ -113,3 +113,25 @@ def test_bad_plans(plan_dict, tmp_path):
     assert_user_error(invoke("train", *FAST, "--plan", SAMPLE), "is not a plan")
     r = invoke("train", *FAST, "--plan", _write(tmp_path, "p.json", plan_dict), "--compare", "dense,mvue")
     assert_user_error(r, "without --compare")
+
+
+def test_a_plan_prunes_each_gemm_with_its_own_method_and_pattern(plan_dict, tmp_path):
+    """A plan giving dX (approx-mvue 2:8) and dW (random 1:2) different methods: its dX-only half trains
+    exactly as --grad-gemms dx with that method and pattern, its dW-only half as --grad-gemms dw, and
+    the whole differs from both (each GEMM gets its own, not one method for the site)."""
+    dx, dw = ("approx-mvue", "2:8"), ("random", "1:2")
+    runs = {
+        "plan_dx": ("--plan", _write(tmp_path, "x.json", _uniform(plan_dict, dx, ("dense", None)))),
+        "flag_dx": ("--grad-gemms", "dx", "--method", dx[0], "--pattern", dx[1]),
+        "plan_dw": ("--plan", _write(tmp_path, "w.json", _uniform(plan_dict, ("dense", None), dw))),
+        "flag_dw": ("--grad-gemms", "dw", "--method", dw[0], "--pattern", dw[1]),
+        "plan_both": ("--plan", _write(tmp_path, "b.json", _uniform(plan_dict, dx, dw))),
+    }
+    losses = {}
+    for name, args in runs.items():
+        r = invoke("train", *FAST, *args, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        losses[name] = _losses(tmp_path / name)
+    assert losses["plan_dx"] == losses["flag_dx"] and losses["plan_dw"] == losses["flag_dw"]
+    assert losses["plan_dx"][1:] != losses["plan_dw"][1:]
+    assert losses["plan_both"][1:] != losses["plan_dx"][1:] and losses["plan_both"][1:] != losses["plan_dw"][1:]

@@ -71,6 +71,9 @@ class SiteRecorder:
         """The weight shape of each selected site in its canonical layout ((F, I) for linear-like)."""
         self._calls: dict[str, int] = {}
         self._chosen: dict[str, bool] = {}
+        self.needs_grad: dict[str, dict[str, bool]] = {}
+        """Whether each site's input and weight needed a gradient in a recorded step: its backward dX
+        (dW) GEMM runs only then (the first layer's input, a frozen weight: never)."""
 
     def chooses(self, site: Site) -> bool:
         chosen = self._chosen.get(site.name)
@@ -101,6 +104,9 @@ class SiteRecorder:
             return y
         call = self._calls.get(site.name, 0)
         self._calls[site.name] = call + 1
+        seen = self.needs_grad.setdefault(site.name, {"input": False, "weight": False})
+        seen["input"] |= bool(x.requires_grad)
+        seen["weight"] |= bool(w.requires_grad)
         if self.with_inputs:
             self.sink(site, "input", call, _copy(x))
             self.sink(site, "weight", call, _copy(w))
@@ -140,6 +146,7 @@ class StepRecords:
         rank = {site.name: i for i, site in enumerate(sites)}
         self.buffer.sort(key=lambda r: (rank[r[0].name], order[r[1]], r[2]))
         with_grad = {site.name for site, kind, *_ in self.buffer if kind == "grad"}
+        needs = self.recorder.needs_grad
         for site in sites:
             if site.name in self.declared or site.name not in with_grad:
                 continue
@@ -152,6 +159,7 @@ class StepRecords:
                 weight_layout="(F, I/groups, *kernel)" if site.is_conv else "(F, I)",
                 **({"rows": list(site.rows)} if site.rows else {}),
                 **({"conv": self.recorder.convs[site.name]} if site.name in self.recorder.convs else {}),
+                **({"needs_grad": needs[site.name]} if site.name in needs else {}),
             )
             self.declared.add(site.name)
         for site, kind, call, tensor in self.buffer:

@@ -33,11 +33,17 @@ def recommend(
 
 
 def _choice(c: dict) -> str:
-    return "dense" if c["pattern"] is None else f"{c['pattern']} {c['method']}"
+    if not c.get("runs", True):
+        return "not run"
+    if c["pattern"] is None:
+        return "dense"
+    return f"{c['pattern']} {c['method']}" + (" (biased)" if c.get("biased") else "")
 
 
 def _err(c: dict, metric: str) -> str:
     """The chosen pattern's error; for a dense GEMM '> x', the smallest error of the patterns tried."""
+    if not c.get("runs", True):
+        return "-"
     fmt = ".2f" if metric == "angle" else ".2e"
     errs = c.get("errors")
     if errs is None:
@@ -64,9 +70,13 @@ def render(plan: lib.Plan, out: Console) -> None:
         f"{metric} of the backward GEMM relative to ||dX||^2 (||dW||^2)" if level == {"gemm"}
         else f"{metric} relative to ||dY||^2 (or of the GEMM where the dump holds X and W)")
     total = "-" if plan.flops_saved is None else f"{100 * plan.flops_saved:.1f}%"
-    table.caption = (f"error of the chosen pattern: {what}; dense: no candidate fits. "
-                     f"Backward GEMM FLOPs saved over these layers: {total}")
+    table.caption = (f"error of the chosen pattern: {what}; dense: no candidate fits; not run: the GEMM never "
+                     "runs in training (neither pruned nor counted). Saved: the kept fraction of dY with padding "
+                     f"(F or T not a multiple of M keeps more than N/M). Backward GEMM FLOPs saved over these "
+                     f"layers: {total}")
     table.caption_justify = "left"
     print_table(out, table)
     for note in plan.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    for line in plan.warnings:
+        out.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -31,6 +31,9 @@ class LayerInfo:
     """kind -> sorted record names present."""
     conv: dict | None = None
     """A convolution's stride/padding/dilation/groups (None for other layers, and in older dumps)."""
+    needs_grad: dict | None = field(default=None, compare=False)
+    """{"input": bool, "weight": bool}: whether the layer's input and weight needed a gradient, i.e. whether
+    its backward dX and dW GEMMs run (None in older dumps)."""
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,11 @@ def check_layer(path: Path, key: str, g) -> dict:
     out["weight_shape"] = tuple(ws) if ws is not None else None
     if "conv" in a:
         out["conv"] = _conv_attr(path, where, a["conv"])
+    if "needs_grad" in a:
+        ng = _json(path, f"{where}: needs_grad", a["needs_grad"])
+        if not isinstance(ng, dict) or not all(isinstance(ng.get(k), bool) for k in ("input", "weight")):
+            raise corrupt(path, f"{where}: needs_grad is {ng!r}, not {{'input': bool, 'weight': bool}}")
+        out["needs_grad"] = {"input": ng["input"], "weight": ng["weight"]}
     index = a.get("index", 0)
     if not _is_int(index):
         raise corrupt(path, f"{where}: index is {_show(index)}, not an integer")
