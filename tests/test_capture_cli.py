@@ -135,3 +135,17 @@ def test_parse_bytes():
     assert parse_bytes("2gb") == 2 * 10**9 and parse_bytes(None) is None
     with pytest.raises(NmgradError):
         parse_bytes("-1M")
+
+
+def test_the_dump_records_which_backward_gemms_run(tmp_path):
+    """needs_grad per layer: the first attention's input comes from a frozen embedding (its dX never
+    runs), the head's weight is frozen (its dW never runs); `evaluate --recommend` counts neither."""
+    out = tmp_path / "f.h5"
+    r = run("--model", "tests.user_models:partly_frozen_encoder", "--data", "tests.user_models:tokens",
+            "--steps", "1", "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    with DumpReader(out) as d:
+        by = {li.name: li.needs_grad for li in d.layers.values()}
+    assert by["head"] == {"input": True, "weight": False}
+    assert by["encoder.layers.0.self_attn.in_proj.q"] == {"input": False, "weight": True}
+    assert by["encoder.layers.1.self_attn.in_proj.q"] == {"input": True, "weight": True}

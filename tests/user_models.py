@@ -100,6 +100,14 @@ def frozen_encoder() -> nn.Module:
     return Encoder().requires_grad_(False)
 
 
+def partly_frozen_encoder() -> nn.Module:
+    """A frozen embedding (the first layer's input needs no gradient) and a frozen head weight."""
+    model = Encoder()
+    model.emb.requires_grad_(False)
+    model.head.weight.requires_grad_(False)
+    return model
+
+
 class MobileBlock(nn.Module):
     """A MobileNet-style stack of stock convolutions: a full conv, a depthwise conv (groups = channels)
     and a grouped pointwise conv (groups = 2), then a linear head."""
