@@ -54,10 +54,20 @@ class CallbackProgress(Progress):
         self.fn(done, self.total, info)
 
 
+ETA_MAX_DAYS = 99
+"""An ETA beyond this prints as ``> 99 days`` (a rate measured over the first records, or a count
+typed with too many zeros, must not print millions of hours)."""
+
+
 def format_eta(seconds: float) -> str:
-    """``h:mm:ss`` or ``m:ss``; ``?`` when unknown."""
+    """``h:mm:ss`` or ``m:ss``; ``Nd hh:mm:ss`` from two days; ``> 99 days`` beyond; ``?`` when unknown."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
+    if seconds >= ETA_MAX_DAYS * 86400:
+        return f"> {ETA_MAX_DAYS} days"
+    if seconds >= 2 * 86400:
+        days, rest = divmod(int(round(seconds)), 86400)
+        return f"{days}d {rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
     s = int(round(seconds))
     h, rem = divmod(s, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"

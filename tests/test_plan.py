@@ -267,3 +267,46 @@ def test_the_plan_takes_the_method_with_the_smallest_gemm_variance(tmp_path):
     assert p.layers["lin"]["flops_saved"] == 0.5 and p.flops_saved == 0.5  # dX only: dW is not counted
     only_mvue = lib.recommend([path], "variance<=10", "2:4", ("mvue",), config=CFG)
     assert only_mvue.gemm_choice("lin", "dx") == ("dense", None)
+
+
+def test_recommend_also_writes_the_evaluations_it_ran(tmp_path, monkeypatch):
+    """--json/--csv with --recommend: the evaluations the plan was made from, one pass per pattern
+    (not a second run), and their numbers are the plan's."""
+    calls = []
+    real = ev.evaluate
+
+    def counting(paths, config, progress=None):
+        calls.append(config.pattern)
+        return real(paths, config, progress)
+
+    monkeypatch.setattr(ev, "evaluate", counting)
+    out, js, cs = tmp_path / "p.json", tmp_path / "e.json", tmp_path / "e.csv"
+    r = invoke("evaluate", SAMPLE, "--recommend", "--budget", BUDGET, "--candidates", "2:4,2:8", "--threads", "1",
+               "--plan-out", out, "--json", js, "--csv", cs)
+    assert r.exit_code == 0, r.output
+    assert sorted(calls) == ["2:4", "2:8"]  # one evaluate pass per candidate pattern, shared by all outputs
+    d = json.loads(js.read_text())
+    assert d["kind"] == "nmgrad-recommend-evaluations" and list(d["evaluations"]) == ["2:8", "2:4"]
+    rows = results.pooled_layers(results.parse(d["evaluations"]["2:4"]))
+    plan = lib.load(out)
+    opt = next(o for o in plan.layers["fc2"]["dx"]["tried"] if o["pattern"] == "2:4")
+    assert opt["methods"]["approx-mvue"]["variance"] == rows[("fc2", "features", "approx-mvue")]["gemm_variance"]
+    lines = cs.read_text().splitlines()
+    assert lines[0].startswith("pattern,level,file,layer")
+    assert {line.split(",")[0] for line in lines[1:]} == {"2:4", "2:8"}
+    assert_user_error(invoke("evaluate", SAMPLE, "--recommend", "--fail-if", "mvue.bias>1"), "--fail-if")
+
+
+def test_a_dump_with_no_features_is_one_line(tmp_path):
+    """F = 0 (a gradient of shape (T, 0)): one line and exit 2, for evaluate and --recommend."""
+    import torch
+
+    from nmgrad_cli.dump import DumpWriter
+
+    path = tmp_path / "f0.h5"
+    with DumpWriter(path, run={"model": "empty", "seed": 0}) as w:
+        w.add_layer("lin", "Linear", feature_axis=-1, token_axes=[0], weight_shape=(0, 3))
+        w.write("lin", "grad", 0, 0, torch.zeros(4, 0))
+        w.step_done(0)
+    for extra in ([], ["--recommend"], ["--axis", "tokens"]):
+        assert_user_error(invoke("evaluate", path, *extra), "layer lin has 0 features")

@@ -84,6 +84,8 @@ def test_auto_progress_lines_off_a_terminal_tqdm_on_one():
 
 def test_format_eta():
     assert format_eta(59.6) == "1:00" and format_eta(3725) == "1:02:05" and format_eta(float("inf")) == "?"
+    assert format_eta(3 * 86400 + 5) == "3d 0:00:05" and format_eta(47 * 3600) == "47:00:00"
+    assert format_eta(1.25e22) == "> 99 days"  # never millions of hours
 
 
 # --- one abstraction for every command: train and capture drive the same Progress ---------------
@@ -128,3 +130,15 @@ def test_line_progress_off_a_terminal_for_train(tmp_path):
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("greedy 1:2: 1/2 (50%)"), lines
     assert any("2/2 (100%)" in ln and "steps/s" in ln for ln in lines)
+
+
+def test_counts_have_sane_upper_bounds():
+    """A count typed with too many zeros: one line, exit 2, before any work (capture and train)."""
+    from _cli import assert_user_error, invoke
+
+    assert_user_error(invoke("train", "--model", "mlp", "--steps", "10000000000000"), "--steps must be between 1 and")
+    assert_user_error(invoke("train", "--model", "mlp", "--eval-every", "10000000000"), "--eval-every must be")
+    assert_user_error(invoke("capture", "--model", "mlp", "--steps", "100000000", "--out", "never.h5"), "--steps must")
+    assert_user_error(invoke("capture", "--model", "mlp", "--warmup", "100000000", "--out", "never.h5"), "--warmup")
+    assert_user_error(invoke("capture", "--model", "mlp", "--batch-size", "100000000", "--out", "never.h5"),
+                      "--batch-size must be between 1 and 1,048,576")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
 from ..layers import parse_layers
+from ..limits import MAX_BATCH, MAX_STEPS, check_count
 
 MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 OPTIMIZERS = ("adamw", "sgd")
@@ -91,6 +92,9 @@ class CaptureConfig:
         if not self.queue_mb > 0:
             raise NmgradError(f"queue_mb must be > 0, got {self.queue_mb}")
         parse_layers(self.layers)  # a selection with no glob is refused here
+        for option, value in (("--steps", self.steps), ("--every", self.every), ("--warmup", self.warmup)):
+            check_count(option, value, 0 if option == "--warmup" else 1, MAX_STEPS)
+        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
 
     @property
     def recorded_steps(self) -> int:

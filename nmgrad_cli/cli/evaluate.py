@@ -122,11 +122,12 @@ def evaluate(
         check_new_file(csv_out, force)
         check_new_file(plot_out, force)
         if recommend:  # the plan: one evaluation per candidate pattern (nmgrad_cli/plan.py)
-            if json_out or csv_out or fail_if:
-                raise NmgradError("--recommend writes a plan: leave out --json/--csv/--fail-if (use --plan-out)")
+            if fail_if:
+                raise NmgradError("--recommend writes a plan: leave out --fail-if (run evaluate without --recommend)")
             from . import plan as plan_cli
 
-            plan_cli.recommend(dumps, config, budget, candidates, names, plan_out, force, console)
+            plan_cli.recommend(dumps, config, budget, candidates, names, plan_out, force,
+                               err_console if to_stdout else console, json_out, csv_out)
             return
         elif plan_out is not None:
             raise NmgradError("--plan-out needs --recommend: e.g. --recommend --budget 'variance<=0.5'")
@@ -268,7 +269,7 @@ def render(report: EvalReport, out: Console) -> None:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
-def write_csv(path: Path, report: EvalReport) -> None:
+def csv_rows(report: EvalReport):
     """One row per (file, layer, axis, method) (level "layer"), per (file, axis, method) with several
     files ("file"), and per (axis, method) over everything ("summary")."""
     def flat(level: str, row: dict) -> dict:
@@ -277,13 +278,19 @@ def write_csv(path: Path, report: EvalReport) -> None:
         out.update({k: g.get(v, "") for k, v in GEMM_CSV.items()})
         return {**out, "level": level, "gemm": g.get("target", "")}
 
+    for level, rows in (("layer", report.layers), ("file", report.file_summary), ("summary", report.summary)):
+        for row in rows:
+            yield flat(level, row)
+
+
+def write_csv(path: Path, reports: EvalReport | dict[str, EvalReport]) -> None:
+    """:func:`csv_rows` of one evaluation; of several (pattern -> report, `--recommend`) with a
+    leading ``pattern`` column."""
+    several = isinstance(reports, dict)
     with atomic_open(path, newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(fh, fieldnames=(("pattern",) if several else ()) + CSV_FIELDS)
         w.writeheader()
-        for row in report.layers:
-            w.writerow(flat("layer", row))
-        for row in report.file_summary:
-            w.writerow(flat("file", row))
-        for row in report.summary:
-            w.writerow(flat("summary", row))
+        for pattern, report in (reports.items() if several else [(None, reports)]):
+            for row in csv_rows(report):
+                w.writerow({"pattern": pattern, **row} if several else row)
 

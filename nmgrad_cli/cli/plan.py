@@ -11,24 +11,31 @@ from rich.text import Text
 
 from .. import plan as lib
 from ..evaluate import EvalConfig
-from .common import check_new_file
+from .common import check_new_file, write_json
 from .evaluate import _print as print_table  # natural width off a terminal
+from .evaluate import write_csv
 from .progress import cli_progress
 
 
 def recommend(
     dumps: list[Path], config: EvalConfig, budget: str, candidates: str, methods: tuple[str, ...] | None,
-    plan_out: Path | None, force: bool, out: Console,
+    plan_out: Path | None, force: bool, out: Console, json_out: Path | None = None, csv_out: Path | None = None,
 ) -> lib.Plan:
-    """Check the plan options, evaluate every candidate, render the table and write ``plan_out``."""
-    lib.parse_budget(budget)  # bad input fails before any work
+    """Check the plan options, evaluate every candidate, render the table and write ``plan_out``, and
+    with ``json_out``/``csv_out`` the evaluations the plan was made from (the same passes)."""
+    bounds = lib.parse_budget(budget)  # bad input fails before any work
     lib.parse_candidates(candidates)
+    lib.admit_methods(tuple(methods or lib.DEFAULT_METHODS), bounds)
     check_new_file(plan_out, force)
     plan = lib.recommend(dumps, budget, candidates, methods or lib.DEFAULT_METHODS, config, cli_progress(False))
     render(plan, out)
     if plan_out is not None:
         lib.save(plan, plan_out)
         out.print(f"plan written to {escape(str(plan_out))}", highlight=False)
+    write_json(json_out, {"kind": "nmgrad-recommend-evaluations", "budget": plan.budget,
+                          "evaluations": {p: r.to_dict() for p, r in plan.evaluations.items()}})
+    if csv_out is not None:
+        write_csv(csv_out, plan.evaluations)
     return plan
 
 

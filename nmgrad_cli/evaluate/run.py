@@ -250,6 +250,12 @@ def _open_all(paths: Sequence[str | Path], config: EvalConfig) -> list[tuple[Dum
             if reader.n_records("grad") == 0:
                 raise DumpError(f"{reader.path} holds no gradient records: capture at least one step")
             opened[-1] = (reader, [li for li in reader.layers.values() if layer_matches(li.name, globs)])
+            for li in opened[-1][1]:  # F = 0: no block to prune, a bad dump rather than a bad record
+                bad = next((r.shape for r in reader.records("grad", [li])
+                            if -len(r.shape) <= li.feature_axis < len(r.shape) and r.shape[li.feature_axis] == 0), None)
+                if bad is not None:
+                    raise DumpError(f"{reader.path}: layer {li.name} has 0 features (a gradient of shape {bad}): "
+                                    "nothing to prune; leave it out with --layers, or capture again")
         if not any(sel for _, sel in opened):
             names = list(dict.fromkeys(li.name for reader, _ in opened for li in reader.layers.values()))
             raise LayerSelectionError(no_match_message(names, config.layers, "dump layer"))

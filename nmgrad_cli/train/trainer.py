@@ -37,6 +37,7 @@ from ..capture.config import MODULE_TYPES
 from ..capture.hooks import StepRecords
 from ..capture.stream import CaptureFile
 from ..errors import Interrupted, NmgradError, OutputError, OutputExistsError
+from ..limits import MAX_BATCH, MAX_STEPS, check_count
 from ..models import build_task, forward_loss, to_device
 from ..outputs import check_output, write_text
 from ..plan import load as load_plan
@@ -163,6 +164,10 @@ class TrainConfig:
             raise NmgradError(f"--amp '{self.amp}' is unknown: choose one of none, bf16")
         if self.capture_every < 1:
             raise NmgradError(f"--capture-every must be >= 1, got {self.capture_every}")
+        for option, value in (("--steps", self.steps), ("--eval-every", self.eval_every),
+                              ("--eval-batches", self.eval_batches), ("--capture-every", self.capture_every)):
+            check_count(option, value, 0 if option.startswith("--eval") else 1, MAX_STEPS)
+        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
         self.sparse_config()  # validates method, pattern, weight pattern
         if self.plan is not None:
             load_plan(self.plan)  # a missing or damaged plan fails before any work
