@@ -193,6 +193,8 @@ def test_method_per_pattern():
     assert lib.methods_for(parse_pattern("2:4"), lib.DEFAULT_METHODS) == ("mvue", "approx-mvue", "mvue12", "random")
     assert lib.methods_for(parse_pattern("2:8"), lib.DEFAULT_METHODS) == ("mvue", "approx-mvue", "random")
     assert lib.methods_for(parse_pattern("4:8"), lib.DEFAULT_METHODS) == ("mvue", "mvue12", "random")
+    assert lib.methods_for(parse_pattern("2:4"), lib.DEFAULT_METHODS, gpu=True) == lib.DEFAULT_METHODS
+    assert lib.methods_for(parse_pattern("2:8"), lib.DEFAULT_METHODS, gpu=True) == ()  # no Triton kernel at 2:8
 
 
 def test_a_variance_budget_is_met_only_by_unbiased_methods(tmp_path):
