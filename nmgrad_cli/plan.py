@@ -62,6 +62,8 @@ BUDGET_METRICS = {
     "angle": "angle in degrees between the pruned and the dense dY (Monte Carlo)",
 }
 GEMM_AXIS = {"dx": "features", "dw": "tokens"}
+TIE = 1e-9
+"""Two methods' errors this close (relative) are a tie: the order of ``--methods`` decides."""
 DENSE = "dense"
 
 
@@ -390,10 +392,15 @@ def _kept(gemm: str, dims: dict, pat: Pattern) -> float:
 
 
 def _options(tried: dict, layer: str, gemm: str, pat: Pattern, rows: dict, key: str, bounds, dims: dict) -> None:
-    """The option of one (layer, GEMM, pattern): the candidate method with the smallest ``key`` error
-    (ties: the order given), with every method's errors beside it."""
-    best = min(rows.items(), key=lambda kv: kv[1][0].get(key) if kv[1][0].get(key) is not None else math.inf)
-    method, (errs, level) = best
+    """The option of one (layer, GEMM, pattern): the candidate method with the smallest ``key`` error,
+    with every method's errors beside it. Errors within :data:`TIE` (relative) of the smallest are a
+    tie, won by the first in the order given (at 1:N approx-mvue is mvue's law: rounding decides nothing)."""
+    def err(kv) -> float:
+        x = kv[1][0].get(key)
+        return math.inf if x is None or math.isnan(x) else x
+
+    low = min(map(err, rows.items()))
+    method, (errs, level) = next(kv for kv in rows.items() if err(kv) <= low + TIE * abs(low))
     tried.setdefault((layer, gemm), []).append({
         "pattern": str(pat), "method": method, "density": pat.n / pat.m, "kept": _kept(gemm, dims, pat),
         "biased": not get_method(method).unbiased, "level": level, "errors": errs,

@@ -55,7 +55,10 @@ def test_each_gemm_gets_the_sparsest_pattern_within_budget(plan):
             assert all(o["level"] == "gemm" for o in c["tried"])  # the dump holds X and W
             for o in c["tried"]:  # per pattern the unbiased method with the smallest GEMM variance
                 assert set(o["methods"]) <= set(lib.DEFAULT_METHODS) and not o["biased"]
-                assert o["errors"]["variance"] == min(e["variance"] for e in o["methods"].values())
+                low = min(e["variance"] for e in o["methods"].values())
+                assert o["errors"]["variance"] <= low * (1 + lib.TIE)
+                first = next(m for m in o["methods"] if o["methods"][m]["variance"] <= low * (1 + lib.TIE))
+                assert o["method"] == first  # a tie (1:N: approx-mvue is mvue's law) goes to the first given
             fitting = [o for o in c["tried"] if bound.holds(o["errors"]["variance"])]
             assert [o["fits"] for o in c["tried"]] == [o in fitting for o in c["tried"]]
             if c["pattern"] is None:
