@@ -348,7 +348,7 @@ def gemm_moments(
     L is zero-padded to a multiple of M (padding is never kept and has zero rows of b).
     For dX = dY W: a = dY (T, F), b = W (F, I); for dW = dY^T X: a = dY^T (F, T), b = X (T, I).
     A 3-D b (G, L, I) is a grouped GEMM: rows j*R/G to (j+1)*R/G of a times b[j] (a grouped conv's
-    dW, :func:`nmgrad_cli.evaluate.run.conv_input_matrix`), the moments summed over the groups.
+    dW, :func:`nmgrad_cli.evaluate.gemm.conv_input_matrix`), the moments summed over the groups.
     """
     meth, pat = resolve(method, pattern)
     if b.dim() == 3:  # a grouped GEMM: row group j of a times b[j] (a grouped conv's dW)
