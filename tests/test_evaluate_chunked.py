@@ -120,5 +120,7 @@ def test_a_budget_that_cannot_hold_one_row_is_refused(tmp_path):
     assert_user_error(invoke("evaluate", path, "--memory-budget", "lots"), "--memory-budget 'lots' is invalid")
     assert EvalConfig(memory_budget="2GiB").budget_bytes == 2 << 30
     assert EvalConfig(memory_budget="1.5GB").budget_bytes == 1_500_000_000
+    auto = EvalConfig()  # auto: a bound on the CPU, none on a GPU
+    assert auto.budget_for("cpu") == 256 << 20 and auto.budget_for("cuda") is None
     r = invoke("evaluate", path, "--memory-budget", "8000", "--samples", "2")
     assert r.exit_code == 0, r.output

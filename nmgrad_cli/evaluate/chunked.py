@@ -115,10 +115,10 @@ def operand_floats(reader: DumpReader, rec: Record, axes: tuple[str, ...]) -> in
     return total
 
 
-def piece_floats(rec: Record, config: EvalConfig, operands: int) -> int | None:
+def piece_floats(rec: Record, config: EvalConfig, operands: int, device=None) -> int | None:
     """Floats per piece under the budget (None: the record is evaluated whole). Raises NmgradError
     when not even one row (column) fits, naming the budget that would."""
-    budget = config.budget_bytes
+    budget = config.budget_for(device)
     numel = math.prod(rec.shape)
     if budget is None or numel * WHOLE_BYTES_PER_FLOAT + operands * OPERAND_BYTES_PER_FLOAT <= budget:
         return None
@@ -137,13 +137,13 @@ def piece_floats(rec: Record, config: EvalConfig, operands: int) -> int | None:
     return left // PIECE_BYTES_PER_FLOAT
 
 
-def check_budget(opened, chosen, config: EvalConfig) -> None:
+def check_budget(opened, chosen, config: EvalConfig, device=None) -> None:
     """Refuse a budget that some selected record cannot be evaluated in, before anything runs."""
-    if config.budget_bytes is None:
+    if config.budget_for(device) is None:
         return
     for (reader, _), records in zip(opened, chosen):
         for rec in records:
-            piece_floats(rec, config, operand_floats(reader, rec, config.axes))
+            piece_floats(rec, config, operand_floats(reader, rec, config.axes), device)
 
 
 class _Pieces:

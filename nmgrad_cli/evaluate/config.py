@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import torch
+
 from ..backend import BACKENDS
 from ..dump.reader import parse_steps
 from ..errors import NmgradError, PatternError
@@ -27,15 +29,18 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
-DEFAULT_MEMORY_BUDGET = "256MiB"
-"""Records up to ~2.4 M floats (a job's working set is ~112 bytes per float) are evaluated whole;
-bigger ones in pieces, so evaluate's peak memory does not grow with the record (BENCHMARKS.md)."""
+DEFAULT_MEMORY_BUDGET = "auto"
+CPU_MEMORY_BUDGET = 256 << 20
+"""``auto`` on the CPU: records up to ~2.4 M floats (a job's working set is ~112 bytes per float) are
+evaluated whole, bigger ones in pieces, so evaluate's peak memory does not grow with the record
+(BENCHMARKS.md). On CUDA ``auto`` is no bound: the GPU's memory holds whole records, and a record in
+pieces would cost a pass of random numbers more."""
 
 
 def parse_bytes(value: str | int | None) -> int | None:
     """``"2GB"`` (powers of 10), ``"512MiB"`` (powers of 2) or a byte count, as bytes; None or
     ``"none"``: no bound."""
-    if value is None or str(value).strip().lower() == "none":
+    if value is None or str(value).strip().lower() in ("none", "auto"):
         return None
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(value))
     unit = m.group(2).lower() if m else None
@@ -85,10 +90,11 @@ class EvalConfig:
     1 for records under 2^22 elements, where extra threads only stall on a busy machine)."""
     memory_budget: str | int | None = DEFAULT_MEMORY_BUDGET
     """The most memory one (axis, method) job on a record may take, e.g. ``"2GB"``, ``"512MiB"`` or
-    a byte count; None (or ``"none"``) = no bound. A record whose working set would exceed it is
-    read and evaluated in pieces of rows (columns for ``tokens``) with the whole record's results,
-    to float64 rounding (:mod:`nmgrad_cli.evaluate.chunked`); a budget too small for one row (and the
-    GEMM operands) is refused before anything runs."""
+    a byte count; None (or ``"none"``) = no bound; ``"auto"``: :data:`CPU_MEMORY_BUDGET` on the
+    CPU, none on CUDA. A record whose working set would exceed it is read and evaluated in pieces of
+    rows (columns for ``tokens``) with the whole record's results, to float64 rounding
+    (:mod:`nmgrad_cli.evaluate.chunked`); a budget too small for one row (and the GEMM operands) is
+    refused before anything runs."""
 
     @functools.cached_property
     def parsed_pattern(self) -> Pattern:
@@ -129,8 +135,14 @@ class EvalConfig:
 
     @functools.cached_property
     def budget_bytes(self) -> int | None:
-        """``memory_budget`` in bytes (None: no bound)."""
+        """``memory_budget`` in bytes (None: no bound, or ``auto``)."""
         return parse_bytes(self.memory_budget)
+
+    def budget_for(self, device) -> int | None:
+        """The budget in bytes on ``device`` (``auto``: :data:`CPU_MEMORY_BUDGET` on the CPU, none on CUDA)."""
+        if str(self.memory_budget).strip().lower() == "auto":
+            return CPU_MEMORY_BUDGET if torch.device(device or "cpu").type == "cpu" else None
+        return self.budget_bytes
 
     @property
     def axes(self) -> tuple[str, ...]:

@@ -47,7 +47,7 @@ def gpu_events(pairs, methods: list[str], config: EvalConfig, device: torch.devi
     def submit(i: int) -> None:
         if i < len(pairs):
             reader, rec = pairs[i]
-            chunked = record.needs_chunks(rec, config)
+            chunked = record.needs_chunks(rec, config, device)
             ahead.append(None if chunked else reader_thread.submit(_read, rec, pin))
 
     try:

@@ -59,7 +59,7 @@ def record_events(
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     workers = max(config.workers, world)  # processes sharing this machine's cores
     numel = math.prod(rec.shape)
-    if needs_chunks(rec, config):  # its jobs in turn: the cores go to torch's threads
+    if needs_chunks(rec, config, device):  # its jobs in turn: the cores go to torch's threads
         numel = max(numel, threads.THREADS_MIN_NUMEL)
     n = threads.thread_policy(numel, config.threads, workers)
     with threads.torch_threads(n):
@@ -102,23 +102,23 @@ class StartedRecord:
                 r.cancel()
 
 
-def chunk_floats(reader: DumpReader, rec: Record, config: EvalConfig) -> int | None:
+def chunk_floats(reader: DumpReader, rec: Record, config: EvalConfig, device) -> int | None:
     """Floats per piece when ``--memory-budget`` has ``rec`` evaluated in pieces (:mod:`.chunked`), else None."""
-    if config.budget_bytes is None:
+    if config.budget_for(device) is None:
         return None
-    return chunked.piece_floats(rec, config, chunked.operand_floats(reader, rec, config.axes))
+    return chunked.piece_floats(rec, config, chunked.operand_floats(reader, rec, config.axes), device)
 
 
-def needs_chunks(rec: Record, config: EvalConfig) -> bool:
+def needs_chunks(rec: Record, config: EvalConfig, device) -> bool:
     """Whether ``rec`` is evaluated in pieces: one job's whole working set over ``--memory-budget``."""
-    budget = config.budget_bytes
+    budget = config.budget_for(device)
     return budget is not None and math.prod(rec.shape) * chunked.WHOLE_BYTES_PER_FLOAT > budget
 
 
 def record_method_threads(rec: Record, config: EvalConfig, workers: int, device, backend: str) -> int:
     """:func:`.threads.method_threads` for ``rec``, or 1 when it is evaluated in pieces (one job at
     a time, on every core's torch threads)."""
-    if needs_chunks(rec, config):
+    if needs_chunks(rec, config, device):
         return 1
     return threads.method_threads(math.prod(rec.shape), config.threads, workers, device, backend)
 
@@ -173,7 +173,7 @@ def start_record(
     """Load one record (``g``: already loaded, on ``device``), check it, and start its (axis,
     method) jobs in ``pool`` (in turn, here, when None). A record that cannot be evaluated gives its
     error event and no job. Under ``--memory-budget`` a record too big for it runs :mod:`.chunked`."""
-    floats = chunk_floats(reader, rec, config)
+    floats = chunk_floats(reader, rec, config, device)
     if floats is not None:
         return _start_chunked(reader, rec, file, methods, config, device, floats)
     g = rec.load().to(device) if g is None else g

@@ -110,7 +110,7 @@ def iter_evaluate(
                 "widen the selection (`nmgrad inspect` lists the steps)"
             )
         done = 0
-        chunked.check_budget(opened, chosen, config)  # before anything runs: one line, exit 2
+        chunked.check_budget(opened, chosen, config, device)  # before anything runs: one line, exit 2
         bar.start(total, "evaluate")
         results = record_results(opened, chosen, methods, config, device)
         for (reader, selected), records in zip(opened, chosen):
