@@ -252,6 +252,7 @@ def evaluate_pieces(
             total = torch.zeros_like(b64) if moments else None
             total2 = torch.zeros_like(b64) if moments else None
             state = meth.prepare(blocks, pat.n) if nu else None
+            terms = None
             fixed = None if nu else to_blocks(prune(xs, meth, pat, dim, backend=backend), pat.m, dim)[0]
             per = max(1, min(samples, DRAW_CHUNK // max(1, x.numel())))
             for s0 in range(0, samples, per):
@@ -263,10 +264,11 @@ def evaluate_pieces(
                     for s in range(s0, s0 + c):
                         gen.set_state(states[s][i])
                         us.append(draw_uniforms(len(blocks), meth, pat, device, gen))
-                    u = torch.stack(us).to(blocks.dtype)  # (c, K, nu)
+                    u = (us[0].unsqueeze(0) if c == 1 else torch.stack(us)).to(blocks.dtype)  # (c, K, nu)
                     if reduced:  # the angle's terms from the keep-masks, as the whole record's draws
                         keep, v = meth.kept(state, u)
-                        terms = _AngleTerms(blocks, v, 1.0)
+                        if terms is None:  # v is the law's: one set of weights for every draw of the piece
+                            terms = _AngleTerms(blocks, v, 1.0)
                         if terms.ok:
                             k64 = keep.reshape(c, -1).to(torch.float64)
                             dots[s0 : s0 + c] += k64 @ terms.w[0]
