@@ -115,9 +115,10 @@ def operand_floats(reader: DumpReader, rec: Record, axes: tuple[str, ...]) -> in
     return total
 
 
-def piece_floats(rec: Record, config: EvalConfig, operands: int, device=None) -> int | None:
-    """Floats per piece under the budget (None: the record is evaluated whole). Raises NmgradError
-    when not even one row (column) fits, naming the budget that would."""
+def piece_floats(rec: Record, config: EvalConfig, operands: int, device=None, jobs: int = 1) -> int | None:
+    """Floats per piece under the budget (None: the record is evaluated whole), ``jobs`` jobs on
+    pieces at once sharing it when one row (column) each still fits. Raises NmgradError when not
+    even one job's row fits, naming the budget that would."""
     budget = config.budget_for(device)
     numel = math.prod(rec.shape)
     if budget is None or numel * WHOLE_BYTES_PER_FLOAT + operands * OPERAND_BYTES_PER_FLOAT <= budget:
@@ -134,7 +135,8 @@ def piece_floats(rec: Record, config: EvalConfig, operands: int, device=None) ->
             f"{shape}: one row and the GEMM operands need {need / 1e6:.1f} MB; raise it to at least "
             f"{math.ceil(need / 1e6)}MB"
         )
-    return left // PIECE_BYTES_PER_FLOAT
+    per_job = left // PIECE_BYTES_PER_FLOAT
+    return per_job // jobs if per_job // jobs >= unit else per_job
 
 
 def check_budget(opened, chosen, config: EvalConfig, device=None) -> None:

@@ -59,8 +59,9 @@ def record_events(
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     workers = max(config.workers, world)  # processes sharing this machine's cores
     numel = math.prod(rec.shape)
-    if needs_chunks(rec, config, device):  # its jobs in turn: the cores go to torch's threads
-        numel = max(numel, threads.THREADS_MIN_NUMEL)
+    if needs_chunks(rec, config, device):  # pieces: in method threads on one torch thread each, or all cores
+        backend = draw_backend(config.backend, device or torch.device("cpu"))
+        numel = 1 if record_method_threads(rec, config, workers, device, backend) > 1 else threads.THREADS_MIN_NUMEL
     n = threads.thread_policy(numel, config.threads, workers)
     with threads.torch_threads(n):
         return list(evaluate_record(reader, rec, file, methods, config, device or torch.device("cpu"), workers))
@@ -102,11 +103,12 @@ class StartedRecord:
                 r.cancel()
 
 
-def chunk_floats(reader: DumpReader, rec: Record, config: EvalConfig, device) -> int | None:
-    """Floats per piece when ``--memory-budget`` has ``rec`` evaluated in pieces (:mod:`.chunked`), else None."""
+def chunk_floats(reader: DumpReader, rec: Record, config: EvalConfig, device, jobs: int = 1) -> int | None:
+    """Floats per piece when ``--memory-budget`` has ``rec`` evaluated in pieces (:mod:`.chunked`) by
+    ``jobs`` jobs at once, else None."""
     if config.budget_for(device) is None:
         return None
-    return chunked.piece_floats(rec, config, chunked.operand_floats(reader, rec, config.axes), device)
+    return chunked.piece_floats(rec, config, chunked.operand_floats(reader, rec, config.axes), device, jobs)
 
 
 def needs_chunks(rec: Record, config: EvalConfig, device) -> bool:
@@ -116,11 +118,11 @@ def needs_chunks(rec: Record, config: EvalConfig, device) -> bool:
 
 
 def record_method_threads(rec: Record, config: EvalConfig, workers: int, device, backend: str) -> int:
-    """:func:`.threads.method_threads` for ``rec``, or 1 when it is evaluated in pieces (one job at
-    a time, on every core's torch threads)."""
-    if needs_chunks(rec, config, device):
-        return 1
-    return threads.method_threads(math.prod(rec.shape), config.threads, workers, device, backend)
+    """:func:`.threads.method_threads` for ``rec``; a record evaluated in pieces gets those of a small
+    record (its pieces' ops are many and small: on a busy machine torch's threads would stall in
+    each), its pieces cut to share the budget among the jobs running at once."""
+    numel = 1 if needs_chunks(rec, config, device) else math.prod(rec.shape)
+    return threads.method_threads(numel, config.threads, workers, device, backend)
 
 
 def _error(file: str, rec: Record, text: str) -> StartedRecord:
@@ -173,9 +175,13 @@ def start_record(
     """Load one record (``g``: already loaded, on ``device``), check it, and start its (axis,
     method) jobs in ``pool`` (in turn, here, when None). A record that cannot be evaluated gives its
     error event and no job. Under ``--memory-budget`` a record too big for it runs :mod:`.chunked`."""
-    floats = chunk_floats(reader, rec, config, device)
+    jobs = 1 if pool is None else min(
+        record_method_threads(rec, config, 1, device, draw_backend(config.backend, device)),
+        len(config.axes) * len(methods),
+    )
+    floats = chunk_floats(reader, rec, config, device, jobs)
     if floats is not None:
-        return _start_chunked(reader, rec, file, methods, config, device, floats)
+        return _start_chunked(reader, rec, file, methods, config, device, floats, pool)
     g = rec.load().to(device) if g is None else g
     layer = rec.layer
     bad = int((~torch.isfinite(g)).sum())
@@ -218,9 +224,10 @@ def start_record(
 
 def _start_chunked(
     reader: DumpReader, rec: Record, file: str, methods: list[str], config: EvalConfig, device: torch.device,
-    floats: int,
+    floats: int, pool: concurrent.futures.Executor | None = None,
 ) -> StartedRecord:
-    """:func:`start_record` of a record read and evaluated in pieces of ``floats`` floats, its jobs in turn."""
+    """:func:`start_record` of a record read and evaluated in pieces of ``floats`` floats, its jobs
+    in ``pool`` (or in turn)."""
     try:
         meta = torch.empty(rec.shape, device="meta")
         g2 = as_matrix(meta, rec.layer)
@@ -234,11 +241,13 @@ def _start_chunked(
     operands, gemm_note = gemm_operands(reader, rec, meta, g2, config.axes)
     head: list[Event] = [Note(gemm_note)] if gemm_note else []
     backend = draw_backend(config.backend, device)
-    results = []
-    for axis in config.axes:
+    def one(job: tuple[str, str]) -> tuple:
+        axis, method = job
         b = operands[axis][1].to(device) if axis in operands else None
-        for method in methods:
-            gen = _generator(file, rec, axis, method, config, device)
-            m, gemm = chunked.evaluate_pieces(rec, axis, method, config, floats, b, gen, seen["top"], device, backend)
-            results.append((axis, method, m, gemm))
+        gen = _generator(file, rec, axis, method, config, device)
+        m, gemm = chunked.evaluate_pieces(rec, axis, method, config, floats, b, gen, seen["top"], device, backend)
+        return axis, method, m, gemm
+
+    jobs = [(axis, method) for axis in config.axes for method in methods]
+    results = [pool.submit(one, job) for job in jobs] if pool is not None else [one(job) for job in jobs]
     return StartedRecord(head, results, _finisher(file, rec, tuple(g2.shape), seen["zero"], lambda: seen["top"]))
