@@ -10,7 +10,7 @@ Every evaluate runs as its own ``nmgrad evaluate`` process (what a user runs), o
 
 The abs pass is timed in this process right before each run, over as many floats as evaluate
 reads; R uses the quickest of these (the machine at its least loaded; the column shows each one).
-The targets are R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
+The targets are R <= 4 (issue 19), busy <= 3x warm, cold at most 10 s slower than warm.
 
     nmgrad capture --model gpt --steps 1 --out /tmp/g1.h5          # 39 MB, 25 layers
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*,blocks.1.*'
@@ -18,6 +18,12 @@ The targets are R <= 6, busy <= 3x warm, cold at most 10 s slower than warm.
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --layers 'blocks.0.*' --also-backend fused
     python benchmarks/evaluate_bench.py /tmp/g1.h5 --device cuda     # on a GPU: GB/s vs the file-read rate
     python benchmarks/evaluate_bench.py /tmp/big.h5 --synthetic 4,16384,4096 --device cuda --no-cpu
+
+Several dumps are benchmarked in turn in one run, then side by side (R per float, peak RSS of each
+``nmgrad evaluate`` process against the largest record); ``--warm-only`` skips the cold and busy runs;
+``--memory-budget`` is passed to evaluate:
+
+    python benchmarks/evaluate_bench.py /work/data/gpt2s_2step.h5 /tmp/g2.h5 --warm-only
 
 ``--synthetic LAYERS,T,F`` first writes (uncompressed) a dump of that many Linear layers with one dY
 record of (T, F) each, heavy-tailed like real gradients, to the dump path (refusing to overwrite one):
