@@ -126,10 +126,12 @@ max(1, DRAW_CHUNK // numel), so memory stays bounded whatever the record size. B
 which ``prune``'s auto backend switches to the compiled kernel, so batching never changes the
 backend (a cold compile cache costs minutes) nor, on the reference backend, the draws."""
 
-GPU_DRAW_CHUNK = 1 << 25
+GPU_DRAW_CHUNK = 1 << 27
 """The same bound off the CPU (the Triton kernels: no compile-size threshold to stay under). On the
 H200 the gpt dump's records (<= 0.8 M floats) went one draw per call under :data:`DRAW_CHUNK`: 777
-prune launches for 125 (record, method) pairs, the evaluate bound by launches (BENCHMARKS.md)."""
+prune launches for 125 (record, method) pairs, the evaluate bound by launches (BENCHMARKS.md).
+2^27: the 16 draws of an 8 M-float record in one call (~3 GB of float32 draws and their float64
+copies on the device)."""
 
 PREPARED_DRAWS = True
 """On the reference backend, batched draws prepare the method's law of a record once
@@ -348,7 +350,7 @@ def gemm_moments(
     L is zero-padded to a multiple of M (padding is never kept and has zero rows of b).
     For dX = dY W: a = dY (T, F), b = W (F, I); for dW = dY^T X: a = dY^T (F, T), b = X (T, I).
     A 3-D b (G, L, I) is a grouped GEMM: rows j*R/G to (j+1)*R/G of a times b[j] (a grouped conv's
-    dW, :func:`nmgrad_cli.evaluate.run.conv_input_matrix`), the moments summed over the groups.
+    dW, :func:`nmgrad_cli.evaluate.gemm.conv_input_matrix`), the moments summed over the groups.
     """
     meth, pat = resolve(method, pattern)
     if b.dim() == 3:  # a grouped GEMM: row group j of a times b[j] (a grouped conv's dW)

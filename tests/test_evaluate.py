@@ -287,7 +287,8 @@ def test_config_and_everything_is_in_the_json(report):
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert d["config"] == {"pattern": "2:4", "methods": None, "axis": "both", "layers": None, "steps": None,
                            "every": 1, "max_records": None, "samples": 8, "seed": 0, "mc_check": False,
-                           "device": "auto", "backend": "auto", "workers": 1, "threads": 0}
+                           "device": "auto", "backend": "auto", "workers": 1, "threads": 0,
+                           "memory_budget": "auto"}
     assert d["files"][0]["layers"] == {"0": "Linear", "2": "Linear"} and d["files"][0]["complete"]
     assert len(d["records"]) == 2 * 2 * 2 * len(METHODS) and d["errors"] == []
 

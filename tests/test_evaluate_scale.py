@@ -83,15 +83,15 @@ def test_thread_policy_and_threads_restored(dump, monkeypatch):
     assert thread_policy(1 << 23) == 8
     seen = []
     before = torch.get_num_threads()
-    from nmgrad_cli.evaluate import run
+    from nmgrad_cli.evaluate import record
 
-    real = run._start_record
+    real = record.start_record
 
     def spy(*a, **k):
         seen.append(torch.get_num_threads())
         return real(*a, **k)
 
-    monkeypatch.setattr(run, "_start_record", spy)
+    monkeypatch.setattr(record, "start_record", spy)
     evaluate([dump], EvalConfig(methods=("greedy",), samples=0, max_records=1))
     evaluate([dump], EvalConfig(methods=("greedy",), samples=0, max_records=1, threads=2))
     assert seen == [1, 1, 2, 2] and torch.get_num_threads() == before
@@ -228,10 +228,10 @@ def test_batched_draws_on_cuda_have_the_law_of_unbatched_ones(method):
 
 
 def test_keep_freed_memory_is_set_once_on_glibc():
-    """evaluate's allocator setting (run.keep_freed_memory): glibc accepts both thresholds, once per process."""
+    """evaluate's allocator setting (allocator.keep_freed_memory): glibc accepts both thresholds, once per process."""
     import platform
 
-    from nmgrad_cli.evaluate import run
+    from nmgrad_cli.evaluate import allocator as run
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

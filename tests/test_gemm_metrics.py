@@ -119,7 +119,7 @@ def test_conv2d_exact_dx_gemm_errors_agree_with_monte_carlo(method, groups, tmp_
     """A real Conv2d: dY (B, F, H, W) as (T, F) times the weight matrix evaluate builds, whose GEMM
     folded by col2im is exactly torch's conv2d input gradient (so it is the conv's real GEMM)."""
     from nmgrad_cli.dump import DumpReader, DumpWriter
-    from nmgrad_cli.evaluate.run import _conv_weight_matrix
+    from nmgrad_cli.evaluate.gemm import _conv_weight_matrix
 
     torch.manual_seed(3)
     conv = nn.Conv2d(4, 8, 3, padding=1, groups=groups).double()
@@ -165,7 +165,7 @@ def test_huge_values_do_not_overflow():
 def test_conv2d_dw_operands_are_torchs_weight_gradient(conv):
     """dY^T (F, T) @ the unfolded input evaluate builds (T, C_in*kh*kw) is exactly torch's conv2d
     weight gradient, for strides, paddings (ints, pairs, 'same', 'valid') and dilations."""
-    from nmgrad_cli.evaluate.run import conv_input_matrix
+    from nmgrad_cli.evaluate.gemm import conv_input_matrix
 
     torch.manual_seed(4)
     layer = nn.Conv2d(3, 5, (3, 2), stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
@@ -179,7 +179,7 @@ def test_conv2d_dw_operands_are_torchs_weight_gradient(conv):
 
 
 def test_conv2d_dw_operands_refuse_what_they_cannot_build():
-    from nmgrad_cli.evaluate.run import conv_input_matrix
+    from nmgrad_cli.evaluate.gemm import conv_input_matrix
 
     x, dy = torch.randn(2, 4, 6, 6), torch.Size((2, 8, 6, 6))
     assert "recapture" in conv_input_matrix(x, None, (8, 4, 3, 3), dy)
@@ -195,7 +195,7 @@ def test_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method, groups):
     """dW of a Conv2d, grouped too: the exact moments (summed over the groups) against Monte Carlo
     of the whole dW, tight enough to catch a group's missing or doubled term."""
     torch.manual_seed(5)
-    from nmgrad_cli.evaluate.run import conv_input_matrix
+    from nmgrad_cli.evaluate.gemm import conv_input_matrix
 
     conv = {"stride": 1, "padding": 1, "dilation": 1, "groups": groups}
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
@@ -209,7 +209,7 @@ def test_conv2d_exact_dw_gemm_errors_agree_with_monte_carlo(method, groups):
 def test_grouped_conv2d_dw_operands_are_torchs_weight_gradient(groups):
     """Feature group j of dY^T times group j of the unfolded input (the 3-D operand), stacked, is
     exactly torch's weight gradient of a grouped conv (depthwise included: groups = C_in = 4)."""
-    from nmgrad_cli.evaluate.run import GemmError, conv_input_matrix
+    from nmgrad_cli.evaluate.gemm import GemmError, conv_input_matrix
 
     torch.manual_seed(6)
     conv = {"stride": [1, 2], "padding": 1, "dilation": 1, "groups": groups}

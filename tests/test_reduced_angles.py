@@ -17,7 +17,7 @@ import torch
 from test_prepared_draws import CASES, odd_tensor
 
 from nmgrad_cli import METHODS, metrics
-from nmgrad_cli.evaluate import EvalConfig, evaluate, run
+from nmgrad_cli.evaluate import EvalConfig, evaluate, pipeline, record, run, threads
 from nmgrad_cli.methods.base import nonfinite_blocks, nonfinite_or_none, sort_descending
 from nmgrad_cli.metrics import monte_carlo
 
@@ -99,18 +99,18 @@ def test_method_threads_give_the_sequential_report(monkeypatch):
     cfg = EvalConfig(pattern="2:4", axis="both", samples=5, seed=2, mc_check=True)
     reports = {}
     for n in (1, 3):
-        monkeypatch.setattr(run, "method_threads", lambda *a, n=n, **k: n)
+        monkeypatch.setattr(threads, "method_threads", lambda *a, n=n, **k: n)
         reports[n] = evaluate([SAMPLE], cfg).to_dict()
     assert reports[1]["records"] and reports[1] == reports[3]
     cfg = EvalConfig(pattern="2:4", samples=5, seed=2)  # the reduced angles as well
     for n in (1, 3):
-        monkeypatch.setattr(run, "method_threads", lambda *a, n=n, **k: n)
+        monkeypatch.setattr(threads, "method_threads", lambda *a, n=n, **k: n)
         reports[n] = evaluate([SAMPLE], cfg).to_dict()
     assert reports[1] == reports[3]
 
 
 def test_pipelined_records_give_the_sequential_events(tmp_path, monkeypatch):
-    """Records one ahead in a shared pool (``run.PIPELINE``): the events of a dump mixing method-thread
+    """Records one ahead in a shared pool (``pipeline.PIPELINE``): the events of a dump mixing method-thread
     records, a NaN record, a record over the thread threshold (its own policy) and a record whose
     ||g||^2 overflows are those of one record after the other, in order; and the next record's jobs
     really start before the current record's results are taken."""
@@ -125,19 +125,19 @@ def test_pipelined_records_give_the_sequential_events(tmp_path, monkeypatch):
             g = torch.randn(rows, 12, dtype=torch.float64, generator=gen) * scale
             w.write("a", "grad", step, 0, g if step != 2 else g.float())
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr(run, "THREADS_MIN_NUMEL", 700)  # the 64 x 12 record: 2 torch threads, no method threads
+    monkeypatch.setattr(threads, "THREADS_MIN_NUMEL", 700)  # the 64 x 12 record: 2 torch threads, no method threads
     cfg = EvalConfig(pattern="2:4", axis="both", samples=3, seed=4)
     events, starts = {}, {}
-    real = run._start_record
+    real = record.start_record
     for pipe in (False, True):
-        monkeypatch.setattr(run, "PIPELINE", pipe)
+        monkeypatch.setattr(pipeline, "PIPELINE", pipe)
         seen, starts[pipe] = [], []
 
         def spy(*a, seen=seen, pipe=pipe, **k):
             starts[pipe].append(sum(isinstance(e, RecordResult) for e in seen))
             return real(*a, **k)
 
-        monkeypatch.setattr(run, "_start_record", spy)
+        monkeypatch.setattr(record, "start_record", spy)
         for e in run.iter_evaluate([path], cfg):
             seen.append(e)
         events[pipe] = seen

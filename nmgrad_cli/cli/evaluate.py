@@ -78,6 +78,10 @@ def evaluate(
         0, "--threads", help="torch threads (0: auto, 1 for records under 4M elements, all cores above)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the Monte-Carlo draws."),
+    memory_budget: str = typer.Option(
+        lib.DEFAULT_MEMORY_BUDGET, "--memory-budget",
+        help="Most memory one method's job on a record may take (e.g. 2GB, none): bigger records go in pieces.",
+    ),
     json_out: Path = typer.Option(None, "--json", help="Write the full results as JSON to FILE, or '-' for stdout."),
     csv_out: Path = typer.Option(None, "--csv", help="Write per-layer and summary rows as CSV to FILE, or '-'."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--csv files."),
@@ -108,7 +112,7 @@ def evaluate(
         config = EvalConfig(
             pattern=pattern, methods=names, axis=axis.value, layers=layers, steps=steps, every=every,
             max_records=max_records, samples=samples, seed=seed, mc_check=mc_check, device=device,
-            backend=backend, workers=workers, threads=threads,
+            backend=backend, workers=workers, threads=threads, memory_budget=memory_budget,
         )
         thresholds = [lib.parse_threshold(expr) for expr in fail_if or []]
         for t in thresholds:
@@ -160,7 +164,7 @@ def evaluate(
 def _run(dumps: list[Path], config: EvalConfig, quiet: bool = False) -> EvalReport:
     """Run the library evaluation with progress on stderr (rich on a terminal, else plain lines), in a
     process whose allocator keeps freed memory (a process-wide setting: the command's, not the library's)."""
-    from ..evaluate.run import keep_freed_memory
+    from ..evaluate.allocator import keep_freed_memory
 
     keep_freed_memory()
     return lib.evaluate(dumps, config, cli_progress(quiet))

@@ -49,12 +49,13 @@ class Record:
     shape: tuple[int, ...]
     dtype: str
 
-    def load(self) -> torch.Tensor:
-        return self.reader.load(self.layer.key, self.kind, self.name)
+    def load(self, index: tuple | None = None) -> torch.Tensor:
+        """The tensor, or the part of it an h5py selection ``index`` (a tuple of slices) names."""
+        return self.reader.load(self.layer.key, self.kind, self.name, index)
 
 
-def _decode(ds: h5py.Dataset) -> torch.Tensor:
-    arr = ds[()]
+def _decode(ds: h5py.Dataset, index: tuple | None = None) -> torch.Tensor:
+    arr = ds[()] if index is None else ds[index]
     dtype = ds.attrs.get("dtype", str(arr.dtype))
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
@@ -162,13 +163,13 @@ class DumpReader:
     def find(self, layer: str, kind: str, record: str) -> bool:
         return record in self.layers[layer].records.get(kind, [])
 
-    def load(self, layer: str, kind: str, record: str) -> torch.Tensor:
+    def load(self, layer: str, kind: str, record: str, index: tuple | None = None) -> torch.Tensor:
         try:
             ds = self._f["layers"][layer][kind][record]
             li = self.layers[layer]
             validate.check_record(self.path, ds, li.feature_axis, li.token_axes)
             validate.check_storage(self.path, ds)
-            return _decode(ds)
+            return _decode(ds, index)
         except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise DumpError(
                 f"{self.path}: cannot read {layer}/{kind}/{record} ({_first_line(exc)}); the file is truncated or "

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
+
+import torch
 
 from ..backend import BACKENDS
 from ..dump.reader import parse_steps
@@ -20,6 +23,30 @@ GEMM_OF_AXIS = {"features": "dX", "tokens": "dW"}
 METRICS = ("mse", "bias", "variance", "angle")
 MAX_SAMPLES = 100_000
 """--samples above this is refused: it would run for days and gain nothing."""
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+DEFAULT_MEMORY_BUDGET = "auto"
+CPU_MEMORY_BUDGET = 256 << 20
+"""``auto`` on the CPU: records up to ~2.4 M floats (a job's working set is ~112 bytes per float) are
+evaluated whole, bigger ones in pieces, so evaluate's peak memory does not grow with the record
+(BENCHMARKS.md). On CUDA ``auto`` is no bound: the GPU's memory holds whole records, and a record in
+pieces would cost a pass of random numbers more."""
+
+
+def parse_bytes(value: str | int | None) -> int | None:
+    """``"2GB"`` (powers of 10), ``"512MiB"`` (powers of 2) or a byte count, as bytes; None or
+    ``"none"``: no bound."""
+    if value is None or str(value).strip().lower() in ("none", "auto"):
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise NmgradError(f"--memory-budget '{value}' is invalid: give a size such as 2GB, 512MiB or 1000000000")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -59,8 +86,15 @@ class EvalConfig:
     workers: int = 1
     """Processes evaluating records in parallel (records are sharded; the report is identical)."""
     threads: int = 0
-    """torch threads while evaluating; 0 = auto (:func:`nmgrad_cli.evaluate.run.thread_policy`:
+    """torch threads while evaluating; 0 = auto (:func:`nmgrad_cli.evaluate.threads.thread_policy`:
     1 for records under 2^22 elements, where extra threads only stall on a busy machine)."""
+    memory_budget: str | int | None = DEFAULT_MEMORY_BUDGET
+    """The most memory one (axis, method) job on a record may take, e.g. ``"2GB"``, ``"512MiB"`` or
+    a byte count; None (or ``"none"``) = no bound; ``"auto"``: :data:`CPU_MEMORY_BUDGET` on the
+    CPU, none on CUDA. A record whose working set would exceed it is read and evaluated in pieces of
+    rows (columns for ``tokens``) with the whole record's results, to float64 rounding
+    (:mod:`nmgrad_cli.evaluate.chunked`); a budget too small for one row (and the GEMM operands) is
+    refused before anything runs."""
 
     @functools.cached_property
     def parsed_pattern(self) -> Pattern:
@@ -90,6 +124,7 @@ class EvalConfig:
             raise NmgradError(f"--workers {self.workers} is invalid: give 1 (this process) or more, e.g. 2")
         if self.threads < 0:
             raise NmgradError(f"--threads {self.threads} is invalid: give 0 (auto) or a count, e.g. 1")
+        self.budget_bytes  # noqa: B018 (validates)
         parse_steps(self.steps)
         parse_layers(self.layers)
         if self.methods is not None:
@@ -97,6 +132,17 @@ class EvalConfig:
                 raise NmgradError("no method given: name at least one, e.g. --methods mvue,greedy")
             for name in self.methods:
                 get_method(name).check(self.parsed_pattern)
+
+    @functools.cached_property
+    def budget_bytes(self) -> int | None:
+        """``memory_budget`` in bytes (None: no bound, or ``auto``)."""
+        return parse_bytes(self.memory_budget)
+
+    def budget_for(self, device) -> int | None:
+        """The budget in bytes on ``device`` (``auto``: :data:`CPU_MEMORY_BUDGET` on the CPU, none on CUDA)."""
+        if str(self.memory_budget).strip().lower() == "auto":
+            return CPU_MEMORY_BUDGET if torch.device(device or "cpu").type == "cpu" else None
+        return self.budget_bytes
 
     @property
     def axes(self) -> tuple[str, ...]:
