@@ -126,3 +126,30 @@ def images(batch_size: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch_size, 1, 8, 8, generator=g), torch.randint(0, 3, (batch_size,), generator=g))
             for _ in range(4)]
+
+
+class ChannelsLastBlock(nn.Module):
+    """Every site kind with X and W: a ConvNeXt-style block (depthwise Conv2d, then pointwise
+    Linears on channels-last (B, H, W, C) activations, as in Hugging Face ConvNeXt), a Conv1d over
+    the rows and a Conv3d over a stack of the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw1 = nn.Linear(8, 16)  # on (B, H, W, 8)
+        self.pw2 = nn.Linear(16, 8)
+        self.rows = nn.Conv1d(8, 8, 3, padding=1, stride=2)
+        self.vol = nn.Conv3d(1, 4, (2, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(8 + 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(torch.relu(self.stem(x)))                       # (B, 8, 8, 8)
+        x = x + self.pw2(torch.relu(self.pw1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        r = torch.tanh(self.rows(x.mean(2)))                        # (B, 8, 4)
+        v = torch.tanh(self.vol(x.unsqueeze(1)))                    # (B, 4, 7, 8, 8)
+        return self.head(torch.cat([r.mean(-1), v.mean((2, 3, 4))], 1))
+
+
+def channels_last_block() -> nn.Module:
+    return ChannelsLastBlock()

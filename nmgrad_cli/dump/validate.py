@@ -25,8 +25,11 @@ from .schema import DTYPES, KINDS
 _FLOATS = {"float16", "float32", "float64"}
 
 
+CORRUPT_TAIL = "; re-run the capture (or fix the file)"
+
+
 def corrupt(path: Path, what: str) -> DumpError:
-    return DumpError(f"{path} is corrupt: {what}; re-run the capture (or fix the file)")
+    return DumpError(f"{path} is corrupt: {what}{CORRUPT_TAIL}")
 
 
 def _show(v) -> str:
@@ -162,8 +165,14 @@ def _conv_attr(path: Path, where: str, v) -> dict:
     return conv
 
 
-def check_record(path: Path, ds, feature_axis: int, token_axes: tuple[int, ...]) -> tuple[int, int, str]:
-    """(step, call, dtype name) of a record dataset, refusing anything a reader could not use."""
+def check_record(path: Path, ds, kind: str, layer: dict) -> tuple[int, int, str]:
+    """(step, call, dtype name) of a ``kind`` record dataset of ``layer`` (the parsed layer
+    attributes, :func:`check_layer`), refusing anything a reader could not use.
+
+    The layer's feature_axis and token_axes index dY's dims, so they are checked on grad records
+    and on input records (X has dY's rank: Linear's (..., I) beside dY (..., F), a conv's
+    (B, C_in, *spatial)); a weight record is W in the site's canonical layout, of the layer's
+    ``weight_shape`` when it has one."""
     where = ds.name
     if not isinstance(ds, h5py.Dataset):
         raise corrupt(path, f"{where} is a group, not a record dataset")
@@ -179,11 +188,32 @@ def check_record(path: Path, ds, feature_axis: int, token_axes: tuple[int, ...])
     if (dtype == "bfloat16" and stored not in (np.uint16, np.int16)) or (dtype in _FLOATS and stored != dtype):
         raise corrupt(path, f"{where}: data stored as {stored}, which does not hold {dtype}")
     nd = len(ds.shape)
+    if kind == "weight":
+        ws = layer.get("weight_shape")
+        if ws is not None and tuple(ds.shape) != tuple(ws):
+            raise corrupt(path, f"{where}: a weight of shape {ds.shape}, not the layer's weight_shape {tuple(ws)}")
+        return int(step), int(call), dtype
+    feature_axis, token_axes = layer["feature_axis"], layer["token_axes"]
     if nd and not -nd <= feature_axis < nd:
         raise corrupt(path, f"{where}: feature_axis {feature_axis} is out of range for shape {ds.shape}")
     if any(not -nd <= t < nd for t in token_axes):
         raise corrupt(path, f"{where}: token_axes {list(token_axes)} are out of range for shape {ds.shape}")
     return int(step), int(call), dtype
+
+
+def check_written(path: Path, f: h5py.File) -> None:
+    """What a reader checks, run by the writer on the file it is about to close: the root and
+    every layer's and record's attributes and shapes (metadata only, no tensor is read), so a
+    capture never calls a file complete that its own reader refuses."""
+    check_root(path, f.attrs)
+    if "layers" not in f:
+        return
+    group = f["layers"]
+    for key in check_links(path, group, "/layers"):
+        layer = check_layer(path, key, group[key])
+        for kind, names in layer["records"].items():
+            for name in names:
+                check_record(path, group[key][kind][name], kind, layer)
 
 
 def check_storage(path: Path, ds: h5py.Dataset) -> None:

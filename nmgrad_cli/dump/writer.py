@@ -16,6 +16,8 @@ import torch
 from ..errors import DumpError
 from ..outputs import check_output
 from .schema import KINDS, SCHEMA_NAME, SCHEMA_VERSION, dtype_name, layer_key, record_name
+from .validate import CORRUPT_TAIL as _CORRUPT_TAIL
+from .validate import check_written
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 
@@ -212,8 +214,11 @@ class DumpWriter:
         :class:`DumpError` is raised."""
         if not self._f.id.valid:
             return
+        refused = self._refused()
         try:
             self._check_space(0, reserve=SPACE_RESERVE // 4)
+            if refused is not None:
+                self.mark_interrupted(f"nmgrad's reader refuses it: {refused}")
             self._f.attrs["complete"] = bool(complete and not self._f.attrs["interrupted"])
             self._f.close()
         except Exception as exc:  # noqa: BLE001 - whatever HDF5 raised, leave a readable file
@@ -222,6 +227,22 @@ class DumpWriter:
                 raise
             raise DumpError(f"writing {self.path} failed: {failure_reason(exc)}") from None
         self._unflushed.clear()
+        if refused is not None:
+            raise DumpError(
+                f"{self.path} was written but nmgrad's own reader refuses it ({refused}): a bug in nmgrad, please "
+                "report it with this message; the file is kept, marked interrupted"
+            )
+
+    def _refused(self) -> str | None:
+        """Why the reader would refuse what was written (:func:`validate.check_written`, metadata
+        only), or None. Never raises for I/O errors: close handles those."""
+        try:
+            check_written(self.path, self._f)
+        except DumpError as exc:
+            return str(exc).removeprefix(f"{self.path} is corrupt: ").removesuffix(_CORRUPT_TAIL)
+        except Exception:  # noqa: BLE001 - a failed read of the file's own metadata: close reports it
+            return None
+        return None
 
     def abort(self, reason: str | None = None) -> None:
         """Close after a failed write without writing anything more, and cut the file back to the
