@@ -29,6 +29,8 @@ TEXT_PREFIX = "text:"
 MAX_BLOCK = 64
 """Tokens per ``text:`` block (fewer when the model's context is shorter)."""
 EVAL_FRACTION = 0.1
+HF_BATCH_SIZE = 8
+"""Default batch size of the data nmgrad makes for an ``hf:`` model (``text:FILE``, images)."""
 
 
 def is_hf(model: str) -> bool:

@@ -25,7 +25,7 @@ from ..data.text import text_data
 from ..errors import ImportSpecError, NmgradError
 from .cnn import cnn
 from .gpt import gpt
-from .hf import HF_TASKS, MAX_BLOCK, TEXT_PREFIX, context_length, is_hf, load_hf, text_file_data
+from .hf import HF_BATCH_SIZE, HF_TASKS, MAX_BLOCK, TEXT_PREFIX, context_length, is_hf, load_hf, text_file_data
 from .mlp import mlp
 from .spec import call_factory, is_spec, load_object
 
@@ -205,7 +205,7 @@ def _hf_task(model, data, loss, seed, batch_size, data_dir, data_seed, rank, wor
             )
         block = min(MAX_BLOCK, context_length(net) or MAX_BLOCK)
         vocab = getattr(getattr(net, "config", None), "vocab_size", None)
-        d = text_file_data(data, batch_size or 8, data_seed, tokenizer, vocab, block, as_dict=True)
+        d = text_file_data(data, batch_size or HF_BATCH_SIZE, data_seed, tokenizer, vocab, block, as_dict=True)
     else:
         d = _data(data, batch_size, data_seed, data_dir, rank, world_size)
     return Task(
