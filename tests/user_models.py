@@ -153,3 +153,29 @@ class ChannelsLastBlock(nn.Module):
 
 def channels_last_block() -> nn.Module:
     return ChannelsLastBlock()
+
+
+class NotInterceptable(nn.Module):
+    """Weights no GEMM site can take: a fused GRU and LSTM, an einsum, a parametrized Linear
+    (torch.nn.utils.parametrize) and a weight used through W.t(); then a plain Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.gru = nn.GRU(DIM, DIM, batch_first=True)
+        self.lstm = nn.LSTM(DIM, DIM, batch_first=True)
+        self.mix = nn.Parameter(torch.randn(DIM, DIM) / DIM**0.5)
+        self.ortho = nn.utils.parametrizations.orthogonal(nn.Linear(DIM, DIM))
+        self.tied = nn.Parameter(torch.randn(DIM, DIM) / DIM**0.5)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gru(self.emb(idx))
+        x, _ = self.lstm(x)
+        x = torch.einsum("btd,de->bte", x, self.mix)
+        x = self.ortho(x) @ self.tied.t()
+        return self.head(x)
+
+
+def not_interceptable() -> nn.Module:
+    return NotInterceptable()

@@ -11,7 +11,7 @@ from ..capture import MODULE_TYPES, CaptureConfig, run_capture
 from ..capture.config import AMP, OPTIMIZERS
 from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
-from ..models.hf import HF_BATCH_SIZE
+from ..models.hf import HF_BATCH_SIZE, HF_TASK_HELP
 from ..models.registry import DEFAULT_BATCH_SIZE
 from .common import console, err_console, user_errors
 from .progress import cli_progress
@@ -28,7 +28,7 @@ def capture(
         ..., "--model", help="mlp, cnn, gpt, package.module:factory returning an nn.Module, or hf:FOLDER "
         "(a Hugging Face model, offline)."
     ),
-    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help=HF_TASK_HELP),
     data: str = typer.Option(
         None, "--data", help="digits, text, text:FILE, or package.module:factory returning (input, target) "
         "or dict batches (default: the built-in model's data; required for your own model)."

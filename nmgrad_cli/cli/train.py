@@ -16,6 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..models.hf import HF_TASK_HELP
 from ..train import trainer as lib
 from ..train.distributed import dist_info
 from ..train.plot import plot_available
@@ -37,7 +38,7 @@ def train(
     model: str = typer.Option(
         "mlp", "--model", help="mlp, cnn, gpt, package.module:factory (an nn.Module), or hf:FOLDER (Hugging Face)."
     ),
-    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help=HF_TASK_HELP),
     data: str = typer.Option(
         None, "--data", help="digits, text, text:FILE, or package.module:factory (default: the model's own data)."
     ),
