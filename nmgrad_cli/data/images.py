@@ -2,7 +2,7 @@
 (an ImageFolder-like layout) or the built-in ``digits`` resized.
 
 ``images:FOLDER`` holds one subfolder per class (sorted names are the label ids 0, 1, ...), each
-with .png/.jpg/.jpeg files; they are read with Pillow (``pip install pillow``; matplotlib, the
+with .png/.jpg/.jpeg files; they are read with Pillow (``pip install 'nmgrad[images]'``; matplotlib, the
 ``plot`` extra, brings it too), converted to the model's channels (L or RGB), resized to its
 ``image_size`` and scaled to [-1, 1] ((x / 255 - 0.5) / 0.5, the ViT image processor's default).
 A fixed 10% (at least one image) is held out for evaluation.
@@ -32,8 +32,9 @@ def _pillow():
     try:
         from PIL import Image
     except ImportError:
-        raise NmgradError("--data images:FOLDER reads images with Pillow, which is not installed: pip install pillow"
-                          ) from None
+        raise NmgradError(
+            "--data images:FOLDER reads images with Pillow, which is not installed: pip install 'nmgrad[images]'"
+        ) from None
     return Image
 
 
