@@ -106,9 +106,10 @@ def check_links(path: Path, group: h5py.Group, where: str) -> list[str]:
     return names
 
 
-def check_layer(path: Path, key: str, g) -> dict:
+def check_layer(path: Path, key: str, g, records: bool = True) -> dict:
     """A layer group's attributes, parsed: name, module_type, feature_axis, token_axes,
-    weight_shape, index; and its kinds' record names (``records``)."""
+    weight_shape, index; and its kinds' record names (``records``; skipped, left empty, when
+    ``records`` is False)."""
     where = f"layer '{key}'"
     if not isinstance(g, h5py.Group):
         raise corrupt(path, f"/layers/{key} is a {type(g).__name__}, not a group")
@@ -135,7 +136,10 @@ def check_layer(path: Path, key: str, g) -> dict:
     if not _is_int(index):
         raise corrupt(path, f"{where}: index is {_show(index)}, not an integer")
     out["index"] = int(index)
-    records = {}
+    out["records"] = {}
+    if not records:
+        return out
+    records = out["records"]
     for kind in check_links(path, g, f"/layers/{key}"):
         if kind not in KINDS:
             continue  # a writer may add groups readers do not know
@@ -143,7 +147,6 @@ def check_layer(path: Path, key: str, g) -> dict:
         if not isinstance(sub, h5py.Group):
             raise corrupt(path, f"/layers/{key}/{kind} is a dataset, not a group of records")
         records[kind] = sorted(check_links(path, sub, f"/layers/{key}/{kind}"))
-    out["records"] = records
     return out
 
 
@@ -184,37 +187,41 @@ def check_record(path: Path, ds, kind: str, layer: dict) -> tuple[int, int, str]
     dtype = _text(a.get("dtype", str(ds.dtype)))
     if dtype not in DTYPES:
         raise corrupt(path, f"{where}: dtype {_show(a.get('dtype', str(ds.dtype)))} is not one of {', '.join(DTYPES)}")
-    stored = ds.dtype
-    if (dtype == "bfloat16" and stored not in (np.uint16, np.int16)) or (dtype in _FLOATS and stored != dtype):
-        raise corrupt(path, f"{where}: data stored as {stored}, which does not hold {dtype}")
-    nd = len(ds.shape)
-    if kind == "weight":
-        ws = layer.get("weight_shape")
-        if ws is not None and tuple(ds.shape) != tuple(ws):
-            raise corrupt(path, f"{where}: a weight of shape {ds.shape}, not the layer's weight_shape {tuple(ws)}")
-        return int(step), int(call), dtype
-    feature_axis, token_axes = layer["feature_axis"], layer["token_axes"]
-    if nd and not -nd <= feature_axis < nd:
-        raise corrupt(path, f"{where}: feature_axis {feature_axis} is out of range for shape {ds.shape}")
-    if any(not -nd <= t < nd for t in token_axes):
-        raise corrupt(path, f"{where}: token_axes {list(token_axes)} are out of range for shape {ds.shape}")
+    check_layout(path, where, kind, layer, tuple(ds.shape), dtype, ds.dtype)
     return int(step), int(call), dtype
 
 
-def check_written(path: Path, f: h5py.File) -> None:
+def check_layout(path: Path, where: str, kind: str, layer: dict, shape: tuple[int, ...], dtype: str, stored) -> None:
+    """A record's shape and storage against its layer (see :func:`check_record`)."""
+    if (dtype == "bfloat16" and stored not in (np.uint16, np.int16)) or (dtype in _FLOATS and stored != dtype):
+        raise corrupt(path, f"{where}: data stored as {stored}, which does not hold {dtype}")
+    nd = len(shape)
+    if kind == "weight":
+        ws = layer.get("weight_shape")
+        if ws is not None and shape != tuple(ws):
+            raise corrupt(path, f"{where}: a weight of shape {shape}, not the layer's weight_shape {tuple(ws)}")
+        return
+    feature_axis, token_axes = layer["feature_axis"], layer["token_axes"]
+    if nd and not -nd <= feature_axis < nd:
+        raise corrupt(path, f"{where}: feature_axis {feature_axis} is out of range for shape {shape}")
+    if any(not -nd <= t < nd for t in token_axes):
+        raise corrupt(path, f"{where}: token_axes {list(token_axes)} are out of range for shape {shape}")
+
+
+def check_written(path: Path, f: h5py.File, layouts: dict[tuple[str, str], dict[tuple, str]]) -> None:
     """What a reader checks, run by the writer on the file it is about to close: the root and
-    every layer's and record's attributes and shapes (metadata only, no tensor is read), so a
-    capture never calls a file complete that its own reader refuses."""
+    every layer's attributes as read back from the file, and each distinct record layout the
+    writer stored (``layouts``: (layer key, kind) -> {(shape, dtype name, stored dtype): the first
+    record's name}) against its layer. Metadata only, one check per layout rather than per
+    record, so a capture never calls a file complete that its own reader refuses, cheaply."""
     check_root(path, f.attrs)
     if "layers" not in f:
         return
     group = f["layers"]
-    for key in check_links(path, group, "/layers"):
-        layer = check_layer(path, key, group[key])
-        for kind, names in layer["records"].items():
-            for name in names:
-                check_record(path, group[key][kind][name], kind, layer)
-
+    layers = {key: check_layer(path, key, group[key], records=False) for key in check_links(path, group, "/layers")}
+    for (key, kind), seen in layouts.items():
+        for (shape, dtype, stored), where in seen.items():
+            check_layout(path, where, kind, layers[key], shape, dtype, np.dtype(stored))
 
 def check_storage(path: Path, ds: h5py.Dataset) -> None:
     """Refuse a dataset whose bytes live in other files (external storage, virtual dataset)."""

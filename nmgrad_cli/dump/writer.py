@@ -99,6 +99,8 @@ class DumpWriter:
         """Steps on disk as of the last successful flush (what :meth:`abort` keeps)."""
         self._flushed_size = 0
         self._aborted = False
+        self._layouts: dict[tuple[str, str], dict[tuple, str]] = {}
+        """(layer key, kind) -> each distinct (shape, dtype, stored dtype) written: checked at close."""
         self._unflushed: list[h5py.Dataset] = []
         """Datasets written since the last flush, kept open: closing one may write to the file, and
         after a failed write that would fail again where nobody can catch it."""
@@ -177,7 +179,8 @@ class DumpWriter:
             raise ValueError(f"kind must be one of {KINDS}")
         arr, name = to_numpy(tensor)
         self._check_space(arr.nbytes + arr.nbytes // 8, 1)
-        grp = self._layers[layer_key(layer)].require_group(kind)
+        key = layer_key(layer)
+        grp = self._layers[key].require_group(kind)
         chunks = _chunks(arr) if arr.ndim and arr.size > 0 else None
         ds = grp.create_dataset(
             record_name(step, call),
@@ -188,6 +191,8 @@ class DumpWriter:
         ds.attrs["step"] = int(step)
         ds.attrs["call"] = int(call)
         ds.attrs["dtype"] = name
+        self._layouts.setdefault((key, kind), {}).setdefault(
+            (tuple(arr.shape), name, arr.dtype.str), ds.name)
         self._unflushed.append(ds)
         self.bytes_written += arr.nbytes
         return arr.nbytes
@@ -237,7 +242,7 @@ class DumpWriter:
         """Why the reader would refuse what was written (:func:`validate.check_written`, metadata
         only), or None. Never raises for I/O errors: close handles those."""
         try:
-            check_written(self.path, self._f)
+            check_written(self.path, self._f, self._layouts)
         except DumpError as exc:
             return str(exc).removeprefix(f"{self.path} is corrupt: ").removesuffix(_CORRUPT_TAIL)
         except Exception:  # noqa: BLE001 - a failed read of the file's own metadata: close reports it
