@@ -107,3 +107,8 @@ def test_batch_size_help_states_the_real_defaults():
     tr = help_text("train")
     assert f"mlp/cnn {trainer.TASK_DEFAULTS['mlp'].batch_size}" in tr
     assert f"hf: {trainer.HF_DEFAULTS.batch_size}" in tr and f"gpt {trainer.TASK_DEFAULTS['gpt'].batch_size}" in tr
+
+
+def test_quiet_keeps_asked_for_json():
+    r = invoke("inspect", SAMPLE, "--json", "-q")
+    assert r.exit_code == 0 and json.loads(r.stdout)["layers"]

@@ -21,7 +21,7 @@ def inspect(
         None, "--layers", help="Comma-separated globs on the dump's layer names, e.g. 'fc1,blocks.*.mlp.*'."
     ),
     quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="Print nothing: the exit code says whether the dump reads (errors still printed)."
+        False, "--quiet", "-q", help="No tables; the exit code says whether the dump reads (--json still printed)."
     ),
 ) -> None:
     """Show a dump's layers, shapes, steps, dtypes, sizes and run metadata."""
@@ -30,10 +30,10 @@ def inspect(
         if layers is not None:
             chosen = set(select_layers([li["name"] for li in info["layers"]], layers, "dump layer"))
             info["layers"] = [li for li in info["layers"] if li["name"] in chosen]
-    if quiet:
-        return
-    if json_out:
+    if json_out:  # asked for: printed even with -q
         write_json(Path("-"), info)
+        return
+    if quiet:
         return
     head = Tree(f"[bold]{info['path']}[/]  {info['file_bytes'] / 1e6:.2f} MB on disk")
     status = "complete" if info["complete"] else ("interrupted" if info["interrupted"] else "not closed cleanly")
