@@ -91,8 +91,34 @@ def error_over_steps(payload: Results | dict) -> dict:
     return out
 
 
-def _short(name: str, width: int = 22) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+def short_labels(names: list[str], width: int = 22) -> list[str]:
+    """Axis labels for layer names: a name longer than ``width`` has its outer path parts
+    abbreviated, from the left, until it fits (``encoder.block.0.layer.0.SelfAttention.q`` ->
+    ``e.b.0.l.0.SA.q``): block indices and the last part are always kept whole, so the labels stay
+    informative. Names whose abbreviations would coincide keep their full names: labels are unique."""
+    labels = [_abbreviate(n, width) for n in names]
+    count: dict[str, int] = {}
+    for label in labels:
+        count[label] = count.get(label, 0) + 1
+    return [label if count[label] == 1 else name for name, label in zip(names, labels)]
+
+
+def _abbreviate(name: str, width: int) -> str:
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if len(".".join(parts)) <= width:
+            break
+        if not parts[i].isdigit():
+            parts[i] = _initials(parts[i])
+    return ".".join(parts)
+
+
+def _initials(part: str) -> str:
+    """``SelfAttention`` -> ``SA``, ``c_attn`` -> ``ca``, ``encoder`` -> ``e``."""
+    caps = "".join(c for c in part if c.isupper())
+    if len(caps) > 1:
+        return caps
+    return "".join(w[0] for w in part.split("_") if w) or part
 
 
 def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
@@ -129,7 +155,7 @@ def plot_results(payload: Results | dict, path: str | os.PathLike) -> Path:
 
     def ticks(ax, names):
         ax.set_xticks(list(range(len(names))))
-        ax.set_xticklabels([_short(n) for n in names], rotation=60 if rotate else 0,
+        ax.set_xticklabels(short_labels(names), rotation=60 if rotate else 0,
                            ha="right" if rotate else "center", fontsize=8)
         ax.set_xlim(-0.6, len(names) - 0.4)
 

@@ -115,3 +115,23 @@ def test_a_png_that_cannot_be_written_leaves_the_old_one(payload, tmp_path):
     with pytest.raises(OutputError, match=f"cannot write {out}: File too large"), file_size_limit(2048):
         lib.plot_results(payload, out)
     assert out.read_bytes() == b"old picture" and [p.name for p in tmp_path.iterdir()] == ["e.png"]
+
+
+def test_labels_keep_the_block_index_and_the_distinguishing_end():
+    """T5's q projections (encoder and decoder, self and cross attention) used to be cut from the left
+    to the same `…yer.0.SelfAttention.q`: now every label is unique and keeps both ends that matter."""
+    names = [f"{side}.block.{b}.layer.{j}.{att}.{p}" for side in ("encoder", "decoder") for b in (0, 1)
+             for j, att in ((0, "SelfAttention"), (1, "EncDecAttention")) for p in ("q", "k")]
+    names += ["decoder.block.0.layer.2.DenseReluDense.wi", "lm_head"]
+    labels = lib.short_labels(names)
+    assert len(set(labels)) == len(names)
+    for name, label in zip(names, labels):
+        parts = name.split(".")
+        assert label.split(".")[-1] == parts[-1]  # the distinguishing end
+        assert [p for p in label.split(".") if p.isdigit()] == [p for p in parts if p.isdigit()]  # block indices
+    assert labels[0] == "e.b.0.l.0.SA.q" and labels[names.index("lm_head")] == "lm_head"
+    assert labels[names.index("decoder.block.0.layer.2.DenseReluDense.wi")] == "d.b.0.l.2.DRD.wi"
+    # both would read e.e.0.q: they keep their full names
+    assert lib.short_labels(["encoder.embed.0.q", "encoder.ebb.0.q", "mlp.c_fc"], width=8) == [
+        "encoder.embed.0.q", "encoder.ebb.0.q", "mlp.c_fc"]
+    assert lib.short_labels(["fc1", "fc2"]) == ["fc1", "fc2"]

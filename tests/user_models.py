@@ -134,3 +134,56 @@ def images(batch_size: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch_size, 1, 8, 8, generator=g), torch.randint(0, 3, (batch_size,), generator=g))
             for _ in range(4)]
+
+
+class ChannelsLastBlock(nn.Module):
+    """Every site kind with X and W: a ConvNeXt-style block (depthwise Conv2d, then pointwise
+    Linears on channels-last (B, H, W, C) activations, as in Hugging Face ConvNeXt), a Conv1d over
+    the rows and a Conv3d over a stack of the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw1 = nn.Linear(8, 16)  # on (B, H, W, 8)
+        self.pw2 = nn.Linear(16, 8)
+        self.rows = nn.Conv1d(8, 8, 3, padding=1, stride=2)
+        self.vol = nn.Conv3d(1, 4, (2, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(8 + 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(torch.relu(self.stem(x)))                       # (B, 8, 8, 8)
+        x = x + self.pw2(torch.relu(self.pw1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        r = torch.tanh(self.rows(x.mean(2)))                        # (B, 8, 4)
+        v = torch.tanh(self.vol(x.unsqueeze(1)))                    # (B, 4, 7, 8, 8)
+        return self.head(torch.cat([r.mean(-1), v.mean((2, 3, 4))], 1))
+
+
+def channels_last_block() -> nn.Module:
+    return ChannelsLastBlock()
+
+
+class NotInterceptable(nn.Module):
+    """Weights no GEMM site can take: a fused GRU and LSTM, an einsum, a parametrized Linear
+    (torch.nn.utils.parametrize) and a weight used through W.t(); then a plain Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.gru = nn.GRU(DIM, DIM, batch_first=True)
+        self.lstm = nn.LSTM(DIM, DIM, batch_first=True)
+        self.mix = nn.Parameter(torch.randn(DIM, DIM) / DIM**0.5)
+        self.ortho = nn.utils.parametrizations.orthogonal(nn.Linear(DIM, DIM))
+        self.tied = nn.Parameter(torch.randn(DIM, DIM) / DIM**0.5)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gru(self.emb(idx))
+        x, _ = self.lstm(x)
+        x = torch.einsum("btd,de->bte", x, self.mix)
+        x = self.ortho(x) @ self.tied.t()
+        return self.head(x)
+
+
+def not_interceptable() -> nn.Module:
+    return NotInterceptable()

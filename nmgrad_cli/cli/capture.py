@@ -11,6 +11,8 @@ from ..capture import MODULE_TYPES, CaptureConfig, run_capture
 from ..capture.config import AMP, OPTIMIZERS
 from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
+from ..models.hf import HF_BATCH_SIZE, HF_TASK_HELP
+from ..models.registry import DEFAULT_BATCH_SIZE
 from .common import console, err_console, user_errors
 from .progress import cli_progress
 
@@ -26,7 +28,7 @@ def capture(
         ..., "--model", help="mlp, cnn, gpt, package.module:factory returning an nn.Module, or hf:FOLDER "
         "(a Hugging Face model, offline)."
     ),
-    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help=HF_TASK_HELP),
     data: str = typer.Option(
         None, "--data", help="digits, text, text:FILE, or package.module:factory returning (input, target) "
         "or dict batches (default: the built-in model's data; required for your own model)."
@@ -53,7 +55,11 @@ def capture(
     max_bytes: str = typer.Option(
         None, "--max-bytes", help="Byte budget of the recorded tensors (e.g. 500M, 2G); stops cleanly before it."
     ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Batch size (default: digits 64, text 32)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help=f"Batch size (default: digits {DEFAULT_BATCH_SIZE['digits']}, text and text:FILE "
+        f"{DEFAULT_BATCH_SIZE['text']}, text:FILE or images:FOLDER with an hf: model {HF_BATCH_SIZE}; a "
+        "package.module:factory's data: its own default)."
+    ),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),

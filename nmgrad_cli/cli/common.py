@@ -7,14 +7,28 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 
 from ..errors import NmgradError
 from ..outputs import check_output, write_text
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_table(out: Console, renderable: RenderableType) -> None:
+    """On a terminal fit ``renderable`` to it; elsewhere (pipes, files, CI logs) print it at its
+    natural width rather than rich's default 80 columns, which would cut or drop columns."""
+    if out.is_terminal:
+        out.print(renderable, highlight=False)
+        return
+    natural = Measurement.get(out, out.options.update_width(1000), renderable).maximum
+    Console(file=out.file, width=max(natural, 80), color_system=None, highlight=False).print(renderable)
+
+
+QUIET_HELP = "No progress bar and no tables (errors and warnings are still printed)."
 
 
 def num(x, fmt: str = ".2e") -> str:

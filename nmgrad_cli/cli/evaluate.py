@@ -13,7 +13,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -23,7 +22,7 @@ from ..evaluate import MAX_SAMPLES, EvalConfig, EvalReport
 from ..methods import METHODS
 from ..outputs import atomic_open, check_distinct
 from ..train.distributed import dist_info
-from .common import check_new_file, console, err_console, num, user_errors, write_json
+from .common import QUIET_HELP, check_new_file, console, err_console, num, print_table, user_errors, write_json
 from .progress import cli_progress
 
 
@@ -99,6 +98,7 @@ def evaluate(
     ),
     plan_out: Path = typer.Option(None, "--plan-out", help="With --recommend: write the plan JSON (`train --plan`)."),
     plot_out: Path = typer.Option(None, "--plot", help="Also draw the errors into this PNG (`nmgrad plot`)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Evaluate pruning methods on captured neural gradients: exact mse/bias/variance, MC angle.
 
@@ -138,10 +138,11 @@ def evaluate(
         # with --json - or --csv - stdout carries only that output: tables and notes go to stderr
         out = err_console if to_stdout else console
         main = dist_info().is_main  # under torchrun every rank evaluates a shard; rank 0 reports
-        report = _run(dumps, config, quiet=not main)
+        report = _run(dumps, config, quiet=quiet or not main)
         if not main:
             return
-        render(report, out)
+        if not quiet:
+            render(report, out)
         write_json(json_out, report.to_dict())
         if csv_out is not None:
             write_csv(csv_out, report)
@@ -243,16 +244,6 @@ def _table(title: str, rows: list[dict], label_cols: list[str], show_axis: bool)
     return table
 
 
-def _print(out: Console, table: Table) -> None:
-    """On a terminal fit the table to it; elsewhere (pipes, CI logs) print it at its natural width
-    rather than rich's default 80 columns, which would truncate the numbers."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    natural = Measurement.get(out, out.options.update_width(1000), table).maximum
-    Console(file=out.file, width=max(natural, 80), color_system=None, highlight=False).print(table)
-
-
 def render(report: EvalReport, out: Console) -> None:
     """The per-layer table, the ||g||^2-weighted summary table, notes."""
     cfg = report.config
@@ -262,13 +253,13 @@ def render(report: EvalReport, out: Console) -> None:
     label_cols = ["file", "layer"] if several else ["layer"]
     head = f"nmgrad evaluate: pattern {cfg.pattern}, axis {cfg.axis}, {cfg.samples} samples, seed {cfg.seed}"
     if rows:
-        _print(out, _table(f"{head}: per layer", rows, label_cols, show_axis))
+        print_table(out, _table(f"{head}: per layer", rows, label_cols, show_axis))
     if report.file_summary:
         frows = [{**r, "file": Path(r["file"]).name} for r in report.file_summary]
-        _print(out, _table("summary of each file (weighted by ||g||^2)", frows, ["file"], show_axis))
+        print_table(out, _table("summary of each file (weighted by ||g||^2)", frows, ["file"], show_axis))
     if report.summary:
         title = "summary over layers" + (" of every file" if several else "") + " (weighted by ||g||^2)"
-        _print(out, _table(title, report.summary, [], show_axis))
+        print_table(out, _table(title, report.summary, [], show_axis))
     for note in report.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 

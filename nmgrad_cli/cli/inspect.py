@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console, RenderableType
-from rich.measure import Measurement
 from rich.table import Table
 from rich.tree import Tree
 
 from ..capture.summary import summarize
 from ..layers import select_layers
-from .common import console, user_errors, write_json
+from .common import console, print_table, user_errors, write_json
 
 
 def inspect(
@@ -22,6 +20,9 @@ def inspect(
     layers: str = typer.Option(
         None, "--layers", help="Comma-separated globs on the dump's layer names, e.g. 'fc1,blocks.*.mlp.*'."
     ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No tables; the exit code says whether the dump reads (--json still printed)."
+    ),
 ) -> None:
     """Show a dump's layers, shapes, steps, dtypes, sizes and run metadata."""
     with user_errors():
@@ -29,8 +30,10 @@ def inspect(
         if layers is not None:
             chosen = set(select_layers([li["name"] for li in info["layers"]], layers, "dump layer"))
             info["layers"] = [li for li in info["layers"] if li["name"] in chosen]
-    if json_out:
+    if json_out:  # asked for: printed even with -q
         write_json(Path("-"), info)
+        return
+    if quiet:
         return
     head = Tree(f"[bold]{info['path']}[/]  {info['file_bytes'] / 1e6:.2f} MB on disk")
     status = "complete" if info["complete"] else ("interrupted" if info["interrupted"] else "not closed cleanly")
@@ -42,7 +45,7 @@ def inspect(
     run = head.add("run")
     for k, v in info["run"].items():
         run.add(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}")
-    _print(head)
+    print_table(console, head)
     table = Table(title=f"{len(info['layers'])} layers", title_justify="left")
     for col in ("layer", "type", "dY shape", "F", "T", "dtype", "steps", "calls", "records", "MB", "inputs"):
         table.add_column(col, justify="right" if col in ("F", "T", "steps", "calls", "records", "MB") else "left")
@@ -53,13 +56,4 @@ def inspect(
             str(li["calls_per_step"]), str(li["records"]["grad"]), f"{li['bytes'] / 1e6:.2f}",
             "X,W" if li["records"]["input"] and li["records"]["weight"] else ("W" if li["records"]["weight"] else "-"),
         )
-    _print(table)
-
-
-def _print(renderable: RenderableType) -> None:
-    """On a terminal as usual; into a pipe or file at the natural width, so nothing is cut or wrapped."""
-    if console.is_terminal:
-        console.print(renderable, highlight=False)
-        return
-    natural = Measurement.get(console, console.options.update_width(1000), renderable).maximum
-    Console(file=console.file, width=max(natural, 80), color_system=None, highlight=False).print(renderable)
+    print_table(console, table)

@@ -11,8 +11,7 @@ from rich.text import Text
 
 from .. import plan as lib
 from ..evaluate import EvalConfig
-from .common import check_new_file, write_json
-from .evaluate import _print as print_table  # natural width off a terminal
+from .common import check_new_file, print_table, write_json
 from .evaluate import write_csv
 from .progress import cli_progress
 

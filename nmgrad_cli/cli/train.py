@@ -16,18 +16,29 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..models.hf import HF_TASK_HELP
 from ..train import trainer as lib
 from ..train.distributed import dist_info
 from ..train.plot import plot_available
-from .common import check_new_file, console, err_console, fail, user_errors, write_json
+from .common import QUIET_HELP, check_new_file, console, err_console, fail, print_table, user_errors, write_json
 from .progress import cli_progress
+
+
+def _batch_size_help() -> str:
+    """--batch-size's help, from the defaults the trainer uses (so it stays true)."""
+    by_size: dict[int, list[str]] = {}
+    for name, d in lib.TASK_DEFAULTS.items():
+        by_size.setdefault(d.batch_size, []).append(name)
+    builtin = ", ".join(f"{'/'.join(names)} {size}" for size, names in by_size.items())
+    return (f"Per-process batch size (default by --model: {builtin}, package.module:factory "
+            f"{lib.CUSTOM_DEFAULTS.batch_size}, hf: {lib.HF_DEFAULTS.batch_size}).")
 
 
 def train(
     model: str = typer.Option(
         "mlp", "--model", help="mlp, cnn, gpt, package.module:factory (an nn.Module), or hf:FOLDER (Hugging Face)."
     ),
-    hf_task: str = typer.Option("causal-lm", "--hf-task", help="For hf: models: causal-lm or seq-cls."),
+    hf_task: str = typer.Option("causal-lm", "--hf-task", help=HF_TASK_HELP),
     data: str = typer.Option(
         None, "--data", help="digits, text, text:FILE, or package.module:factory (default: the model's own data)."
     ),
@@ -49,7 +60,7 @@ def train(
         False, "--strict", help="Fail when a 2+-dim parameter gets a gradient outside every GEMM site."
     ),
     steps: int = typer.Option(200, "--steps", "-n", help="Optimizer steps."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size (default: the task's)."),
+    batch_size: int = typer.Option(None, "--batch-size", help=_batch_size_help()),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the task's)."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
     eval_batches: int = typer.Option(0, "--eval-batches", help="Held-out batches per evaluation (0: all)."),
@@ -82,6 +93,7 @@ def train(
     ),
     json_out: Path = typer.Option(None, "--json", help="Write the final table as JSON to FILE, or '-' for stdout."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Do not write loss.png."),
+    quiet_opt: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Train a model with N:M-pruned neural gradients; --compare runs several methods side by side."""
     with user_errors():
@@ -106,29 +118,32 @@ def train(
             torch.set_num_threads(threads)
         # with --json - stdout carries only the JSON: tables and progress go to stderr
         shown = err_console if json_out is not None and str(json_out) == "-" else console
-        quiet = not info.is_main
+        quiet = quiet_opt or not info.is_main
         bar = cli_progress(quiet, unit="steps")  # on stderr: rich on a terminal, plain lines in logs
         if methods is not None:
             summaries = lib.compare(cfg, methods, out, force=force, plot=not no_plot, progress=bar)
         else:
             summaries = [lib.train(cfg, out, force=force, plot=not no_plot, progress=bar)]
-        if quiet:
+        if not info.is_main:
             return
-        render(summaries, cfg, shown)
-        _report_sites(summaries, shown)
-        if not no_plot and not plot_available():
-            shown.print("note: matplotlib is not installed, no loss.png (pip install 'nmgrad[plot]')")
-        shown.print(f"run files in {out}/", highlight=False)
+        if not quiet:
+            render(summaries, cfg, shown)
+            _report_sites(summaries, shown)
+            if not no_plot and not plot_available():
+                shown.print("note: matplotlib is not installed, no loss.png (pip install 'nmgrad[plot]')")
+            shown.print(f"run files in {out}/", highlight=False)
+        else:
+            _report_sites(summaries, err_console, warnings_only=True)
         write_json(json_out, {"config": asdict(cfg), "runs": [asdict(s) for s in summaries]})
         diverged = [s for s in summaries if s.diverged]
         if diverged:
             raise fail("; ".join(f"{s.label}: {s.diverged}" for s in diverged), 1)
 
 
-def _report_sites(summaries: list[lib.RunSummary], shown: Console) -> None:
+def _report_sites(summaries: list[lib.RunSummary], shown: Console, warnings_only: bool = False) -> None:
     """The sparse-gradient sites of the (first sparse) run, and what no GEMM site covers."""
     sparse = next((s for s in summaries if s.layers), None)
-    if sparse is not None:
+    if sparse is not None and not warnings_only:
         shown.print(f"sparse-gradient sites ({len(sparse.layers)}): {', '.join(sparse.layers)}",
                     highlight=False, soft_wrap=True)
     for name, why in summaries[0].not_intercepted if summaries else []:
@@ -165,4 +180,4 @@ def render(summaries: list[lib.RunSummary], cfg: lib.TrainConfig, console: Conso
         if failed:
             row.append("[red]diverged[/]" if s.diverged else "ok")
         table.add_row(*row)
-    console.print(table)
+    print_table(console, table)

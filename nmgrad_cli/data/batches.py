@@ -31,6 +31,10 @@ class Batches:
         self.epoch += 1
         return iter(self._make_epoch(self.epoch - 1, gen))
 
+    def map(self, fn: Callable) -> Batches:
+        """The same epochs with ``fn`` applied to every batch (e.g. tuples made dicts)."""
+        return Batches(lambda e, gen: map(fn, self._make_epoch(e, gen)), self._n, self.seed)
+
 
 @dataclass
 class Data:

@@ -64,6 +64,11 @@ def _decode(ds: h5py.Dataset, index: tuple | None = None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def _meta(li: LayerInfo) -> dict:
+    """The layer attributes :func:`validate.check_record` checks a record against."""
+    return {"feature_axis": li.feature_axis, "token_axes": li.token_axes, "weight_shape": li.weight_shape}
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -154,7 +159,7 @@ class DumpReader:
             for name in li.records.get(kind, []):
                 try:
                     ds = self._f["layers"][li.key][kind][name]
-                    step, call, dtype = validate.check_record(self.path, ds, li.feature_axis, li.token_axes)
+                    step, call, dtype = validate.check_record(self.path, ds, kind, _meta(li))
                     shape = tuple(ds.shape)
                 except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:  # damaged bytes
                     raise self._corrupt(exc, f"{li.key}/{kind}/{name}") from None
@@ -167,7 +172,7 @@ class DumpReader:
         try:
             ds = self._f["layers"][layer][kind][record]
             li = self.layers[layer]
-            validate.check_record(self.path, ds, li.feature_axis, li.token_axes)
+            validate.check_record(self.path, ds, kind, _meta(li))
             validate.check_storage(self.path, ds)
             return _decode(ds, index)
         except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:

@@ -25,8 +25,11 @@ from .schema import DTYPES, KINDS
 _FLOATS = {"float16", "float32", "float64"}
 
 
+CORRUPT_TAIL = "; re-run the capture (or fix the file)"
+
+
 def corrupt(path: Path, what: str) -> DumpError:
-    return DumpError(f"{path} is corrupt: {what}; re-run the capture (or fix the file)")
+    return DumpError(f"{path} is corrupt: {what}{CORRUPT_TAIL}")
 
 
 def _show(v) -> str:
@@ -103,9 +106,10 @@ def check_links(path: Path, group: h5py.Group, where: str) -> list[str]:
     return names
 
 
-def check_layer(path: Path, key: str, g) -> dict:
+def check_layer(path: Path, key: str, g, records: bool = True) -> dict:
     """A layer group's attributes, parsed: name, module_type, feature_axis, token_axes,
-    weight_shape, index; and its kinds' record names (``records``)."""
+    weight_shape, index; and its kinds' record names (``records``; skipped, left empty, when
+    ``records`` is False)."""
     where = f"layer '{key}'"
     if not isinstance(g, h5py.Group):
         raise corrupt(path, f"/layers/{key} is a {type(g).__name__}, not a group")
@@ -137,7 +141,10 @@ def check_layer(path: Path, key: str, g) -> dict:
     if not _is_int(index):
         raise corrupt(path, f"{where}: index is {_show(index)}, not an integer")
     out["index"] = int(index)
-    records = {}
+    out["records"] = {}
+    if not records:
+        return out
+    records = out["records"]
     for kind in check_links(path, g, f"/layers/{key}"):
         if kind not in KINDS:
             continue  # a writer may add groups readers do not know
@@ -145,7 +152,6 @@ def check_layer(path: Path, key: str, g) -> dict:
         if not isinstance(sub, h5py.Group):
             raise corrupt(path, f"/layers/{key}/{kind} is a dataset, not a group of records")
         records[kind] = sorted(check_links(path, sub, f"/layers/{key}/{kind}"))
-    out["records"] = records
     return out
 
 
@@ -167,8 +173,14 @@ def _conv_attr(path: Path, where: str, v) -> dict:
     return conv
 
 
-def check_record(path: Path, ds, feature_axis: int, token_axes: tuple[int, ...]) -> tuple[int, int, str]:
-    """(step, call, dtype name) of a record dataset, refusing anything a reader could not use."""
+def check_record(path: Path, ds, kind: str, layer: dict) -> tuple[int, int, str]:
+    """(step, call, dtype name) of a ``kind`` record dataset of ``layer`` (the parsed layer
+    attributes, :func:`check_layer`), refusing anything a reader could not use.
+
+    The layer's feature_axis and token_axes index dY's dims, so they are checked on grad records
+    and on input records (X has dY's rank: Linear's (..., I) beside dY (..., F), a conv's
+    (B, C_in, *spatial)); a weight record is W in the site's canonical layout, of the layer's
+    ``weight_shape`` when it has one."""
     where = ds.name
     if not isinstance(ds, h5py.Dataset):
         raise corrupt(path, f"{where} is a group, not a record dataset")
@@ -180,16 +192,41 @@ def check_record(path: Path, ds, feature_axis: int, token_axes: tuple[int, ...])
     dtype = _text(a.get("dtype", str(ds.dtype)))
     if dtype not in DTYPES:
         raise corrupt(path, f"{where}: dtype {_show(a.get('dtype', str(ds.dtype)))} is not one of {', '.join(DTYPES)}")
-    stored = ds.dtype
-    if (dtype == "bfloat16" and stored not in (np.uint16, np.int16)) or (dtype in _FLOATS and stored != dtype):
-        raise corrupt(path, f"{where}: data stored as {stored}, which does not hold {dtype}")
-    nd = len(ds.shape)
-    if nd and not -nd <= feature_axis < nd:
-        raise corrupt(path, f"{where}: feature_axis {feature_axis} is out of range for shape {ds.shape}")
-    if any(not -nd <= t < nd for t in token_axes):
-        raise corrupt(path, f"{where}: token_axes {list(token_axes)} are out of range for shape {ds.shape}")
+    check_layout(path, where, kind, layer, tuple(ds.shape), dtype, ds.dtype)
     return int(step), int(call), dtype
 
+
+def check_layout(path: Path, where: str, kind: str, layer: dict, shape: tuple[int, ...], dtype: str, stored) -> None:
+    """A record's shape and storage against its layer (see :func:`check_record`)."""
+    if (dtype == "bfloat16" and stored not in (np.uint16, np.int16)) or (dtype in _FLOATS and stored != dtype):
+        raise corrupt(path, f"{where}: data stored as {stored}, which does not hold {dtype}")
+    nd = len(shape)
+    if kind == "weight":
+        ws = layer.get("weight_shape")
+        if ws is not None and shape != tuple(ws):
+            raise corrupt(path, f"{where}: a weight of shape {shape}, not the layer's weight_shape {tuple(ws)}")
+        return
+    feature_axis, token_axes = layer["feature_axis"], layer["token_axes"]
+    if nd and not -nd <= feature_axis < nd:
+        raise corrupt(path, f"{where}: feature_axis {feature_axis} is out of range for shape {shape}")
+    if any(not -nd <= t < nd for t in token_axes):
+        raise corrupt(path, f"{where}: token_axes {list(token_axes)} are out of range for shape {shape}")
+
+
+def check_written(path: Path, f: h5py.File, layouts: dict[tuple[str, str], dict[tuple, str]]) -> None:
+    """What a reader checks, run by the writer on the file it is about to close: the root and
+    every layer's attributes as read back from the file, and each distinct record layout the
+    writer stored (``layouts``: (layer key, kind) -> {(shape, dtype name, stored dtype): the first
+    record's name}) against its layer. Metadata only, one check per layout rather than per
+    record, so a capture never calls a file complete that its own reader refuses, cheaply."""
+    check_root(path, f.attrs)
+    if "layers" not in f:
+        return
+    group = f["layers"]
+    layers = {key: check_layer(path, key, group[key], records=False) for key in check_links(path, group, "/layers")}
+    for (key, kind), seen in layouts.items():
+        for (shape, dtype, stored), where in seen.items():
+            check_layout(path, where, kind, layers[key], shape, dtype, np.dtype(stored))
 
 def check_storage(path: Path, ds: h5py.Dataset) -> None:
     """Refuse a dataset whose bytes live in other files (external storage, virtual dataset)."""

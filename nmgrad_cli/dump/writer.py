@@ -16,6 +16,8 @@ import torch
 from ..errors import DumpError
 from ..outputs import check_output
 from .schema import KINDS, SCHEMA_NAME, SCHEMA_VERSION, dtype_name, layer_key, record_name
+from .validate import CORRUPT_TAIL as _CORRUPT_TAIL
+from .validate import check_written
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 
@@ -97,6 +99,8 @@ class DumpWriter:
         """Steps on disk as of the last successful flush (what :meth:`abort` keeps)."""
         self._flushed_size = 0
         self._aborted = False
+        self._layouts: dict[tuple[str, str], dict[tuple, str]] = {}
+        """(layer key, kind) -> each distinct (shape, dtype, stored dtype) written: checked at close."""
         self._unflushed: list[h5py.Dataset] = []
         """Datasets written since the last flush, kept open: closing one may write to the file, and
         after a failed write that would fail again where nobody can catch it."""
@@ -175,7 +179,8 @@ class DumpWriter:
             raise ValueError(f"kind must be one of {KINDS}")
         arr, name = to_numpy(tensor)
         self._check_space(arr.nbytes + arr.nbytes // 8, 1)
-        grp = self._layers[layer_key(layer)].require_group(kind)
+        key = layer_key(layer)
+        grp = self._layers[key].require_group(kind)
         chunks = _chunks(arr) if arr.ndim and arr.size > 0 else None
         ds = grp.create_dataset(
             record_name(step, call),
@@ -186,6 +191,8 @@ class DumpWriter:
         ds.attrs["step"] = int(step)
         ds.attrs["call"] = int(call)
         ds.attrs["dtype"] = name
+        self._layouts.setdefault((key, kind), {}).setdefault(
+            (tuple(arr.shape), name, arr.dtype.str), ds.name)
         self._unflushed.append(ds)
         self.bytes_written += arr.nbytes
         return arr.nbytes
@@ -212,8 +219,11 @@ class DumpWriter:
         :class:`DumpError` is raised."""
         if not self._f.id.valid:
             return
+        refused = self._refused()
         try:
             self._check_space(0, reserve=SPACE_RESERVE // 4)
+            if refused is not None:
+                self.mark_interrupted(f"nmgrad's reader refuses it: {refused}")
             self._f.attrs["complete"] = bool(complete and not self._f.attrs["interrupted"])
             self._f.close()
         except Exception as exc:  # noqa: BLE001 - whatever HDF5 raised, leave a readable file
@@ -222,6 +232,22 @@ class DumpWriter:
                 raise
             raise DumpError(f"writing {self.path} failed: {failure_reason(exc)}") from None
         self._unflushed.clear()
+        if refused is not None:
+            raise DumpError(
+                f"{self.path} was written but nmgrad's own reader refuses it ({refused}): a bug in nmgrad, please "
+                "report it with this message; the file is kept, marked interrupted"
+            )
+
+    def _refused(self) -> str | None:
+        """Why the reader would refuse what was written (:func:`validate.check_written`, metadata
+        only), or None. Never raises for I/O errors: close handles those."""
+        try:
+            check_written(self.path, self._f, self._layouts)
+        except DumpError as exc:
+            return str(exc).removeprefix(f"{self.path} is corrupt: ").removesuffix(_CORRUPT_TAIL)
+        except Exception:  # noqa: BLE001 - a failed read of the file's own metadata: close reports it
+            return None
+        return None
 
     def abort(self, reason: str | None = None) -> None:
         """Close after a failed write without writing anything more, and cut the file back to the

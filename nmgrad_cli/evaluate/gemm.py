@@ -91,11 +91,13 @@ def gemm_operands(
 
     - Linear-like (feature axis last): features a = dY (T, F), b = W (F, I); tokens a = dY^T (F, T),
       b = X (T, I).
-    - Conv2d (dY (B, F, H, W)): features a = dY as (T = B*H*W, F), b = W as (F, C_in*kh*kw)
-      (block-diagonal over groups), the implicit GEMM whose output col2im folds into dX; tokens
-      a = dY^T (F, T), b = X unfolded with the conv's stride/padding/dilation (T, C_in*kh*kw), or
-      with G groups (G, T, C_in/G*kh*kw), feature group j times b[j] (:func:`conv_input_matrix`,
-      from the layer's ``conv`` attribute).
+    - Linear-like on N-D activations (ConvNeXt's pointwise Linears on (B, H, W, C)): the same, with
+      every dim but the last flattened into T.
+    - Conv1d/2d/3d (dY (B, F, *spatial)): features a = dY as (T = B*prod(spatial), F), b = W as
+      (F, C_in*prod(kernel)) (block-diagonal over groups), the implicit GEMM whose output col2im
+      folds into dX; tokens a = dY^T (F, T), b = X unfolded with the conv's stride/padding/dilation
+      (T, C_in*prod(kernel)), or with G groups (G, T, C_in/G*prod(kernel)), feature group j times
+      b[j] (:func:`conv_input_matrix`, from the layer's ``conv`` attribute).
     """
     layer = rec.layer
     kinds = {"features": "weight", "tokens": "input"}
@@ -103,11 +105,11 @@ def gemm_operands(
     if not present:
         return {}, None
     last = layer.feature_axis in (-1, g.dim() - 1)
-    conv = not last and g.dim() == 4 and layer.feature_axis == 1
+    conv = not last and g.dim() >= 3 and layer.feature_axis == 1 and layer.module_type.startswith("Conv")
     if not last and not conv:
         return {}, (
             f"layer {layer.name} ({layer.module_type}): GEMM-level errors skipped, they are computed for "
-            "Linear-like layers (feature axis last) and Conv2d"
+            "Linear-like layers (feature axis last) and Conv1d/2d/3d (features on dim 1)"
         )
     f = g2.shape[1]
     out = {}
@@ -122,13 +124,15 @@ def gemm_operands(
             if axis == "tokens":
                 xu = conv_input_matrix(v, layer.conv, layer.weight_shape, g.shape)
                 if isinstance(xu, str):
-                    conv_note = f"layer {layer.name} (Conv2d): dW errors skipped, {xu}; dX errors are computed"
+                    conv_note = (
+                        f"layer {layer.name} ({layer.module_type}): dW errors skipped, {xu}; dX errors are computed"
+                    )
                 else:
                     out[axis] = (g2.T, xu)
                 continue
             w = _conv_weight_matrix(v, f, reader, rec)
             if isinstance(w, str):
-                return {}, f"layer {layer.name} (Conv2d): {w}; GEMM skipped"
+                return {}, f"layer {layer.name} ({layer.module_type}): {w}; GEMM skipped"
             out[axis] = (g2, w)
         elif axis == "features":
             if v.dim() != 2 or v.shape[0] != f:
@@ -147,48 +151,66 @@ def gemm_operands(
 def conv_input_matrix(
     x: torch.Tensor, conv: dict | None, weight_shape: tuple[int, ...] | None, dy_shape: torch.Size
 ) -> torch.Tensor | str:
-    """The Conv2d input x (B, C_in, H, W) unfolded as the (T = B*Ho*Wo, C_in*kh*kw) operand of
-    dW = dY^T X_unf, rows in dY's token order (b, ho, wo); or why it cannot be built. With G > 1
-    groups, (G, T, C_in/G*kh*kw): group j's channels, whose GEMM with feature group j of dY^T gives
-    those features' rows of dW.
+    """The input x (B, C_in, *spatial) of a Conv1d/2d/3d unfolded as the (T = B*prod(out), C_in*prod(k))
+    operand of dW = dY^T X_unf, rows in dY's token order (b, *out), columns (channel, *kernel) as
+    ``F.unfold`` orders them; or why it cannot be built. With G > 1 groups, (G, T, C_in/G*prod(k)):
+    group j's channels, whose GEMM with feature group j of dY^T gives those features' rows of dW.
 
     ``conv`` is the dump's layer attribute (stride, padding, dilation, groups); padding 'same' pads
     dilation*(k-1) per dim, the extra one after, as torch does."""
     if conv is None:
         return "the dump holds no conv parameters (stride, padding): recapture it with this version"
-    if weight_shape is None or len(weight_shape) != 4 or x.dim() != 4:
-        return f"input {tuple(x.shape)} / weight {weight_shape} are not a Conv2d's"
+    nd = x.dim() - 2
+    if weight_shape is None or len(weight_shape) != x.dim() or nd < 1 or len(dy_shape) != x.dim():
+        return f"input {tuple(x.shape)} / weight {weight_shape} are not a convolution's"
     groups = int(conv["groups"])
     if groups < 1 or weight_shape[1] * groups != x.shape[1] or weight_shape[0] % groups:
         return f"weight {tuple(weight_shape)} with groups={groups} does not fit an input with {x.shape[1]} channels"
     k = tuple(weight_shape[2:])
 
-    def pair(v) -> tuple[int, int]:
-        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+    def per_dim(v) -> tuple[int, ...]:
+        return (int(v),) * nd if isinstance(v, int) else tuple(int(i) for i in v) * (nd if len(v) == 1 else 1)
 
-    stride, dilation = pair(conv["stride"]), pair(conv["dilation"])
+    stride, dilation = per_dim(conv["stride"]), per_dim(conv["dilation"])
     padding = conv["padding"]
     if padding == "valid":
         padding = 0
     if padding == "same":
-        (th, tw) = (d * (kk - 1) for d, kk in zip(dilation, k))
-        x = torch.nn.functional.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
-        padding = 0
-    cols = torch.nn.functional.unfold(x, k, dilation=dilation, padding=pair(padding), stride=stride)  # (B, C*k, L)
+        total = [d * (kk - 1) for d, kk in zip(dilation, k)]
+        pads = [(t // 2, t - t // 2) for t in total]
+    else:
+        pads = [(p, p) for p in per_dim(padding)]
+    cols = unfold_nd(x, k, stride, pads, dilation)  # (B, C*prod(k), L)
     b, _, length = cols.shape
-    if b != dy_shape[0] or length != dy_shape[2] * dy_shape[3]:
+    if b != dy_shape[0] or length != math.prod(dy_shape[2:]):
         return f"the unfolded input ({b} x {length} positions) does not match dY {tuple(dy_shape)}"
     if groups == 1:
         return cols.transpose(1, 2).reshape(b * length, -1)
-    # unfold's rows are (channel, kh, kw) with the channel slowest: group j is a contiguous slice
+    # rows are (channel, *kernel) with the channel slowest: group j is a contiguous slice
     return cols.view(b, groups, -1, length).permute(1, 0, 3, 2).reshape(groups, b * length, -1)
 
 
+def unfold_nd(
+    x: torch.Tensor, k: tuple[int, ...], stride: tuple[int, ...], pads: list[tuple[int, int]],
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """``F.unfold`` for any number of spatial dims: x (B, C, *S) -> (B, C*prod(k), prod(out)), the
+    patch of output position o at input o*stride + j*dilation (after padding), columns (c, *j)."""
+    nd = len(k)
+    flat = [p for before, after in reversed(pads) for p in (before, after)]
+    x = torch.nn.functional.pad(x, flat) if any(flat) else x
+    for i in range(nd):  # each unfold appends a window dim; the spatial dims keep their places
+        x = x.unfold(2 + i, dilation[i] * (k[i] - 1) + 1, stride[i])[..., :: dilation[i]]
+    b, c, out = x.shape[0], x.shape[1], x.shape[2 : 2 + nd]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # (B, C, *k, *out)
+    return x.reshape(b, c * math.prod(k), math.prod(out))
+
+
 def _conv_weight_matrix(w: torch.Tensor, f: int, reader: DumpReader, rec: Record) -> torch.Tensor | str:
-    """A Conv2d weight (F, C_in/groups, kh, kw) as the (F, C_in*kh*kw) matrix of the dX GEMM,
-    block-diagonal over the groups (groups = C_in / w.shape[1], C_in from the stored input)."""
-    if w.dim() != 4 or w.shape[0] != f:
-        return f"weight of shape {tuple(w.shape)} is not (F={f}, C_in/groups, kh, kw)"
+    """A convolution weight (F, C_in/groups, *kernel) as the (F, C_in*prod(kernel)) matrix of the dX
+    GEMM, block-diagonal over the groups (groups = C_in / w.shape[1], C_in from the stored input)."""
+    if w.dim() < 3 or w.shape[0] != f:
+        return f"weight of shape {tuple(w.shape)} is not (F={f}, C_in/groups, *kernel)"
     layer = rec.layer
     if rec.name not in layer.records.get("input", []):
         return "the input is needed to know the conv's groups and the dump does not hold it"

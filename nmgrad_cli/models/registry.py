@@ -25,7 +25,7 @@ from ..data.text import text_data
 from ..errors import ImportSpecError, NmgradError
 from .cnn import cnn
 from .gpt import gpt
-from .hf import HF_TASKS, MAX_BLOCK, TEXT_PREFIX, context_length, is_hf, load_hf, text_file_data
+from .hf import HF_TASKS, TEXT_PREFIX, hf_data, is_hf, load_hf, text_file_data
 from .mlp import mlp
 from .spec import call_factory, is_spec, load_object
 
@@ -192,28 +192,20 @@ def _hf_task(model, data, loss, seed, batch_size, data_dir, data_seed, rank, wor
         raise NmgradError(f"--hf-task '{hf_task}' is unknown: choose one of {', '.join(HF_TASKS)}")
     if data is None:
         raise ImportSpecError(
-            f"--model {model} needs --data: text:<file> (language modelling) or package.module:factory yielding"
-            " dict batches (input_ids, attention_mask, labels)"
+            f"--model {model} needs --data: text:<file> (causal-lm, seq2seq-lm), images:<folder> or digits "
+            "(image-cls), or package.module:factory yielding dict batches (input_ids, attention_mask, labels)"
         )
     torch.manual_seed(seed)
     net, tokenizer = load_hf(model, hf_task)
-    if data.startswith(TEXT_PREFIX):
-        if hf_task != "causal-lm":
-            raise NmgradError(
-                f"--data {data} makes language-model blocks without labels for --hf-task {hf_task}: give"
-                " --data package.module:factory yielding dicts with input_ids and labels"
-            )
-        block = min(MAX_BLOCK, context_length(net) or MAX_BLOCK)
-        vocab = getattr(getattr(net, "config", None), "vocab_size", None)
-        d = text_file_data(data, batch_size or 8, data_seed, tokenizer, vocab, block, as_dict=True)
-    else:
+    d = hf_data(net, tokenizer, data, hf_task, batch_size, data_seed, data_dir)
+    if d is None:
         d = _data(data, batch_size, data_seed, data_dir, rank, world_size)
     return Task(
         model=net,
         train_batches=cycle(d.train, f"--data {data}"),
         eval_batches=d.eval,
         loss_fn=_loss(loss) if loss else cross_entropy,
-        kind="language-model" if hf_task == "causal-lm" else "classification",
+        kind="language-model" if hf_task.endswith("-lm") else "classification",
         info=dict(d.info),
         spec={"model": model, "data": data, "loss": loss or "model output .loss", "hf_task": hf_task},
     )

@@ -167,6 +167,11 @@ _ROUTES = {
 }
 
 
+VIEWS = {"t", "transpose", "permute", "view", "reshape", "T", "mT", "H", "mH", "contiguous", "flatten", "unflatten",
+         "expand", "narrow", "__getitem__", "chunk", "split"}
+"""Torch functions that hand a GEMM a view or copy of a parameter rather than the parameter itself."""
+
+
 def unintercepted(index: ParamIndex, mode: SiteMode) -> list[tuple[str, str]]:
     """[(parameter, reason)] for every parameter with 2 or more dims that has a gradient but was
     never the weight of an intercepted GEMM (call after a backward pass)."""
@@ -174,15 +179,29 @@ def unintercepted(index: ParamIndex, mode: SiteMode) -> list[tuple[str, str]]:
     for name, p in index.unique().items():
         if p.dim() < 2 or p.grad is None or name in mode.params_seen:
             continue
-        reason = mode.not_intercepted.get(name)
-        if reason is None:
-            used = sorted(mode.uses.get(name, ()))
-            reason = (
-                f"used by {', '.join(used)}, not a linear/conv GEMM" if used
-                else "not a weight operand of any torch call seen (e.g. used through a view like W.t())"
-            )
+        reason = mode.not_intercepted.get(name) or _reason(name, id(p) in index.rnn, mode.uses.get(name, set()))
         out.append((name, reason))
     return out
+
+
+def _reason(name: str, rnn: bool, uses: set[str]) -> str:
+    """Why a parameter with a gradient is no GEMM site, in the words a researcher looks for."""
+    if rnn:
+        return ("fused RNN kernels (nn.GRU/nn.LSTM/nn.RNN) are not intercepted: their GEMMs run inside one "
+                "kernel; write the cell with nn.Linear to sparsify it")
+    if ".parametrizations." in f".{name}":
+        return ("a parametrized weight (torch.nn.utils.parametrize): the GEMM takes the tensor computed from it, "
+                "not the parameter, and is not intercepted")
+    used = sorted(u for u in uses if not (u.startswith("__") and u.endswith("__")) or u == "__getitem__")
+    if "einsum" in used:
+        return "einsum is not intercepted: write the GEMM as x @ W or F.linear(x, W)"
+    views = [u for u in used if u in VIEWS]
+    if views:
+        return (f"the GEMM gets a view of it ({', '.join(views)}), not the parameter: pass the parameter itself "
+                "(F.linear(x, W) instead of x @ W.t())")
+    if used:
+        return f"used by {', '.join(used)}, not a linear/conv GEMM"
+    return "not a weight operand of any torch call seen (e.g. used inside a fused kernel or a custom op)"
 
 
 class NotInterceptedError(NmgradError):

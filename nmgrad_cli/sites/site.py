@@ -90,8 +90,12 @@ class ParamIndex:
         self.names: dict[int, str] = {}
         self.owners: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
+        self.rnn: set[int] = set()
+        """Parameters of fused RNN modules (nn.RNN/GRU/LSTM): their GEMMs run inside one kernel."""
         for mod_name, module in model.named_modules(remove_duplicate=False):
             for p_name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.RNNBase):
+                    self.rnn.add(id(p))
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 key = id(p)
                 gemm_owner = isinstance(module, _GEMM_OWNERS) or type(module).__name__ == "Conv1D"
