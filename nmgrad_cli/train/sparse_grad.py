@@ -281,6 +281,8 @@ class SparseGradSites:
             return None if mask is None else dense_gemm(site, x, w * mask, b, conv)
         if conv is None and x.shape[-1] != w.shape[-1]:
             return None  # the dense call raises torch's own shape error
+        if conv is not None and conv["padding"] == "same" and any(v != 1 for v in _tuple(conv["stride"], w.dim() - 2)):
+            return None  # torch refuses 'same' with a stride: the dense call raises its error
         reason = unsupported(x, w)
         if reason is not None:
             self.fallback.setdefault(site.name, reason)
