@@ -113,6 +113,8 @@ class _Run:
                     "layers": self.layers()}
         resolved |= {"world_size": self.info.world_size, "device": str(self.device), "torch": torch.__version__}
         resolved["backend"] = self.scfg.backend_record(torch.float32, self.device)  # what prunes dY (backend.py)
+        # further decisions of backend.py (e.g. the GEMM routes taken per shape) are added here, as entries of
+        # ``resolved``: config.json is written from this dict after the first step and again at the end
         if self.plan is not None:
             resolved["plan"] = self.plan.record(self.cfg.plan)
             resolved["dense_by_plan"] = list(self.sites.planned_dense)
