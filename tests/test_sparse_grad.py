@@ -347,8 +347,6 @@ def test_sparsify_errors_say_what_to_do():
         sparsify_gradients_(Net(), "approx-mvue", "3:8")
     with pytest.raises(NmgradError, match="dx, dw"):
         SparseGradConfig("mvue", "2:4", grad_gemms="dx,dy")
-    with pytest.raises(NmgradError, match="padding_mode='reflect'"):
-        sparsify_gradients_(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")), "mvue")
 
 
 def test_weight_pattern_masks_the_forward_and_passes_dw_straight_through(gen):
@@ -395,9 +393,22 @@ def test_conv_variants_match_the_dense_conv_when_nothing_is_pruned(kw, gen):
     torch.testing.assert_close(conv.weight.grad, w_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_even_kernel_same_padding_is_refused_with_a_hint():
-    with pytest.raises(NmgradError, match="padding='same' with an even kernel.*--layers"):
-        sparsify_gradients_(nn.Sequential(nn.Conv2d(2, 2, 4, padding="same")), "mvue")
+@pytest.mark.parametrize("kw", [{"kernel_size": 4, "padding": "same"}, {"kernel_size": 3, "padding": 1,
+                                                                    "padding_mode": "reflect"}])
+def test_swapped_convs_that_pad_asymmetrically_or_by_reflection_are_sparse(kw, gen):
+    """The module swap is the site path: an even-kernel 'same' conv and a reflect-padded one run the
+    sparse backward (greedy 1:4 keeps a quarter of dY: dX differs from dense) with dense's forward."""
+    conv = nn.Conv2d(4, 4, **kw)
+    x = torch.randn(2, 4, 7, 7, generator=gen, requires_grad=True)
+    y = conv(x)
+    y.square().sum().backward()
+    model = nn.Sequential(conv)
+    assert sparsify_gradients_(model, "greedy", "1:4") == ["0"]
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = model(x2)
+    torch.testing.assert_close(y2, y)
+    y2.square().sum().backward()
+    assert not torch.allclose(x2.grad, x.grad)
 
 
 def test_fused_backend_is_a_preference_that_falls_back(gen):

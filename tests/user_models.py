@@ -187,3 +187,38 @@ class NotInterceptable(nn.Module):
 
 def not_interceptable() -> nn.Module:
     return NotInterceptable()
+
+
+class SameConv(nn.Module):
+    """Issue 20's model: a conv with an even kernel and ``padding="same"`` (asymmetric padding)."""
+
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.same = nn.Conv2d(8, 8, 4, padding="same")
+        self.head = nn.Linear(8, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.same(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def same_conv(n_classes: int = 10, **_info) -> nn.Module:
+    return SameConv(n_classes)
+
+
+class ComplexHead(nn.Module):
+    """A complex-valued Linear (the sparse path prunes real tensors only: it runs dense, with a reason)."""
+
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+        self.body = nn.Linear(64, 16)
+        self.rot = nn.Linear(16, 16, dtype=torch.complex64)
+        self.head = nn.Linear(16, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x.flatten(1)).to(torch.complex64)
+        return self.head(self.rot(h).abs())
+
+
+def complex_head(n_classes: int = 10, **_info) -> nn.Module:
+    return ComplexHead(n_classes)

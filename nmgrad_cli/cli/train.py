@@ -120,34 +120,47 @@ def train(
         shown = err_console if json_out is not None and str(json_out) == "-" else console
         quiet = quiet_opt or not info.is_main
         bar = cli_progress(quiet, unit="steps")  # on stderr: rich on a terminal, plain lines in logs
+        # -q keeps the warnings (on stderr), other ranks print nothing
+        sites = SiteLines(err_console, warnings_only=True) if quiet_opt else SiteLines(shown)
+        hooks = lib.Hooks(sites=sites) if info.is_main else None
         if methods is not None:
-            summaries = lib.compare(cfg, methods, out, force=force, plot=not no_plot, progress=bar)
+            summaries = lib.compare(cfg, methods, out, force=force, hooks=hooks, plot=not no_plot, progress=bar)
         else:
-            summaries = [lib.train(cfg, out, force=force, plot=not no_plot, progress=bar)]
+            summaries = [lib.train(cfg, out, force=force, hooks=hooks, plot=not no_plot, progress=bar)]
         if not info.is_main:
             return
         if not quiet:
             render(summaries, cfg, shown)
-            _report_sites(summaries, shown)
             if not no_plot and not plot_available():
                 shown.print("note: matplotlib is not installed, no loss.png (pip install 'nmgrad[plot]')")
             shown.print(f"run files in {out}/", highlight=False)
-        else:
-            _report_sites(summaries, err_console, warnings_only=True)
         write_json(json_out, {"config": asdict(cfg), "runs": [asdict(s) for s in summaries]})
         diverged = [s for s in summaries if s.diverged]
         if diverged:
             raise fail("; ".join(f"{s.label}: {s.diverged}" for s in diverged), 1)
 
 
-def _report_sites(summaries: list[lib.RunSummary], shown: Console, warnings_only: bool = False) -> None:
-    """The sparse-gradient sites of the (first sparse) run, and what no GEMM site covers."""
-    sparse = next((s for s in summaries if s.layers), None)
-    if sparse is not None and not warnings_only:
-        shown.print(f"sparse-gradient sites ({len(sparse.layers)}): {', '.join(sparse.layers)}",
-                    highlight=False, soft_wrap=True)
-    for name, why in summaries[0].not_intercepted if summaries else []:
-        shown.print(f"[yellow]warning:[/] {name} not intercepted: {why}", highlight=False, soft_wrap=True)
+class SiteLines:
+    """The ``sites`` hook: after a run's first step, which sites are sparse, which selected ones ran
+    dense (with the reason), and what no GEMM site covers; each line once per command."""
+
+    def __init__(self, shown: Console, warnings_only: bool = False):
+        self.shown = shown
+        self.warnings_only = warnings_only
+        self.said: set[str] = set()
+
+    def _say(self, text: str) -> None:
+        if text not in self.said:
+            self.said.add(text)
+            self.shown.print(text, highlight=False, soft_wrap=True, markup=False)
+
+    def __call__(self, label: str, info: dict) -> None:
+        if info["layers"] and not self.warnings_only:
+            self._say(f"sparse-gradient sites ({len(info['layers'])}): {', '.join(info['layers'])}")
+        for name, why in info.get("ran_dense", {}).items():
+            self._say(f"warning: {name} runs dense, not sparse: {why}")
+        for name, why in info.get("not_intercepted", {}).items():
+            self._say(f"warning: {name} not intercepted: {why}")
 
 
 def _slug(text: str) -> str:
@@ -167,7 +180,9 @@ def render(summaries: list[lib.RunSummary], cfg: lib.TrainConfig, console: Conso
     title = f"nmgrad train · {cfg.model} · {cfg.steps} steps · seed {cfg.seed}"
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("run", style="bold", no_wrap=True)
-    table.caption = "train loss: final (mean of the last steps); eval: held-out data"
+    warm = max((s.warmup_steps for s in summaries), default=0)
+    table.caption = "train loss: final (mean of the last steps); eval: held-out data" + (
+        f"; steps/s: after the first {warm} steps (warm-up: compiles, first allocations)" if warm else "")
     for name in ["steps", "train loss", "eval loss", "eval acc", *(["eval ppl"] if lm else []), "steps/s", "wall s"]:
         table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     if failed:

@@ -215,20 +215,28 @@ class SiteReport:
     selected: list[Site]
     not_intercepted: list[tuple[str, str]]
     """(parameter, reason) for each parameter of 2+ dims that got a gradient outside every site."""
+    ran_dense: list[tuple[str, str]] | None = None
+    """(site, reason) for each selected site whose GEMM the handler could not take and ran dense
+    (train's sparse-gradient fallbacks); None where the command does not transform the GEMMs."""
 
     def to_dict(self) -> dict:
         """As stored in dump attributes and config.json."""
-        return {"sites": [s.describe() for s in self.selected], "not_intercepted": dict(self.not_intercepted)}
+        out = {"sites": [s.describe() for s in self.selected], "not_intercepted": dict(self.not_intercepted)}
+        if self.ran_dense is not None:
+            out["ran_dense"] = dict(self.ran_dense)
+        return out
 
 
 def site_report(
     index: ParamIndex, mode: SiteMode, selected: list[Site], layers: str | None, strict: bool = False,
-    what: str = "GEMM site",
+    what: str = "GEMM site", ran_dense: dict[str, str] | None = None,
 ) -> SiteReport:
     """Check the first step's selection (call after its backward) and list what no site covers.
 
+    ``ran_dense``: selected site -> why its GEMM ran dense (train's fallbacks), reported beside.
     Raises :class:`~nmgrad_cli.layers.LayerSelectionError` listing the site names when ``--layers``
-    selected nothing, and :class:`NotInterceptedError` under ``strict`` when a parameter is uncovered.
+    selected nothing, and :class:`NotInterceptedError` under ``strict`` when a parameter is uncovered
+    or a selected site ran dense.
     """
     if not selected:
         if not mode.sites:
@@ -239,12 +247,22 @@ def site_report(
         if layers is None:
             raise LayerSelectionError(f"the model has no {what}: its GEMM sites are {', '.join(list(mode.sites)[:12])}")
         raise LayerSelectionError(no_match_message(list(mode.sites), layers, what))
-    report = SiteReport(list(selected), unintercepted(index, mode))
+    dense = None if ran_dense is None else list(ran_dense.items())
+    report = SiteReport(list(selected), unintercepted(index, mode), dense)
     if strict and report.not_intercepted:
-        listed = "; ".join(f"{n} ({why})" for n, why in report.not_intercepted[:4])
-        more = f" and {len(report.not_intercepted) - 4} more" if len(report.not_intercepted) > 4 else ""
         raise NotInterceptedError(
             f"--strict: {len(report.not_intercepted)} parameter(s) got gradients outside every GEMM site: "
-            f"{listed}{more}; leave out --strict to run anyway"
+            f"{_listed(report.not_intercepted)}; leave out --strict to run anyway"
+        )
+    if strict and dense:
+        raise NotInterceptedError(
+            f"--strict: {len(dense)} selected site(s) ran dense: {_listed(dense)}; leave them out with --layers,"
+            " or leave out --strict to run anyway"
         )
     return report
+
+
+def _listed(items: list[tuple[str, str]]) -> str:
+    """``a (why); b (why)`` for the first four, ``and K more`` after."""
+    text = "; ".join(f"{n} ({why})" for n, why in items[:4])
+    return text + (f" and {len(items) - 4} more" if len(items) > 4 else "")

@@ -1,7 +1,9 @@
-"""Training with N:M-sparse neural gradients: sparse-gradient layers and a small trainer.
+"""Training with N:M-sparse neural gradients: sparse-gradient GEMMs and a small trainer.
 
-- :mod:`.sparse_grad`: Linear/Conv2d whose backward prunes dY, and ``sparsify_gradients_``.
+- :mod:`.sparse_grad`: linear/conv whose backward prunes dY, the GEMM-site handler
+  ``SparseGradSites``, and ``sparsify_gradients_`` (a module swap, a thin alias of the handler).
 - :mod:`.gemm`: the backward GEMMs (the seam for the GPU sparse kernels).
+- :mod:`.trainer` (``train``), :mod:`.compare`, :mod:`.run` (one run), :mod:`.loop` (the one loop).
 """
 
 from .config import DENSE, SparseGradConfig

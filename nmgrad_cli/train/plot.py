@@ -23,8 +23,8 @@ def ema(values: list[float], alpha: float = 0.1) -> list[float]:
 
 
 def has_accuracy(curves: dict[str, dict]) -> bool:
-    """Some run has a train or eval accuracy to draw."""
-    return any(any(a is not None for a in c.get("acc") or []) or c.get("eval_acc") for c in curves.values())
+    """Some run has a train or eval accuracy value to draw (a list of Nones is no data)."""
+    return any(any(a is not None for a in (c.get("acc") or []) + (c.get("eval_acc") or [])) for c in curves.values())
 
 
 def _finite(xs: list, ys: list) -> tuple[list, list]:
@@ -78,3 +78,42 @@ def plot_loss_curves(curves: dict[str, dict], path: Path, title: str = "") -> Pa
     _save_small(fig, Path(path))
     plt.close(fig)
     return path
+
+
+def run_curves(run_dir: Path) -> tuple[dict[str, dict], str]:
+    """(curves by label, title) of the training run in ``run_dir``: one run (``metrics.jsonl``) or a
+    ``--compare`` folder (``summary.json`` listing the runs, each in its own sub-folder)."""
+    import json
+
+    from ..errors import NmgradError
+    from .run_files import read_curves, safe_dirname
+
+    run_dir = Path(run_dir)
+    summary = run_dir / "summary.json"
+    if (run_dir / "metrics.jsonl").is_file():
+        runs = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+        label = runs.get("label", run_dir.name) if isinstance(runs, dict) else run_dir.name
+        curves = {label: read_curves(run_dir)}
+    elif summary.is_file() and isinstance(runs := json.loads(summary.read_text(encoding="utf-8")), list):
+        curves = {r["label"]: read_curves(run_dir / safe_dirname(r["method"])) for r in runs}
+    else:
+        raise NmgradError(
+            f"{run_dir} is not a training run: it has no metrics.jsonl (one run) nor a summary.json of a --compare;"
+            " give the folder `nmgrad train --out` wrote"
+        )
+    if not any(c["step"] for c in curves.values()):
+        raise NmgradError(f"{run_dir} has no training steps recorded yet (metrics.jsonl is empty): nothing to plot")
+    config = run_dir / "config.json"
+    cfg = json.loads(config.read_text(encoding="utf-8")).get("config", {}) if config.is_file() else {}
+    title = " · ".join(str(v) for v in (cfg.get("model"), f"{cfg.get('steps')} steps" if cfg else None) if v)
+    return curves, title or run_dir.name
+
+
+def plot_run(run_dir: Path, path: Path) -> Path:
+    """Draw the training run in ``run_dir`` (one run or a ``--compare`` folder) into ``path``."""
+    from ..errors import NmgradError
+
+    curves, title = run_curves(run_dir)
+    if plot_loss_curves(curves, path, title=title) is None:
+        raise NmgradError("matplotlib is not installed: pip install 'nmgrad[plot]'")
+    return Path(path)

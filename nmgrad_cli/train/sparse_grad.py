@@ -1,18 +1,20 @@
-"""Sparse-gradient layers: Linear and Conv2d whose backward prunes the neural gradient dY N:M.
+"""Sparse-gradient GEMMs: Linear and convolutions whose backward prunes the neural gradient dY N:M.
 
-The forward is the dense layer's (optionally with an N:M magnitude mask on the weights). In the
+The forward is the dense GEMM's (optionally with an N:M magnitude mask on the weights). In the
 backward dY is pruned with a registry method before each GEMM that consumes it, along the GEMM's
 reduction axis: features for dX = dY W, tokens for dW = dY^T X, with independent draws (see
 :mod:`.gemm`). The bias gradient sum_T dY is a reduction, not a GEMM a sparse kernel would speed
 up, so it uses the dense dY (exact, and no extra variance).
 
 With a weight pattern the forward uses W * mask, the mask keeping the N largest |W| of every M
-consecutive in-features (greedy, recomputed by :func:`refresh_weight_masks_`); dX uses the masked
+consecutive in-features (greedy, recomputed by ``refresh_weight_masks_``); dX uses the masked
 W, and dW is passed straight through to all weights (a straight-through estimator, as in SR-STE
 without its decay term), so pruned weights keep learning and the mask can change.
 
-``sparsify_gradients_(model, method, pattern)`` swaps the layers in place; the new modules hold the
-same Parameter objects under the same names, so ``state_dict`` keys and optimizers are unchanged.
+One path applies them to a model: :class:`SparseGradSites`, the handler of the GEMM-site
+interception (:class:`~nmgrad_cli.sites.SiteMode`) that ``nmgrad train`` runs. What a site's call
+cannot take runs dense and is recorded with its reason (``SparseGradSites.fallback``).
+``sparsify_gradients_(model, method, pattern)``, the older module swap, is a thin alias of it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..errors import NmgradError
 from ..layers import layer_matches, parse_layers
 from ..patterns import Pattern
 from ..prune import prune
-from ..sites import Site
+from ..sites import ParamIndex, Site, SiteMode, dense_gemm, site_name
 from .config import SparseGradConfig
 from .gemm import conv_grad_gemms, grad_gemms
 
@@ -172,16 +174,12 @@ def _tuple(v, nd: int) -> tuple[int, ...]:
     return (int(v),) * nd if isinstance(v, int) else tuple(int(a) for a in v)
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 # ---------------------------------------------------------------------------------------------
-# Modules
+# GEMM sites: the one path (the trainer's; any module's F.linear, x @ W, conv, attention projections)
 
 
 def layer_seed(seed: int, name: str, offset: int = 0) -> int:
-    """A stable per-layer seed: from the config seed, the layer name (CRC32) and a rank offset."""
+    """A stable per-site seed: from the config seed, the site name (CRC32) and a rank offset."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) + int(offset) * 7_919_993) % (1 << 62)
 
 
@@ -194,97 +192,210 @@ def weight_nm_mask(weight: torch.Tensor, pattern: str | Pattern) -> torch.Tensor
     return (kept != 0).to(weight.dtype).reshape(weight.shape)
 
 
-class _SparseGradMixin:
-    """Per-layer generators (one per device, lazily seeded) and the weight mask."""
+class SparseGradSites:
+    """A :class:`~nmgrad_cli.sites.SiteMode` handler: every site selected by ``layers`` runs its GEMM
+    through :func:`sparse_grad_linear` (W in (F, I) layout: HF ``Conv1D``'s transpose, a q/k/v row
+    block) or :func:`sparse_grad_conv`, so its backward prunes dY as ``cfg`` says.
 
-    def _init_sparse(self, cfg: SparseGradConfig, name: str, seed_offset: int) -> None:
+    Each site has its own generator per device, seeded by :func:`layer_seed` from its name and
+    ``seed_offset`` (the rank), and, with ``cfg.weight_pattern``, its own weight mask, computed at
+    first use and again after :meth:`refresh_weight_masks_`.
+
+    What happened to each selected site (first-seen order):
+
+    - ``selected``: every site ``layers`` matched;
+    - ``sparse``: the sites that ran the sparse-gradient GEMM (or a weight mask) in training;
+    - ``fallback``: site -> why it ran the dense GEMM (a call the sparse path cannot take); such a
+      site is never reported as sparse (:meth:`sparse_sites`), and ``--strict`` refuses it;
+    - ``planned_dense``: the sites a per-site plan keeps dense in both GEMMs.
+
+    ``per_site`` (``train --plan``): site name -> that site's config (its dX and dW pattern and
+    method, :meth:`SparseGradConfig.for_gemm`); a selected site it lacks is an error (``missing``).
+    """
+
+    def __init__(self, cfg: SparseGradConfig, layers: str | None = "*", seed_offset: int = 0,
+                 per_site: dict[str, SparseGradConfig] | None = None, missing=None):
         self.cfg = cfg
-        self.layer_name = name
-        self.seed = layer_seed(cfg.seed, name, seed_offset)
-        self._generators: dict[torch.device, torch.Generator] = {}
-        mask = None if cfg.weight_pattern is None else weight_nm_mask(self.weight, cfg.parsed_weight_pattern)
-        # not persistent: the state_dict keeps the dense layer's keys
-        self.register_buffer("weight_mask", mask, persistent=False)
+        self.per_site = per_site
+        self.missing = missing
+        self.globs = parse_layers(layers)
+        self.seed_offset = seed_offset
+        self.selected: dict[str, Site] = {}
+        self.sparse: dict[str, Site] = {}
+        self.fallback: dict[str, str] = {}
+        self.planned_dense: dict[str, Site] = {}
+        self._chosen: dict[str, bool] = {}
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
+        self._masks: dict[str, torch.Tensor] = {}
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This layer's generator on ``device`` (created and seeded on first use)."""
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def sparse_sites(self) -> list[str]:
+        """The sites that got sparse gradients (or a weight mask) in every call: no fallback."""
+        return [n for n in self.sparse if n not in self.fallback]
+
+    def generator(self, name: str, device: torch.device) -> torch.Generator:
+        """Site ``name``'s generator on ``device`` (created and seeded on first use)."""
+        key = (name, torch.device(device))
+        if key not in self._generators:
+            seed = layer_seed(self.cfg.seed, name, self.seed_offset)
+            self._generators[key] = torch.Generator(device=key[1]).manual_seed(seed)
+        return self._generators[key]
+
+    def refresh_weight_masks_(self, name: str | None = None) -> None:
+        """Recompute the weight masks (of site ``name`` only, if given) at the next use."""
+        if name is None:
+            self._masks.clear()
+        else:
+            self._masks.pop(name, None)
+
+    def mask(self, site: Site, w: torch.Tensor) -> torch.Tensor | None:
+        """Site ``site``'s N:M weight mask for its weight ``w`` (None without a weight pattern)."""
+        if self.cfg.weight_pattern is None:
+            return None
+        mask = self._masks.get(site.name)
+        if mask is None:
+            mask = self._masks[site.name] = weight_nm_mask(w, self.cfg.parsed_weight_pattern)
+        return mask
+
+    def _config(self, site: Site) -> SparseGradConfig:
+        if self.per_site is None:
+            return self.cfg
+        cfg = self.per_site.get(site.name)
+        if cfg is None:
+            raise self.missing(site.name)
+        return cfg
+
+    def __call__(self, site: Site, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: dict | None):
+        chosen = self._chosen.get(site.name)
+        if chosen is None:
+            chosen = self._chosen[site.name] = layer_matches(site.name, self.globs)
+        if not chosen:
+            return None
+        self.selected.setdefault(site.name, site)
+        cfg = self._config(site)
+        if not (cfg.prunes or cfg.weight_pattern is not None):
+            if self.per_site is not None:
+                self.planned_dense.setdefault(site.name, site)
+            return None
+        mask = self.mask(site, w)
+        if not torch.is_grad_enabled():  # evaluation: the masked forward, nothing to prune
+            return None if mask is None else dense_gemm(site, x, w * mask, b, conv)
+        if conv is None and x.shape[-1] != w.shape[-1]:
+            return None  # the dense call raises torch's own shape error
+        if conv is not None and conv["padding"] == "same" and any(v != 1 for v in _tuple(conv["stride"], w.dim() - 2)):
+            return None  # torch refuses 'same' with a stride: the dense call raises its error
+        reason = unsupported(x, w)
+        if reason is not None:
+            self.fallback.setdefault(site.name, reason)
+            return None
+        gen = self.generator(site.name, x.device) if cfg.prunes else None
+        kind = x.device.type
+        amp = torch.is_autocast_enabled(kind)
+        if amp:  # as autocast runs linear/conv: inputs cast to its dtype (autograd casts dW, dX back)
+            dt = torch.get_autocast_dtype(kind)
+            x, w = x.to(dt), w.to(dt)
+            b = None if b is None else b.to(dt)
+            mask = None if mask is None else mask.to(dt)
+        self.sparse.setdefault(site.name, site)
+        with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
+            if conv is None:
+                return sparse_grad_linear(x, w, b, cfg, gen, mask)
+            unbatched = x.dim() == w.dim() - 1  # (C, *S): as a batch of one, as torch does
+            x = x.unsqueeze(0) if unbatched else x
+            x, conv = explicit_padding(x, w, conv)
+            y = sparse_grad_conv(x, w, b, cfg, gen, mask, **conv)
+            return y.squeeze(0) if unbatched else y
+
+
+def unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Why the sparse-gradient GEMM cannot take this call (it then runs dense), or None."""
+    for what, t in (("input", x), ("weight", w)):
+        if t.layout != torch.strided:
+            return f"the {what} is a {t.layout} tensor: the sparse path takes strided tensors only; ran dense"
+        if not t.is_floating_point():
+            return f"the {what} is {t.dtype}: the sparse path prunes real floating-point tensors only; ran dense"
+    return None
+
+
+def explicit_padding(x: torch.Tensor, w: torch.Tensor, conv: dict) -> tuple[torch.Tensor, dict]:
+    """(x, conv) with a string padding made explicit: ``'valid'`` is 0; ``'same'`` pads
+    dilation * (k - 1) in total per spatial dim, half on each side, and an odd total's extra element
+    on the right/bottom (as torch does, with ``F.pad`` first), so every convolution has int padding."""
+    padding = conv["padding"]
+    if not isinstance(padding, str):
+        return x, conv
+    if padding == "valid":
+        return x, {**conv, "padding": 0}
+    nd = w.dim() - 2
+    total = [d * (k - 1) for d, k in zip(_tuple(conv["dilation"], nd), w.shape[2:])]
+    extra = [t % 2 for t in total]
+    if any(extra):  # F.pad's pairs run from the last dim to the first
+        x = F.pad(x, [v for e in reversed(extra) for v in (0, e)])
+    return x, {**conv, "padding": tuple(t // 2 for t in total)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The older module swap, a thin alias of the site path
+
+
+class _SiteLayer(nn.Module):
+    """A swapped-in layer: the dense layer's Parameters under the same names; its forward is the
+    dense layer's forward run through a :class:`~nmgrad_cli.sites.SiteMode` with the shared
+    :class:`SparseGradSites` handler, so it prunes exactly as ``nmgrad train`` does."""
+
+    gemm = "linear"
+
+    def __init__(self, dense: nn.Module, cfg: SparseGradConfig | SparseGradSites, name: str = "",
+                 seed_offset: int = 0):
+        super().__init__()
+        self.weight = dense.weight  # the same Parameter objects
+        self.bias = dense.bias
+        sites = cfg if isinstance(cfg, SparseGradSites) else SparseGradSites(cfg, "*", seed_offset)
+        index = ParamIndex(nn.Module())  # this layer's parameters under their names in the model
+        for part in ("weight", "bias"):
+            p = getattr(dense, part)
+            if p is not None:
+                full = f"{name}.{part}" if name else part
+                index.names[id(p)], index.owners[id(p)], index.params[full] = full, type(dense).__name__, p
+        object.__setattr__(self, "_dense", dense)  # not a submodule: state_dict keys stay the dense layer's
+        object.__setattr__(self, "_sites", sites)
+        object.__setattr__(self, "_index", index)
+        self.layer_name = name
+        self.site = Site(site_name(index.names[id(dense.weight)]), index.names[id(dense.weight)], self.gemm,
+                         type(dense).__name__)
+
+    @property
+    def cfg(self) -> SparseGradConfig:
+        return self._sites.cfg
+
+    @property
+    def seed(self) -> int:
+        return layer_seed(self.cfg.seed, self.site.name, self._sites.seed_offset)
+
+    @property
+    def weight_mask(self) -> torch.Tensor | None:
+        """The N:M magnitude mask of the weight (None without a weight pattern)."""
+        return self._sites.mask(self.site, self.weight)
 
     def refresh_weight_mask_(self) -> None:
-        """Recompute the N:M magnitude mask of the weight (no-op without a weight pattern)."""
-        if self.cfg.weight_pattern is not None:
-            self.weight_mask = weight_nm_mask(self.weight, self.cfg.parsed_weight_pattern)
-
-    def _gen_for(self, x: torch.Tensor) -> torch.Generator | None:
-        return self.generator(x.device) if self.cfg.prunes else None
-
-
-class SparseGradLinear(_SparseGradMixin, nn.Module):
-    """An ``nn.Linear`` (same parameters) whose backward prunes dY N:M; build with :meth:`from_dense`."""
-
-    def __init__(self, linear: nn.Linear, cfg: SparseGradConfig, name: str = "", seed_offset: int = 0):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight  # (F, I), the same Parameter
-        self.bias = linear.bias
-        self._init_sparse(cfg, name, seed_offset)
+        """Recompute the weight mask from the current weights (no-op without a weight pattern)."""
+        self._sites.refresh_weight_masks_(self.site.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_grad_linear(x, self.weight, self.bias, self.cfg, self._gen_for(x), self.weight_mask)
+        with SiteMode(self._index, self._sites, watch=False):
+            return self._dense(x)
 
     def extra_repr(self) -> str:
-        dims = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        return f"{dims}, {_describe(self.cfg)}"
+        return f"{self._dense.extra_repr()}, {_describe(self.cfg)}"
 
 
-class SparseGradConv2d(_SparseGradMixin, nn.Module):
-    """An ``nn.Conv2d`` (same parameters) whose backward prunes dY N:M; zero padding only."""
-
-    def __init__(self, conv: nn.Conv2d, cfg: SparseGradConfig, name: str = "", seed_offset: int = 0):
-        super().__init__()
-        if conv.padding_mode != "zeros":
-            raise NmgradError(
-                f"layer '{name}' uses padding_mode='{conv.padding_mode}': only 'zeros' is supported,"
-                " leave it out with --layers"
-            )
-        padding = conv.padding
-        if isinstance(padding, str):
-            padding = _string_padding(padding, conv, name)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size = conv.kernel_size
-        self.conv = {
-            "stride": _pair(conv.stride),
-            "padding": _pair(padding),
-            "dilation": _pair(conv.dilation),
-            "groups": conv.groups,
-        }
-        self.weight = conv.weight  # (C, I/groups, kh, kw), the same Parameter
-        self.bias = conv.bias
-        self._init_sparse(cfg, name, seed_offset)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_grad_conv2d(
-            x, self.weight, self.bias, self.cfg, self._gen_for(x), self.weight_mask, **self.conv
-        )
-
-    def extra_repr(self) -> str:
-        dims = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {self.conv}"
-        return f"{dims}, {_describe(self.cfg)}"
+class SparseGradLinear(_SiteLayer):
+    """An ``nn.Linear`` (same parameters) whose backward prunes dY N:M (see :func:`sparsify_gradients_`)."""
 
 
-def _string_padding(padding: str, conv: nn.Conv2d, name: str) -> tuple[int, int]:
-    if padding == "valid":
-        return (0, 0)
-    total = [d * (k - 1) for d, k in zip(_pair(conv.dilation), _pair(conv.kernel_size))]
-    if any(t % 2 for t in total):
-        raise NmgradError(
-            f"layer '{name}' uses padding='same' with an even kernel (asymmetric padding): not supported,"
-            " leave it out with --layers"
-        )
-    return (total[0] // 2, total[1] // 2)
+class SparseGradConv2d(_SiteLayer):
+    """An ``nn.Conv2d`` (same parameters) whose backward prunes dY N:M (see :func:`sparsify_gradients_`)."""
+
+    gemm = "conv2d"
 
 
 def _describe(cfg: SparseGradConfig) -> str:
@@ -295,11 +406,6 @@ def _describe(cfg: SparseGradConfig) -> str:
 
 
 SPARSE_LAYERS = (SparseGradLinear, SparseGradConv2d)
-
-
-def _matches(name: str, layers: str | list[str] | tuple[str, ...]) -> bool:
-    globs = [g.strip() for g in layers.split(",")] if isinstance(layers, str) else list(layers)
-    return any(fnmatch.fnmatchcase(name, g) for g in globs if g)
 
 
 def sparsify_gradients_(
@@ -316,8 +422,11 @@ def sparsify_gradients_(
     """Replace, in place, every ``nn.Linear``/``nn.Conv2d`` whose qualified name matches ``layers``
     (comma-separated fnmatch globs) by its sparse-gradient counterpart; return the replaced names.
 
-    ``method`` may be a :class:`SparseGradConfig`, which then overrides the keyword settings.
-    ``seed_offset`` (e.g. the distributed rank) gives each process its own draws.
+    A thin alias of the GEMM-site path: each swapped layer runs its own forward through one shared
+    :class:`SparseGradSites` handler (the one ``nmgrad train`` uses). ``method`` may be a
+    :class:`SparseGradConfig`, which then overrides the keyword settings. ``seed_offset`` (e.g. the
+    distributed rank) gives each process its own draws. Use it outside ``nmgrad train``'s own
+    interception (the trainer selects sites with ``--layers``).
     """
     cfg = method if isinstance(method, SparseGradConfig) else SparseGradConfig(
         method=method,
@@ -335,18 +444,21 @@ def sparsify_gradients_(
             f"no Linear or Conv2d layer matches --layers '{layers}': the model's layers are {names}"
             f"{' ...' if len(candidates) > 8 else ''}; use a glob such as '*' or 'blocks.*.mlp.*'"
         )
+    sites = SparseGradSites(cfg, "*", seed_offset)  # each layer's mode sees its own weight only
     replaced = []
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, nn.Linear):
-            new = SparseGradLinear(module, cfg, name, seed_offset)
-        else:
-            new = SparseGradConv2d(module, cfg, name, seed_offset)
+        new = (SparseGradLinear if isinstance(module, nn.Linear) else SparseGradConv2d)(module, sites, name)
         new.train(module.training)
         parent.register_module(child, new)
         replaced.append(name)
     return replaced
+
+
+def _matches(name: str, layers: str | list[str] | tuple[str, ...]) -> bool:
+    globs = [g.strip() for g in layers.split(",")] if isinstance(layers, str) else list(layers)
+    return any(fnmatch.fnmatchcase(name, g) for g in globs if g)
 
 
 def sparse_grad_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -362,107 +474,3 @@ def refresh_weight_masks_(model: nn.Module) -> int:
             module.refresh_weight_mask_()
             count += 1
     return count
-
-
-# ---------------------------------------------------------------------------------------------
-# GEMM sites: the trainer's path (any module's F.linear, x @ W, conv, attention projections)
-
-
-class SparseGradSites:
-    """A :class:`~nmgrad_cli.sites.SiteMode` handler: every site selected by ``layers`` runs its GEMM
-    through :func:`sparse_grad_linear` (W in (F, I) layout: HF ``Conv1D``'s transpose, a q/k/v row
-    block) or :func:`sparse_grad_conv`, so its backward prunes dY as ``cfg`` says.
-
-    Each site has its own generator per device, seeded by :func:`layer_seed` from its name and
-    ``seed_offset`` (the rank), and, with ``cfg.weight_pattern``, its own weight mask, computed at
-    first use and again after :meth:`refresh_weight_masks_`. ``selected`` lists the sites in
-    first-seen order; ``fallback`` the selected ones that ran dense, with the reason.
-
-    ``per_site`` (``train --plan``): site name -> that site's config (its dX and dW pattern and
-    method, :meth:`SparseGradConfig.for_gemm`); a selected site it lacks is an error (``missing``).
-    """
-
-    def __init__(self, cfg: SparseGradConfig, layers: str | None = "*", seed_offset: int = 0,
-                 per_site: dict[str, SparseGradConfig] | None = None, missing=None):
-        self.cfg = cfg
-        self.per_site = per_site
-        self.missing = missing
-        self.globs = parse_layers(layers)
-        self.seed_offset = seed_offset
-        self.selected: dict[str, Site] = {}
-        self.fallback: dict[str, str] = {}
-        self._chosen: dict[str, bool] = {}
-        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
-        self._masks: dict[str, torch.Tensor] = {}
-
-    def generator(self, name: str, device: torch.device) -> torch.Generator:
-        """Site ``name``'s generator on ``device`` (created and seeded on first use)."""
-        key = (name, torch.device(device))
-        if key not in self._generators:
-            seed = layer_seed(self.cfg.seed, name, self.seed_offset)
-            self._generators[key] = torch.Generator(device=key[1]).manual_seed(seed)
-        return self._generators[key]
-
-    def refresh_weight_masks_(self) -> None:
-        """Recompute the weight masks at the next use (no-op without a weight pattern)."""
-        self._masks.clear()
-
-    def _mask(self, site: Site, w: torch.Tensor) -> torch.Tensor | None:
-        if self.cfg.weight_pattern is None:
-            return None
-        mask = self._masks.get(site.name)
-        if mask is None:
-            mask = self._masks[site.name] = weight_nm_mask(w, self.cfg.parsed_weight_pattern)
-        return mask
-
-    def __call__(self, site: Site, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: dict | None):
-        chosen = self._chosen.get(site.name)
-        if chosen is None:
-            chosen = self._chosen[site.name] = layer_matches(site.name, self.globs)
-        if not chosen:
-            return None
-        self.selected.setdefault(site.name, site)
-        cfg = self.cfg
-        if self.per_site is not None:
-            cfg = self.per_site.get(site.name)
-            if cfg is None:
-                raise self.missing(site.name)
-        if not (cfg.prunes or cfg.weight_pattern is not None):
-            return None
-        mask = self._mask(site, w)
-        if not torch.is_grad_enabled():  # evaluation: the masked forward, nothing to prune
-            return None if mask is None else (F.linear(x, w * mask, b) if conv is None else
-                                              sparse_grad_conv_fwd(x, w * mask, b, _int_conv(conv, w, site)))
-        gen = self.generator(site.name, x.device) if cfg.prunes else None
-        if conv is not None:
-            conv = _int_conv(conv, w, site)
-            if isinstance(conv, str) or x.dim() != w.dim():
-                self.fallback.setdefault(site.name, conv if isinstance(conv, str) else "unbatched input: ran dense")
-                return None
-        elif x.shape[-1] != w.shape[-1]:
-            return None  # the dense call raises torch's own shape error
-        kind = x.device.type
-        amp = torch.is_autocast_enabled(kind)
-        if amp:  # as autocast runs linear/conv: inputs cast to its dtype (autograd casts dW, dX back)
-            dt = torch.get_autocast_dtype(kind)
-            x, w = x.to(dt), w.to(dt)
-            b = None if b is None else b.to(dt)
-            mask = None if mask is None else mask.to(dt)
-        with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
-            if conv is None:
-                return sparse_grad_linear(x, w, b, cfg, gen, mask)
-            return sparse_grad_conv(x, w, b, cfg, gen, mask, **conv)
-
-
-def _int_conv(conv: dict, w: torch.Tensor, site: Site) -> dict | str:
-    """``conv`` with a string padding turned into ints, or the reason it cannot be."""
-    padding = conv["padding"]
-    if not isinstance(padding, str):
-        return conv
-    nd = w.dim() - 2
-    if padding == "valid":
-        return {**conv, "padding": 0}
-    total = [d * (k - 1) for d, k in zip(_tuple(conv["dilation"], nd), w.shape[2:])]
-    if any(t % 2 for t in total):
-        return "padding='same' with an even kernel (asymmetric padding): ran dense"
-    return {**conv, "padding": tuple(t // 2 for t in total)}
