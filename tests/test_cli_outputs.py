@@ -15,7 +15,7 @@ from _cli import assert_user_error, invoke
 from nmgrad_cli import evaluate as ev
 from nmgrad_cli.models.hf import HF_BATCH_SIZE
 from nmgrad_cli.models.registry import DEFAULT_BATCH_SIZE
-from nmgrad_cli.train import trainer
+from nmgrad_cli.train import run_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "mlp_digits.h5"
 
@@ -105,8 +105,9 @@ def test_batch_size_help_states_the_real_defaults():
     assert f"digits {DEFAULT_BATCH_SIZE['digits']}" in cap and f"text:FILE {DEFAULT_BATCH_SIZE['text']}" in cap
     assert f"hf: model {HF_BATCH_SIZE}" in cap
     tr = help_text("train")
-    assert f"mlp/cnn {trainer.TASK_DEFAULTS['mlp'].batch_size}" in tr
-    assert f"hf: {trainer.HF_DEFAULTS.batch_size}" in tr and f"gpt {trainer.TASK_DEFAULTS['gpt'].batch_size}" in tr
+    assert f"mlp/cnn {run_config.TASK_DEFAULTS['mlp'].batch_size}" in tr
+    assert f"hf: {run_config.HF_DEFAULTS.batch_size}" in tr
+    assert f"gpt {run_config.TASK_DEFAULTS['gpt'].batch_size}" in tr
 
 
 def test_quiet_keeps_asked_for_json():

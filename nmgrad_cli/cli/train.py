@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..models.hf import HF_TASK_HELP
+from ..train import run_config
 from ..train import trainer as lib
 from ..train.distributed import dist_info
 from ..train.plot import plot_available
@@ -27,11 +28,11 @@ from .progress import cli_progress
 def _batch_size_help() -> str:
     """--batch-size's help, from the defaults the trainer uses (so it stays true)."""
     by_size: dict[int, list[str]] = {}
-    for name, d in lib.TASK_DEFAULTS.items():
+    for name, d in run_config.TASK_DEFAULTS.items():
         by_size.setdefault(d.batch_size, []).append(name)
     builtin = ", ".join(f"{'/'.join(names)} {size}" for size, names in by_size.items())
     return (f"Per-process batch size (default by --model: {builtin}, package.module:factory "
-            f"{lib.CUSTOM_DEFAULTS.batch_size}, hf: {lib.HF_DEFAULTS.batch_size}).")
+            f"{run_config.CUSTOM_DEFAULTS.batch_size}, hf: {run_config.HF_DEFAULTS.batch_size}).")
 
 
 def train(
