@@ -82,6 +82,11 @@ def abs_seconds_per_float(numel: int, reps: int = 10) -> float:
     return best / x.numel()
 
 
+def r_value(wall: float, floats: int, methods: int, samples: int, per_float: float) -> float:
+    """R: evaluate's wall time over ``floats x methods x samples`` passes of one ``x.abs()`` per float."""
+    return wall / (floats * methods * samples * per_float)
+
+
 TREE = Path(nmgrad_cli.__file__).resolve().parents[1]
 """The checkout the evaluate processes run (PYTHONPATH=<tree>, or the installed one)."""
 
@@ -249,7 +254,7 @@ def main() -> None:
             rows.append((label, wall, per_float))
 
     per_float = min(p for _, _, p in rows)  # the quietest abs pass of the run: R comparable across rows
-    rows = [(label, wall, p, wall / (floats * len(methods) * args.samples * per_float)) for label, wall, p in rows]
+    rows = [(label, wall, p, r_value(wall, floats, len(methods), args.samples, per_float)) for label, wall, p in rows]
     warm = rows[0][1]
     print(f"{'run':<20} {'wall s':>8} {'abs ns/float':>13} {'R':>7} {'vs warm':>9}")
     for label, wall, per_float, r in rows:

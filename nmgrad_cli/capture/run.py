@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import Interrupted, NmgradError
+from ..errors import Interrupted, NmgradError, RankLostError
 from ..models import build_task
 from ..outputs import check_output
 from ..progress import ProgressLike, resolve_progress
@@ -229,7 +229,7 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
                 step_bytes = records.bytes
                 over = config.max_bytes is not None and st.bytes_recorded + step_bytes > config.max_bytes
                 if agree_any(over, device, info):
-                    records.buffer.clear()
+                    records.drop()
                     st.stopped = "max-bytes"
                     return True
                 records.write(stream, s)
@@ -246,12 +246,15 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
 
         callbacks = StepCallbacks(before=before, start=start, stop=lambda _s: recorder.stop_step(),
                                   after_backward=after_backward, after=after)
+        lost = None
         try:
             run_steps(step_model, task.train_batches, task.loss_fn, opt, mode, device, total, callbacks, amp)
         except KeyboardInterrupt:  # a second signal: the current step is abandoned
             st.stopped = signals[0] if signals else "SIGINT"
+        except RankLostError as exc:  # no more collectives: this rank keeps what it completed, alone
+            st.stopped, lost = "RankLostError", exc
         finally:
-            records.buffer.clear()
+            records.drop()
         stopped, recorded, steps_run, bytes_recorded, report = (
             st.stopped, st.recorded, st.steps_run, st.bytes_recorded, st.report
         )
@@ -270,6 +273,10 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
                 ))
 
         cap.finish(None if stopped in ("done", "max-bytes") else stopped, on_drain=drain)
+    if lost is not None:
+        kept = cap.stream.writer.steps_flushed
+        what = f"the {kept} completed steps are kept in {path} (interrupted)" if kept else "nothing was kept"
+        raise RankLostError(f"{lost}; {what}")
     if cap.stopped is not None and stopped in ("done", "max-bytes"):
         stopped = cap.stopped  # a repeated signal while the last steps were written dropped some
     recorded = cap.stream.writer.steps_flushed if cap.stopped is not None else recorded
