@@ -5,7 +5,8 @@ Builds the GPT-2-small config locally (transformers' ``GPT2Config()``: 12 layers
 phase as its own process (so that each has its own peak RSS, read with ``os.wait4``):
 
 - ``plain``: ``--steps`` training steps without any capture machinery (the same loop as capture,
-  no GEMM-site interception): the baseline step;
+  no GEMM-site interception), after one warm-up step: the baseline step, run before and again after
+  the captures (their mean: the load of a shared machine drifts);
 - ``capture``, ``capture+inputs``: ``nmgrad capture`` of the same run at ``--every 1`` (one warm-up
   step first, not recorded), without and with ``--with-inputs``; the time per step is the recorded
   phase's wall time *including draining the writer and closing the file*, over the steps;
@@ -230,7 +231,7 @@ def report(args, scratch: Path, written: list[Path]) -> None:
     print(f"code: {TREE}; GPT-2-small ({args.model_dir}), text:{DATA.name}, batch {args.batch_size}, "
           f"{args.steps} steps, device {args.device}, {os.cpu_count()} cores; uptime: "
           f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    plain, plain_wall, plain_rss = run_phase("plain", common)
+    plain, _, plain_rss = run_phase("plain", common)
     rows = []
     dumps = {}
     for label, extra in (("capture", []), ("capture+inputs", ["--with-inputs"])):
@@ -239,6 +240,9 @@ def report(args, scratch: Path, written: list[Path]) -> None:
         cap, wall, rss = run_phase("capture", [*common, "--out", str(out), *extra])
         dumps[label] = out
         rows.append((label, cap, rss, largest_record(out)))
+    after, _, _ = run_phase("plain", common)  # again after the captures: the load of a shared machine drifts
+    plain_runs = (plain["step_s"], after["step_s"])
+    plain = {"step_s": sum(plain_runs) / 2}
     write, _, write_rss = run_phase("write", [*common, "--dump", str(dumps["capture+inputs"]),
                                               "--out", str(scratch / "replay.h5")])
     written += [scratch / "replay.h5", scratch / "replay.bin"]
@@ -253,7 +257,8 @@ def report(args, scratch: Path, written: list[Path]) -> None:
     mb = 1e6
     print(f"{'phase':<16}{'s/step':>8}{'vs plain':>10}{'MB/step':>9}{'MB/s':>8}{'peak RSS MB':>13}"
           f"{'largest rec MB':>16}{'RSS/rec':>9}")
-    print(f"{'plain step':<16}{plain['step_s']:>8.2f}{1:>9.2f}x{'':>9}{'':>8}{plain_rss / mb:>13.0f}{'':>16}{'':>9}")
+    print(f"{'plain step':<16}{plain['step_s']:>8.2f}{1:>9.2f}x{'':>9}{'':>8}{plain_rss / mb:>13.0f}{'':>16}{'':>9}"
+          f"   (mean of {plain_runs[0]:.2f} before and {plain_runs[1]:.2f} after the captures)")
     for label, cap, rss, big in rows:
         per_step = cap["bytes"] / cap["steps"]
         print(f"{label:<16}{cap['step_s']:>8.2f}{cap['step_s'] / plain['step_s']:>9.2f}x{per_step / mb:>9.1f}"

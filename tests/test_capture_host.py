@@ -101,3 +101,20 @@ def test_cuda_copies_are_pinned_asynchronous_and_keep_the_values_at_the_copy():
     assert c.is_pinned() and isinstance(ready, torch.cuda.Event) and h.ready(c) is None
     ready.synchronize()
     assert torch.equal(c, expect)
+
+
+def test_uncompressed_records_are_one_contiguous_extent_and_compressed_ones_chunked(tmp_path):
+    import h5py
+
+    t = torch.randn(300, 2000)  # 2.4 MB: more than one 1 MiB chunk
+    for compression, chunked in (("none", False), ("lzf", True)):
+        path = tmp_path / f"{compression}.h5"
+        with DumpWriter(path, compression=compression) as w:
+            w.add_layer("fc", "Linear", -1, [0])
+            w.write("fc", "grad", 0, 0, t)
+            w.step_done(0)
+        with h5py.File(path, "r") as f:
+            ds = f["layers/fc/grad/s0000000c000"]
+            assert (ds.chunks is not None) == chunked and (ds.compression is not None) == chunked
+        with DumpReader(path) as d:
+            assert torch.equal(d.load("fc", "grad", "s0000000c000"), t)
