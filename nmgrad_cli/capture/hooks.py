@@ -22,7 +22,7 @@ import torch
 
 from ..layers import layer_matches, parse_layers
 from ..sites import Site, dense_gemm
-from .host import HostCopies
+from .host import HostCopies, owned_copy
 
 
 def conv_attrs(conv: dict) -> dict:
@@ -53,9 +53,10 @@ class SiteRecorder:
         self, layers: str | None, module_types: tuple[str, ...], sink: Sink, with_inputs: bool = False,
         compute=None, copy: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        self.copy = copy or HostCopies().copy
+        self.copy = copy or owned_copy
         """Makes the host copy ``sink`` gets (owned: autograd may reuse its buffers, and the writer reads
-        it later on another thread); :class:`~.host.HostCopies`' by default."""
+        it later on another thread); ready when made by default, asynchronous from a GPU with
+        :class:`~.host.HostCopies` (what :class:`StepRecords` uses, handing each record's event on)."""
         self.compute = compute
         """Another site handler (train's sparse-gradient one) that computes the GEMMs; None: dense."""
         self.globs = parse_layers(layers)

@@ -13,6 +13,11 @@ from __future__ import annotations
 import torch
 
 
+def owned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` that is ready when returned (synchronous from a GPU)."""
+    return t.detach().to("cpu", copy=True)
+
+
 class HostCopies:
     """``copy(t)`` -> a host tensor holding ``t``'s values once ``ready(host)`` (None: already)."""
 
@@ -22,10 +27,9 @@ class HostCopies:
         """data_ptr of a pinned host tensor whose copy is in flight -> its event."""
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
         if t.device.type != "cuda" or t.numel() == 0:
-            return t.to("cpu", copy=True)
-        src = t.clone(memory_format=torch.contiguous_format)  # (compute stream) ours, not autograd's
+            return owned_copy(t)
+        src = t.detach().clone(memory_format=torch.contiguous_format)  # (compute stream) ours, not autograd's
         side = self._side(t.device)
         side.wait_stream(torch.cuda.current_stream(t.device))  # the clone is done before the copy
         host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
