@@ -38,6 +38,8 @@ whether to stop (a signal or the byte budget on any rank stops all of them at th
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -274,6 +276,10 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
 
         cap.finish(None if stopped in ("done", "max-bytes") else stopped, on_drain=drain)
     if lost is not None:
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            # torchrun SIGTERMs the ranks left once one dies: this one is ending anyway, and a SIGTERM
+            # now would kill it before its error line is printed (torchrun's later SIGKILL still ends it)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         kept = cap.stream.writer.steps_flushed
         what = f"the {kept} completed steps are kept in {path} (interrupted)" if kept else "nothing was kept"
         raise RankLostError(f"{lost}; {what}")

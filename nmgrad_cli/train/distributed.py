@@ -121,7 +121,7 @@ def lost_rank(exc: BaseException, where: str) -> RankLostError | None:
     connection reset or closed; NCCL: a distributed backend error), or None for any other error."""
     if not dist.is_initialized():
         return None
-    gloo = isinstance(exc, RuntimeError) and "gloo" in str(exc)
+    gloo = isinstance(exc, RuntimeError) and "gloo" in str(exc).lower()
     if not (gloo or isinstance(exc, dist.DistError)):
         return None
     lines = str(exc).strip().splitlines()
