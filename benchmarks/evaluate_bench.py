@@ -89,6 +89,11 @@ def abs_seconds_per_float(numel: int, reps: int = 10) -> float:
     return best / x.numel()
 
 
+def r_value(wall: float, floats: int, methods: int, samples: int, per_float: float) -> float:
+    """R: evaluate's wall time over ``floats x methods x samples`` passes of one ``x.abs()`` per float."""
+    return wall / (floats * methods * samples * per_float)
+
+
 TREE = Path(nmgrad_cli.__file__).resolve().parents[1]
 """The checkout the evaluate processes run (PYTHONPATH=<tree>, or the installed one)."""
 
@@ -237,7 +242,7 @@ def main() -> None:
               f"{'RSS/largest':>12}")
         for (rows, floats, largest, n_methods), dump in zip(results, args.dump):
             wall, rss = rows[0][1], rows[0][2]
-            r = wall / (floats * n_methods * args.samples * per_float)
+            r = r_value(wall, floats, n_methods, args.samples, per_float)
             print(f"{dump.name:<28} {floats / 1e6:9.1f} {largest * 4 / 1e6:11.1f} {wall:7.1f} {r:6.2f} "
                   f"{rss / 1e6:12.0f} {rss / (largest * 4):11.1f}x")
 
@@ -290,11 +295,11 @@ def bench_dump(dump: Path, args: argparse.Namespace) -> tuple[list, int, int, in
     print(f"{'run':<20} {'wall s':>8} {'abs ns/float':>13} {'R':>7} {'vs warm':>9} {'peak RSS MB':>12} "
           f"{'/ largest':>10}")
     for label, wall, rss, p in rows:
-        r = wall / (floats * len(methods) * args.samples * per_float)
+        r = r_value(wall, floats, len(methods), args.samples, per_float)
         print(f"{label:<20} {wall:8.1f} {p * 1e9:13.3f} {r:7.1f} {wall / warm:8.2f}x {rss / 1e6:12.0f} "
               f"{rss / (largest * 4):9.1f}x")
     if not args.warm_only:
-        r_warm = warm / (floats * len(methods) * args.samples * per_float)
+        r_warm = r_value(warm, floats, len(methods), args.samples, per_float)
         print(f"cold - warm: {rows[1][1] - warm:+.1f} s (target <= 10 s); busy / warm: {rows[2][1] / warm:.2f}x "
               f"(target <= 3x); R warm: {r_warm:.1f} (target <= 4)")
     return rows, floats, largest, len(methods)

@@ -10,11 +10,13 @@ timeout "${BENCH_S:-200}" python benchmarks/gpu_bench.py --budget "${BENCH_BUDGE
 timeout "${PROBE_S:-60}" python benchmarks/compress_probe.py 2>&1 | tee "$OUT/compress_probe.log"
 # every test of the GPU files (the requires_cuda ones run only here), 8 workers (pytest-xdist is on the image)
 timeout "${TEST_S:-150}" python -m pytest -q -p no:cacheprovider --timeout 90 -n 8 \
-    tests/test_sparse_gemm.py tests/test_triton_kernels.py tests/test_evaluate_scale.py 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log"
+    tests/test_sparse_gemm.py tests/test_triton_kernels.py tests/test_evaluate_scale.py tests/test_capture_host.py 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log"
 python -m nmgrad_cli capture --model gpt --steps 1 --out /tmp/g1.h5 --force >/dev/null 2>"$OUT/capture.log" &&
   timeout "${EVAL_S:-100}" python benchmarks/evaluate_bench.py /tmp/g1.h5 --device cuda 2>&1 | tee "$OUT/eval_gpu.log"
 # real-size records (4 x 16384 x 4096 float32, 1.1 GB): evaluate on the GPU against the file-read rate
 rm -f /tmp/big.h5
 timeout "${BIG_S:-150}" python benchmarks/evaluate_bench.py /tmp/big.h5 --synthetic 4,16384,4096 --device cuda --no-cpu \
     2>&1 | tee "$OUT/eval_gpu_big.log"
+# issue 19 item 5: GPT-2-small capture on the GPU (asynchronous pinned copies) vs a plain step, writer vs write()
+timeout "${SCALE_S:-150}" python benchmarks/scale_bench.py --device cuda --steps 8 --samples 4 2>&1 | tee "$OUT/scale_bench.log"
 echo done

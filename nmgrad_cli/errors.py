@@ -43,3 +43,9 @@ class Interrupted(NmgradError):
     """Stopped by SIGINT/SIGTERM before anything worth keeping was written."""
 
     exit_code = 130
+
+
+class RankLostError(NmgradError):
+    """Under torchrun: another rank of the process group died (or its connection broke) mid-run."""
+
+    exit_code = 1

@@ -22,6 +22,7 @@ import torch
 
 from ..layers import layer_matches, parse_layers
 from ..sites import Site, dense_gemm
+from .host import HostCopies, owned_copy
 
 
 def conv_attrs(conv: dict) -> dict:
@@ -44,19 +45,18 @@ Sink = Callable[[Site, str, int, torch.Tensor], None]
 """``sink(site, kind, call, tensor)``: receives each recorded tensor (already copied)."""
 
 
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    # own the data: autograd may reuse its buffers, and the writer reads it later on another thread
-    return t.detach().to("cpu", copy=True)
-
-
 class SiteRecorder:
     """Selects sites by ``--layers`` globs and module types; while :attr:`active`, sends every dY
     (and X, W) of the selected ones to ``sink``. ``selected`` lists them in first-seen order."""
 
     def __init__(
         self, layers: str | None, module_types: tuple[str, ...], sink: Sink, with_inputs: bool = False,
-        compute=None,
+        compute=None, copy: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        self.copy = copy or owned_copy
+        """Makes the host copy ``sink`` gets (owned: autograd may reuse its buffers, and the writer reads
+        it later on another thread); ready when made by default, asynchronous from a GPU with
+        :class:`~.host.HostCopies` (what :class:`StepRecords` uses, handing each record's event on)."""
         self.compute = compute
         """Another site handler (train's sparse-gradient one) that computes the GEMMs; None: dense."""
         self.globs = parse_layers(layers)
@@ -108,12 +108,12 @@ class SiteRecorder:
         seen["input"] |= bool(x.requires_grad)
         seen["weight"] |= bool(w.requires_grad)
         if self.with_inputs:
-            self.sink(site, "input", call, _copy(x))
-            self.sink(site, "weight", call, _copy(w))
+            self.sink(site, "input", call, self.copy(x))
+            self.sink(site, "weight", call, self.copy(w))
 
         def grad_hook(g: torch.Tensor) -> None:
             if self.active:
-                self.sink(site, "grad", call, _copy(g))
+                self.sink(site, "grad", call, self.copy(g))
 
         y.register_hook(grad_hook)
         return y
@@ -126,9 +126,11 @@ class StepRecords:
 
     def __init__(self, layers: str | None, module_types: tuple[str, ...], with_inputs: bool = False, compute=None):
         self.buffer: list[tuple[Site, str, int, torch.Tensor]] = []
+        self.host = HostCopies()
+        """Host copies of the records: on a GPU they land asynchronously, each with its event."""
         self.recorder = SiteRecorder(
             layers, module_types, lambda site, kind, call, t: self.buffer.append((site, kind, call, t)),
-            with_inputs, compute,
+            with_inputs, compute, copy=self.host.copy,
         )
         self.declared: set[str] = set()
         self.seen: set[str] = set()
@@ -163,12 +165,18 @@ class StepRecords:
             )
             self.declared.add(site.name)
         for site, kind, call, tensor in self.buffer:
+            ready = self.host.ready(tensor)
             if site.name in self.declared:
-                stream.write(site.name, kind, step, call, tensor)
+                stream.write(site.name, kind, step, call, tensor, ready=ready)
         stream.step_done(step)
         self.seen |= with_grad
         self.steps += 1
         self.buffer.clear()
+
+    def drop(self) -> None:
+        """Forget the current step's records (a step that is not written)."""
+        self.buffer.clear()
+        self.host.forget()
 
     def silent(self) -> list[str]:
         """Selected sites that received no gradient in any written step."""

@@ -38,6 +38,8 @@ whether to stop (a signal or the byte budget on any rank stops all of them at th
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import Interrupted, NmgradError
+from ..errors import Interrupted, NmgradError, RankLostError
 from ..models import build_task
 from ..outputs import check_output
 from ..progress import ProgressLike, resolve_progress
@@ -229,7 +231,7 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
                 step_bytes = records.bytes
                 over = config.max_bytes is not None and st.bytes_recorded + step_bytes > config.max_bytes
                 if agree_any(over, device, info):
-                    records.buffer.clear()
+                    records.drop()
                     st.stopped = "max-bytes"
                     return True
                 records.write(stream, s)
@@ -246,12 +248,15 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
 
         callbacks = StepCallbacks(before=before, start=start, stop=lambda _s: recorder.stop_step(),
                                   after_backward=after_backward, after=after)
+        lost = None
         try:
             run_steps(step_model, task.train_batches, task.loss_fn, opt, mode, device, total, callbacks, amp)
         except KeyboardInterrupt:  # a second signal: the current step is abandoned
             st.stopped = signals[0] if signals else "SIGINT"
+        except RankLostError as exc:  # no more collectives: this rank keeps what it completed, alone
+            st.stopped, lost = "RankLostError", exc
         finally:
-            records.buffer.clear()
+            records.drop()
         stopped, recorded, steps_run, bytes_recorded, report = (
             st.stopped, st.recorded, st.steps_run, st.bytes_recorded, st.report
         )
@@ -270,6 +275,14 @@ def _run(config, progress, handle_signals, info: DistInfo, device: torch.device)
                 ))
 
         cap.finish(None if stopped in ("done", "max-bytes") else stopped, on_drain=drain)
+    if lost is not None:
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            # torchrun SIGTERMs the ranks left once one dies: this one is ending anyway, and a SIGTERM
+            # now would kill it before its error line is printed (torchrun's later SIGKILL still ends it)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        kept = cap.stream.writer.steps_flushed
+        what = f"the {kept} completed steps are kept in {path} (interrupted)" if kept else "nothing was kept"
+        raise RankLostError(f"{lost}; {what}")
     if cap.stopped is not None and stopped in ("done", "max-bytes"):
         stopped = cap.stopped  # a repeated signal while the last steps were written dropped some
     recorded = cap.stream.writer.steps_flushed if cap.stopped is not None else recorded

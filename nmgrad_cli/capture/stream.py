@@ -79,8 +79,10 @@ class StreamWriter:
     def add_layer(self, **kwargs) -> None:
         self._put(("layer", kwargs), 0)
 
-    def write(self, layer: str, kind: str, step: int, call: int, tensor: torch.Tensor) -> None:
-        self._put(("write", (layer, kind, step, call, tensor)), tensor.numel() * tensor.element_size())
+    def write(self, layer: str, kind: str, step: int, call: int, tensor: torch.Tensor, ready=None) -> None:
+        """Queue one record. ``ready``: an event (``.synchronize()``) the thread waits on before it
+        reads ``tensor`` (a device-to-host copy still in flight, :class:`~.host.HostCopies`)."""
+        self._put(("write", (layer, kind, step, call, tensor, ready)), tensor.numel() * tensor.element_size())
 
     def step_done(self, step: int) -> None:
         self._put(("step", step), 0)
@@ -177,7 +179,10 @@ class StreamWriter:
 
     def _do(self, op: str, arg) -> None:
         if op == "write":
-            self.bytes_written += self.writer.write(*arg)
+            *record, ready = arg
+            if ready is not None:
+                ready.synchronize()
+            self.bytes_written += self.writer.write(*record)
         elif op == "layer":
             self.writer.add_layer(**arg)
         elif op == "step":

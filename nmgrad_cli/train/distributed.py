@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..errors import NmgradError
+from ..errors import NmgradError, RankLostError
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,31 @@ def agree_any(flag: bool, device: torch.device, info: DistInfo) -> bool:
     if not info.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    except Exception as exc:
+        lost = lost_rank(exc, "while the ranks agreed on whether to stop")
+        if lost is None:
+            raise
+        raise lost from None
     return bool(t.item() > 0)
+
+
+def lost_rank(exc: BaseException, where: str) -> RankLostError | None:
+    """The one-line error for a collective that failed because another rank is gone (gloo: its
+    connection reset or closed; NCCL: a distributed backend error), or None for any other error."""
+    if not dist.is_initialized():
+        return None
+    gloo = isinstance(exc, RuntimeError) and "gloo" in str(exc).lower()
+    if not (gloo or isinstance(exc, dist.DistError)):
+        return None
+    lines = str(exc).strip().splitlines()
+    # gloo: "[.../pair.cc:537] Read error [127.0.0.1]:38837: Connection reset by peer. This is ..."
+    said = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0][:120] if lines else type(exc).__name__
+    return RankLostError(
+        f"rank {dist.get_rank()} of {dist.get_world_size()} lost another rank {where} ({said}): "
+        "a rank died or was killed, see torchrun's report for which"
+    )
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import NmgradError
 from ..models import forward_loss
 from ..models.spec import one_line
+from .distributed import lost_rank
 
 
 def autocast(device: torch.device, amp: str):
@@ -51,6 +52,9 @@ def forward_backward(
     except NmgradError:
         raise
     except Exception as exc:
+        lost = lost_rank(exc, f"in training step {step}")
+        if lost is not None:
+            raise lost from None
         raise NmgradError(
             f"training step {step} failed: {one_line(exc)}; check that --data yields batches "
             f"the --model accepts and --loss fits its output"
