@@ -311,6 +311,11 @@ def _to_out(y, dtype: tl.constexpr, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _nonzero(o):
+    return o.to(tl.float32) != 0.0
+
+
+@triton.jit
 def _pick4(idx, y0, y1, y2, y3):
     return tl.where(idx == 0, y0, tl.where(idx == 1, y1, tl.where(idx == 2, y2, y3)))
 
@@ -336,12 +341,15 @@ def prune_kernel(
     U: tl.constexpr,
     PHILOX: tl.constexpr,
     COMPRESS: tl.constexpr,
+    CSLT: tl.constexpr,
     OUT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally also the CUTLASS
-    compressed values [R, L/2] and metadata [R, L/16] (int16, 4 blocks each, in CUTLASS's order)."""
+    """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally (COMPRESS) also the
+    compressed values [R, L/2] and metadata: CUTLASS's [R, L/16] int16 (4 blocks each, in CUTLASS's
+    order), or with CSLT cuSPARSELt's bytes (one nibble per block, ``cslt_layout``'s byte formula,
+    ``meta_ptr`` = the buffer's metadata region as uint8) and then no Y at all."""
     # one grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65,535): row tiles vary fastest
     pid = tl.program_id(0)
     n_r = (R + BLOCK_R - 1) // BLOCK_R  # (tl.cdiv is jitted at import: the interpreted copy cannot call it)
@@ -412,7 +420,8 @@ def prune_kernel(
         out = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_R, BLOCK_G * M))
         if COMPRESS:
             # -0.0 and values that underflow in the output dtype count as zeros
-            idx0, idx1 = _cutlass_idx(o0 != 0, o1 != 0, o2 != 0, o3 != 0)
+            # (compared in float32: the interpreter's emulated bf16 would see -0.0's sign bit)
+            idx0, idx1 = _cutlass_idx(_nonzero(o0), _nonzero(o1), _nonzero(o2), _nonzero(o3))
             v0 = _pick4(idx0, o0, o1, o2, o3)
             v1 = _pick4(idx1, o0, o1, o2, o3)
             lv = pid_g * (BLOCK_G * 2) + tl.arange(0, BLOCK_G * 2)
@@ -420,14 +429,27 @@ def prune_kernel(
             vals = tl.reshape(tl.join(v0, v1), (BLOCK_R, BLOCK_G * 2))
             tl.store(vals_ptr + r64[:, None] * (G * 2) + lv[None, :], vals, mask=vmask)
             nib = idx0 | (idx1 << 2)  # (BR, BG)
-            n4 = tl.reshape(nib, (BLOCK_R, BLOCK_G // 4, 2, 2))  # [.., j1, j2] = block 4q + 2*j1 + j2
-            ne, no = tl.split(n4)
-            n0, n2 = tl.split(ne)
-            n1, n3 = tl.split(no)
-            meta = n0 | (n1 << 4) | (n2 << 8) | (n3 << 12)
-            q = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
-            qmask = rmask[:, None] & (q < G // 4)[None, :]
-            tl.store(meta_ptr + _cutlass_meta_offset(r64, q.to(tl.int64), R), meta.to(tl.int16), mask=qmask)
+            if CSLT:
+                # rows r and r + 8 of each 16-row group share a byte (low / high nibble)
+                n16 = tl.permute(tl.reshape(nib, (BLOCK_R // 16, 2, 8, BLOCK_G)), (0, 2, 3, 1))
+                lo, hi = tl.split(n16)  # (BR/16, 8, BG) each
+                byte = tl.reshape(lo | (hi << 4), (BLOCK_R // 2, BLOCK_G))
+                i = tl.arange(0, BLOCK_R // 2)
+                rl = (pid_r * BLOCK_R + (i // 8) * 16 + i % 8).to(tl.int64)  # (BR/2,) the low-nibble rows
+                q = g % 8
+                off = (rl // 64) * 8 * L + (rl % 64) // 16 * 64 + 8 * (rl % 8)
+                off = off[:, None] + ((g // 8) * 256 + 2 * (q % 4) + q // 4).to(tl.int64)[None, :]
+                bmask = (rl < R)[:, None] & (g < G)[None, :]
+                tl.store(meta_ptr + off, byte.to(tl.uint8), mask=bmask)
+            else:
+                n4 = tl.reshape(nib, (BLOCK_R, BLOCK_G // 4, 2, 2))  # [.., j1, j2] = block 4q + 2*j1 + j2
+                ne, no = tl.split(n4)
+                n0, n2 = tl.split(ne)
+                n1, n3 = tl.split(no)
+                meta = n0 | (n1 << 4) | (n2 << 8) | (n3 << 12)
+                q = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
+                qmask = rmask[:, None] & (q < G // 4)[None, :]
+                tl.store(meta_ptr + _cutlass_meta_offset(r64, q.to(tl.int64), R), meta.to(tl.int16), mask=qmask)
     else:
         x2 = tl.reshape(x, (BLOCK_R, BLOCK_G, 2))
         a0, a1 = tl.split(x2)
@@ -452,4 +474,5 @@ def prune_kernel(
         y1 = _poison(y1, fin)
         out = _to_out(tl.reshape(tl.join(y0, y1), (BLOCK_R, BLOCK_G * M)), y_ptr.dtype.element_ty, OUT_BF16)
 
-    tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)
+    if not CSLT:  # the cuSPARSELt buffer is the whole output
+        tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)
