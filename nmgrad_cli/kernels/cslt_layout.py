@@ -40,7 +40,8 @@ VERIFIED_ON_GPU = False
 def layout_reason(rows: int, cols: int, dtype: torch.dtype) -> str | None:
     """Why an (rows, cols) ``dtype`` operand cannot take this layout, or None when it can."""
     if dtype not in DTYPES:
-        return f"the cuSPARSELt 2:4 layout modelled here is for float16/bfloat16, got {str(dtype).removeprefix('torch.')}"
+        name = str(dtype).removeprefix("torch.")
+        return f"the cuSPARSELt 2:4 layout modelled here is for float16/bfloat16, got {name}"
     if rows % ROW_ALIGN or cols % COL_ALIGN:
         return (
             f"the compressed 2:4 operand is {rows} x {cols}: rows must be a multiple of {ROW_ALIGN} and columns "

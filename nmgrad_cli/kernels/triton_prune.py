@@ -339,7 +339,9 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
         if why is not None:
             raise NmgradError(why)
         if tile[0] % 16:
-            raise NmgradError(f"tile {tile}: cuSPARSELt's metadata pairs rows r and r + 8: rows per program must be a multiple of 16")
+            raise NmgradError(
+                f"tile {tile}: cuSPARSELt's metadata pairs rows r and r + 8: rows per program must be a multiple of 16"
+            )
         out = torch.empty(cslt_layout.buffer_shape(rows, length), dtype=out_dtype, device=dy.device)
         packed = out.view(-1)[: rows * length // 2]
         meta = out.view(-1).view(torch.uint8)[rows * length :]
@@ -355,9 +357,8 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
         meta = torch.empty((rows, length // 16), dtype=torch.int16, device=dy.device)
     if k:  # (nothing to launch for an empty tensor)
         seed = _seed(seed, generator)
-        _launch(
-            dy, out, rows, length, sx, sy, method, n, m, uniforms, seed, tile, packed, meta, num_warps, compress == "cslt"
-        )
+        cslt = compress == "cslt"
+        _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, seed, tile, packed, meta, num_warps, cslt)
     if compress != "cutlass":
         return out
     return Compressed(out, packed, meta)
@@ -417,7 +418,8 @@ def compile_ahead(
     sig = {"x_ptr": f"*{t_in}", "y_ptr": f"*{t_out}", "u_ptr": "*fp32", "vals_ptr": f"*{t_out}", "meta_ptr": meta}
     sig |= {name: "i32" for name in ("R", "L", "G", "sxr", "sxl", "syr", "syl")} | {"seed": seed_type}
     const = dict(METHOD=_METHOD_CODES[v.method], N=n, M=m, U=n_uniforms(v.method, m), PHILOX=v.philox,
-                 COMPRESS=v.layout != "none", CSLT=v.layout == "cslt", OUT_BF16=v.out_dtype == torch.bfloat16, BLOCK_R=tile[0], BLOCK_G=tile[1])
+                 COMPRESS=v.layout != "none", CSLT=v.layout == "cslt", OUT_BF16=v.out_dtype == torch.bfloat16,
+                 BLOCK_R=tile[0], BLOCK_G=tile[1])
     sig |= {name: "constexpr" for name in const}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): c for k, c in const.items()})
     options = {"num_warps": num_warps, "enable_fp_fusion": False}  # as _launch
