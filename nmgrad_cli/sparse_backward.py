@@ -55,8 +55,7 @@ def _pruned_times(dy, b, method, pattern, axis, generator, uniforms, seed, backe
         return a @ b
 
     def dense(reason: str):
-        if dy.is_cuda:
-            GEMM_ROUTES.record(key, "dense", reason)
+        GEMM_ROUTES.record(key, "dense", reason)
         sparse_gemm.log_once(reason)
         return pruned_dense()
 

@@ -252,3 +252,40 @@ def test_fastest_alg_keeps_the_default_when_only_it_runs():
             raise RuntimeError("no such algorithm")
 
     assert sparse_gemm.fastest_alg(run, lambda fn: 1.0) == 0
+
+
+@requires_cuda
+def test_fused_buffer_feeds_cslt_sparse_mm():
+    """The fused prune+pack buffer is a correct cuSPARSELt operand: _cslt_sparse_mm on it equals the
+    dense GEMM of the pruned operand (fails while the layout model in kernels/cslt_layout.py is wrong)."""
+    if not sparse_gemm.cusparselt_available():
+        pytest.skip("this torch has no cuSPARSELt")
+    from nmgrad_cli.kernels import cslt_layout, triton_prune
+
+    dev = torch.device("cuda")
+    dy = torch.randn(256, 512, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(512, 128, device=dev, dtype=torch.bfloat16)
+    buf = triton_prune.prune_pack_2d(dy, "mvue", "features", seed=3)
+    pruned = triton_prune.prune_2d(dy, "mvue", "2:4", "features", seed=3)
+    assert torch.equal(cslt_layout.unpack(buf, (256, 512)), pruned)
+    assert rel_err(torch._cslt_sparse_mm(buf, b), pruned @ b) < 1e-2
+
+
+@requires_cuda
+def test_auto_records_a_measured_route(monkeypatch):
+    """backend='auto' on cuSPARSELt measures the shape once and records route, reason and timings;
+    whichever route it takes, the product is right."""
+    _sparse_backend_or_skip()
+    table = backend_module.RouteTable()
+    monkeypatch.setattr(sparse_backward, "GEMM_ROUTES", table)
+    dev = torch.device("cuda")
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    dy, w = torch.randn(1024, 512, **bf), torch.randn(512, 256, **bf)
+    u = uniforms_for("mvue", "2:4", 1024, 512).to(dev)
+    dx = sparse_backward.grad_input(dy, w, "mvue", uniforms=u, min_mnk=0)
+    ref = sparse_backward.grad_input_reference(dy.double(), w.double(), "mvue", "2:4", u.double())
+    assert rel_err(dx.double(), ref) < 2e-2
+    (row,) = table.decisions()
+    assert row["shape"] == [1024, 512, 256] and row["route"] in ("sparse", "dense") and row["reason"]
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert row["sparse_ms"] is not None or "check" in row["reason"]
