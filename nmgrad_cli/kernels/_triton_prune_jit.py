@@ -9,8 +9,9 @@ so features (X = dY, blocks of 4 columns) and tokens (X = dY^T, blocks of 4 rows
 One program owns a tile of BLOCK_R rows x BLOCK_G blocks, loads it as one [BLOCK_R, BLOCK_G*M]
 tile (coalesced along whichever axis has stride 1), and splits it into the M columns a0..a3 of
 [BLOCK_R, BLOCK_G] blocks, which stay in registers. Block k = r * G + g is the row-major block
-index of ``prune()``'s ``to_blocks`` view, which is how supplied uniforms (K, U) are addressed and
-how the in-kernel Philox stream is keyed (seed, k).
+index of ``prune()``'s ``to_blocks`` view, which is how supplied uniforms (K, U) are addressed. The
+in-kernel Philox stream: one call (seed, r * ceil(G / q) + g // q) gives four uniforms for the q = 4 / U
+blocks g of row r that share it (U = 4: one call per block, keyed (seed, k)).
 """
 
 from __future__ import annotations
@@ -138,22 +139,6 @@ def _mvue12_pair(a0, a1, u):
 
 
 @triton.jit
-def _sort4_desc(m0, m1, m2, m3):
-    """The four magnitudes sorted descending (a 5-comparator network, values only)."""
-    s0 = tl.maximum(m0, m1)
-    s1 = tl.minimum(m0, m1)
-    s2 = tl.maximum(m2, m3)
-    s3 = tl.minimum(m2, m3)
-    t0 = tl.maximum(s0, s2)
-    t2 = tl.minimum(s0, s2)
-    t1 = tl.maximum(s1, s3)
-    t3 = tl.minimum(s1, s3)
-    u1 = tl.maximum(t1, t2)
-    u2 = tl.minimum(t1, t2)
-    return t0, u1, u2, t3
-
-
-@triton.jit
 def _inv_max(top):
     """1 / max |a|, or 2^126 when max is below float32's smallest normal (the reference's scaling)."""
     return tl.where(top < 1.1754943508222875e-38, 8.507059173023462e37, tl.math.div_rn(1.0, top))
@@ -178,18 +163,27 @@ def _others4(x0, x1, x2, x3):
 def _mvue24(a0, a1, a2, a3, u):
     """Exact MVUE 2:4: water-filling p_i = min(1, |a_i| / lam), sum p = 2, systematic sampling.
 
-    lam = S/2, or R = S - max|a| when max|a| > R (the dominant element is then kept exactly).
-    The sums run in the reference's order (smallest first) so rounding matches it closely.
+    Closed forms, no sort and two divisions per block: lam = S/2, or R = the sum of the other three
+    when max|a| > R (that element is then kept exactly: at 2:4 at most one saturates unless the
+    block has at most two non-zeros); p_i = |a_i| * (1 / lam) on the scaled magnitudes; a kept
+    unsaturated element is sign(a_i) * lam * max|a| (= a_i / p_i), a saturated one a_i itself.
+    R is summed directly (never S - max: no cancellation).
     """
+    top = tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3)))
     m0, m1, m2, m3 = _scaled4(a0, a1, a2, a3)
-    s0, s1, s2, s3 = _sort4_desc(m0, m1, m2, m3)
-    tail1 = (s3 + s2) + s1  # R when s0 is the largest
-    tail0 = tail1 + s0  # S
-    lam = tl.where(s0 <= tail0 * 0.5, tail0 * 0.5, tail1)
-    p0 = tl.minimum(_div(m0, lam), 1.0)
-    p1 = tl.minimum(_div(m1, lam), 1.0)
-    p2 = tl.minimum(_div(m2, lam), 1.0)
-    p3 = tl.minimum(_div(m3, lam), 1.0)
+    o0, o1, o2, o3 = _others4(m0, m1, m2, m3)
+    s = ((m0 + m1) + m2) + m3
+    # the others' sum of the largest element (the first one on ties)
+    first0 = (m0 >= m1) & (m0 >= m2) & (m0 >= m3)
+    first1 = (m1 >= m2) & (m1 >= m3)
+    rest = tl.where(first0, o0, tl.where(first1, o1, tl.where(m2 >= m3, o2, o3)))
+    mx = tl.maximum(tl.maximum(m0, m1), tl.maximum(m2, m3))
+    lam = tl.where(mx <= rest, s * 0.5, rest)
+    rl = _div(1.0, lam)
+    p0 = tl.minimum(m0 * rl, 1.0)
+    p1 = tl.minimum(m1 * rl, 1.0)
+    p2 = tl.minimum(m2 * rl, 1.0)
+    p3 = tl.minimum(m3 * rl, 1.0)
     nnz = (m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32) + (m2 > 0).to(tl.int32) + (m3 > 0).to(tl.int32)
     few = nnz <= 2
     p0 = tl.where(few, (m0 > 0).to(tl.float32), p0)
@@ -208,11 +202,19 @@ def _mvue24(a0, a1, a2, a3, u):
     k1 = _ceil_step(c1, c0, u)
     k2 = _ceil_step(c2, c1, u)
     k3 = _ceil_step(c3, c2, u)
-    y0 = tl.where(k0, _div(a0, p0), 0.0)
-    y1 = tl.where(k1, _div(a1, p1), 0.0)
-    y2 = tl.where(k2, _div(a2, p2), 0.0)
-    y3 = tl.where(k3, _div(a3, p3), 0.0)
+    # lam in a's units: lam / inv_max = lam * max|a| (a subnormal max was scaled by 2^126)
+    big = tl.where(top < 1.1754943508222875e-38, lam * 1.1754943508222875e-38, lam * top)
+    y0 = tl.where(k0, _kept(a0, p0, big), 0.0)
+    y1 = tl.where(k1, _kept(a1, p1, big), 0.0)
+    y2 = tl.where(k2, _kept(a2, p2, big), 0.0)
+    y3 = tl.where(k3, _kept(a3, p3, big), 0.0)
     return y0, y1, y2, y3
+
+
+@triton.jit
+def _kept(a, p, big):
+    """A kept element's value: a itself when saturated (p = 1), else sign(a) * lam * max|a| = a / p."""
+    return tl.where(p >= 1.0, a, tl.where(a < 0, -big, big))
 
 
 @triton.jit
@@ -367,8 +369,23 @@ def prune_kernel(
     # uniforms of block k = r * G + g
     k = r64[:, None] * G + g[None, :]  # (BR, BG)
     kmask = rmask[:, None] & (g < G)[None, :]
-    if PHILOX:
-        u0, u1, u2, u3 = _rand4x(seed, k)
+    if PHILOX:  # one Philox call gives four uniforms: 4 / U blocks share it (U = 4: one call per block)
+        if U == 1:  # block g of row r: call (r, g // 4), lane g % 4
+            gq = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
+            c0, c1, c2, c3 = _rand4x(seed, r64[:, None] * ((G + 3) // 4) + gq[None, :])
+            u0 = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_R, BLOCK_G))
+            u1 = u0
+            u2 = u0
+            u3 = u0
+        elif U == 2:  # block g of row r: call (r, g // 2), lanes (0, 1) for even g, (2, 3) for odd g
+            gh = pid_g * (BLOCK_G // 2) + tl.arange(0, BLOCK_G // 2)
+            c0, c1, c2, c3 = _rand4x(seed, r64[:, None] * ((G + 1) // 2) + gh[None, :])
+            u0 = tl.reshape(tl.join(c0, c2), (BLOCK_R, BLOCK_G))
+            u1 = tl.reshape(tl.join(c1, c3), (BLOCK_R, BLOCK_G))
+            u2 = u0
+            u3 = u1
+        else:
+            u0, u1, u2, u3 = _rand4x(seed, k)
     else:
         u0 = tl.full((BLOCK_R, BLOCK_G), 0.0, tl.float32)
         u1 = u0

@@ -11,7 +11,8 @@ uniforms within ~1e-7 of it.
   the output is written transposed, dY^^T [F, T], so the weight-gradient GEMM gets its sparse
   operand K-major (2:4 along its reduction dim) without a separate transpose.
 
-Random numbers: in-kernel Philox keyed by (seed, block index), or supplied ``uniforms`` (K, U) in
+Random numbers: in-kernel Philox (one Philox4x32 call gives four uniforms, shared by 4 / U
+consecutive blocks of a row, keyed by (seed, row, block // (4 / U))), or supplied ``uniforms`` (K, U) in
 ``prune()``'s block order (for tests). Inputs fp32/fp16/bf16; output in the input dtype.
 
 The kernels are loaded lazily (this module imports without triton) and run compiled on CUDA
@@ -329,6 +330,11 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
     if uniforms is not None:
         uniforms = _check_uniforms(uniforms, k, method, m, dy.device)
     tile = tile or _DEFAULT_TILE[axis]
+    share = {1: 4, 2: 2}.get(n_uniforms(method, m), 1)  # blocks per Philox call (the kernel's keying)
+    if uniforms is None and tile[1] % share:
+        raise NmgradError(
+            f"tile {tile}: with in-kernel Philox, {method} {n}:{m} needs blocks per program a multiple of {share}"
+        )
     packed = meta = None
     if compress is not None and ((n, m) != (2, 4) or out_dtype == torch.float32):
         raise NmgradError("the compressed format is for 2:4 in float16 or bfloat16 (float32 sparse is 1:2 tf32)")
