@@ -112,17 +112,19 @@ def test_fused_cslt_kernel_has_no_local_memory_spills(method, axis, tmp_path):
 def test_philox_calls_are_shared_and_mvue_divides_twice_per_block():
     """One Philox4x32 call (10 rounds, 2 mul.hi each) serves 4 / U blocks: mvue (U = 1) makes a
     quarter of random 2:4's calls (U = 4, one per block), approx-mvue (U = 2) half; the mvue 2:4
-    closed form has two IEEE divisions per block (1 / max|a| and 1 / lam), no sort."""
+    closed form has two IEEE divisions per block (1 / max|a| and 1 / lam), no sort; mvue12 two per pair."""
     if not _has_nvidia_backend():
         pytest.skip("this triton has no NVIDIA backend")
     tile, warps = (16, 64), triton_prune.DEFAULT_WARPS
     ptx = {m: triton_prune.compile_ahead(triton_prune.Variant(m, (2, 4), torch.bfloat16, torch.bfloat16, True,
                                                              "none", 90), tile=tile, asm="ptx")
-           for m in ("mvue", "approx-mvue", "random")}
+           for m in ("mvue", "approx-mvue", "mvue12", "random")}
     mulhi = {m: text.count("mul.hi.u32") for m, text in ptx.items()}
     assert mulhi["random"] > 0 and mulhi["mvue"] * 4 == mulhi["random"] and mulhi["approx-mvue"] * 2 == mulhi["random"]
     blocks_per_thread = tile[0] * tile[1] // (32 * warps)
     assert ptx["mvue"].count("div.rn.f32") == 2 * blocks_per_thread
+    assert mulhi["mvue12"] * 2 == mulhi["random"]  # U = 2: one call per two blocks
+    assert ptx["mvue12"].count("div.rn.f32") == 4 * blocks_per_thread  # two per pair (1 / max, 1 / lam)
 
 
 def _ptxas_report(ptx: str, tmp_path) -> str:

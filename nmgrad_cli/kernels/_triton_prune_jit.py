@@ -119,13 +119,16 @@ def _ceil_step(c, prev, u):
 
 @triton.jit
 def _mvue12_pair(a0, a1, u):
-    """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i; exact if <= 1 non-zero."""
-    inv = _inv_max(tl.maximum(tl.abs(a0), tl.abs(a1)))
+    """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i = sign(a_i) (|a_0| + |a_1|)
+    in closed form (the reference's kept_values); exact if <= 1 non-zero. Two divisions per pair."""
+    top = tl.maximum(tl.abs(a0), tl.abs(a1))
+    inv = _inv_max(top)
     m0 = tl.abs(a0) * inv  # scaled by the max, as the reference (no overflow of the sum)
     m1 = tl.abs(a1) * inv
     lam = m0 + m1
-    p0 = tl.minimum(_div(m0, lam), 1.0)
-    p1 = tl.minimum(_div(m1, lam), 1.0)
+    rl = _div(1.0, lam)
+    p0 = tl.minimum(m0 * rl, 1.0)
+    p1 = tl.minimum(m1 * rl, 1.0)
     few = ((m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32)) <= 1
     p0 = tl.where(few, (m0 > 0).to(tl.float32), p0)
     p1 = tl.where(few, (m1 > 0).to(tl.float32), p1)
@@ -133,9 +136,17 @@ def _mvue12_pair(a0, a1, u):
     c1 = p0 + p1
     keep0 = _ceil_step(tl.minimum(c0, 1.0), 0.0, u)
     keep1 = _ceil_step(tl.minimum(c1, 1.0), tl.minimum(c0, 1.0), u)
-    y0 = tl.where(keep0, _div(a0, p0), 0.0)
-    y1 = tl.where(keep1, _div(a1, p1), 0.0)
+    big = _unscaled(lam, top)
+    y0 = tl.where(keep0, _kept(a0, p0, big), 0.0)
+    y1 = tl.where(keep1, _kept(a1, p1, big), 0.0)
     return y0, y1
+
+
+@triton.jit
+def _unscaled(lam, top):
+    """lam (in the scaled magnitudes' units) in a's units: lam * max|a|, or lam * 2^-126 where a
+    subnormal max was scaled by 2^126 (the reference's kept_values)."""
+    return tl.where(top < 1.1754943508222875e-38, lam * 1.1754943508222875e-38, lam * top)
 
 
 @triton.jit
@@ -202,8 +213,7 @@ def _mvue24(a0, a1, a2, a3, u):
     k1 = _ceil_step(c1, c0, u)
     k2 = _ceil_step(c2, c1, u)
     k3 = _ceil_step(c3, c2, u)
-    # lam in a's units: lam / inv_max = lam * max|a| (a subnormal max was scaled by 2^126)
-    big = tl.where(top < 1.1754943508222875e-38, lam * 1.1754943508222875e-38, lam * top)
+    big = _unscaled(lam, top)
     y0 = tl.where(k0, _kept(a0, p0, big), 0.0)
     y1 = tl.where(k1, _kept(a1, p1, big), 0.0)
     y2 = tl.where(k2, _kept(a2, p2, big), 0.0)
