@@ -64,7 +64,7 @@ def _pruned_times(dy, b, method, pattern, axis, generator, uniforms, seed, backe
     if choice.reason is not None:
         sparse_gemm.log_once(choice.reason, choice.gemm)
     out_dtype, sparse_dtype = dy.dtype, choice.sparse_dtype
-    bs = b.to(sparse_dtype)  # fp32 -> bf16: the kernel prunes the float32 dY (same decisions) and writes bf16
+    # fp32 -> bf16: the kernel prunes the float32 dY (same decisions) and writes bf16; B is cast
 
     if choice.gemm == "cutlass":
         if pat.n == 2:
@@ -73,9 +73,9 @@ def _pruned_times(dy, b, method, pattern, axis, generator, uniforms, seed, backe
         else:
             a = triton_prune.prune_2d(dy, meth.name, pat, axis, uniforms=uniforms, seed=seed, out_dtype=sparse_dtype)
             packed, meta = sparse_gemm.cutlass_compress(a)
-        return sparse_gemm.cutlass_mm(packed, meta, bs).to(out_dtype)
+        return sparse_gemm.cutlass_mm(packed, meta, b.to(sparse_dtype)).to(out_dtype)
 
-    bc = sparse_gemm.dense_operand(bs, weight)
+    bc = sparse_gemm.dense_operand(b, weight, sparse_dtype)
 
     def sparse():
         buf, shape, dense_a = sparse_gemm.cslt_operand(dy, meth.name, pat, axis, uniforms, seed, sparse_dtype)

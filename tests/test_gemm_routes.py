@@ -90,6 +90,8 @@ def test_weight_column_major_copy_is_made_once_per_version():
         w.add_(1.0)  # the optimizer step moves the version counter
     c2 = cache.get(w)
     assert c2 is not c1 and torch.equal(c2, w)
+    c3 = cache.get(w, torch.bfloat16)  # fp32 weight, bf16 GEMM: the cast is cached too
+    assert c3.dtype == torch.bfloat16 and c3.t().is_contiguous() and cache.get(w, torch.bfloat16) is c3
     other = torch.randn(64, 32)
     assert torch.equal(cache.get(other), other) and len(cache) == 2
     del other

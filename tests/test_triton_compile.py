@@ -119,11 +119,13 @@ def test_philox_calls_are_shared_and_mvue_divides_twice_per_block():
     ptx = {m: triton_prune.compile_ahead(triton_prune.Variant(m, (2, 4), torch.bfloat16, torch.bfloat16, True,
                                                              "none", 90), tile=tile, asm="ptx")
            for m in ("mvue", "approx-mvue", "mvue12", "random")}
+    # mul.hi.u32 is almost all Philox (2 per round; Triton 3.6 also uses a few for index arithmetic)
     mulhi = {m: text.count("mul.hi.u32") for m, text in ptx.items()}
-    assert mulhi["random"] > 0 and mulhi["mvue"] * 4 == mulhi["random"] and mulhi["approx-mvue"] * 2 == mulhi["random"]
+    assert mulhi["random"] >= 40  # four calls per thread (four blocks, one call each)
+    assert mulhi["mvue"] * 3.5 <= mulhi["random"] and mulhi["approx-mvue"] * 1.8 <= mulhi["random"]
     blocks_per_thread = tile[0] * tile[1] // (32 * warps)
     assert ptx["mvue"].count("div.rn.f32") == 2 * blocks_per_thread
-    assert mulhi["mvue12"] * 2 == mulhi["random"]  # U = 2: one call per two blocks
+    assert mulhi["mvue12"] * 1.8 <= mulhi["random"]  # U = 2: one call per two blocks
     assert ptx["mvue12"].count("div.rn.f32") == 4 * blocks_per_thread  # two per pair (1 / max, 1 / lam)
 
 

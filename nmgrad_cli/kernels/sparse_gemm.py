@@ -131,19 +131,20 @@ CSLT_ALGS = AlgTable()
 
 
 class ColumnMajorCache:
-    """B column-major, made once per weight version: ``get(w)`` returns the same copy until ``w`` is
-    changed in place (its version counter moves, e.g. by the optimizer step) or freed."""
+    """B column-major in ``dtype``, made once per weight version: ``get(w, dtype)`` returns the same
+    copy until ``w`` is changed in place (its version counter moves, e.g. by the optimizer step) or freed."""
 
     def __init__(self) -> None:
         self._copies: dict[int, tuple] = {}
 
-    def get(self, b: torch.Tensor) -> torch.Tensor:
+    def get(self, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or b.dtype
         entry = self._copies.get(id(b))
         if entry is not None:
             ref, version, copy = entry
-            if ref() is b and version == b._version and copy.shape == b.shape:
+            if ref() is b and version == b._version and copy.shape == b.shape and copy.dtype == dtype:
                 return copy
-        copy = column_major(b)
+        copy = column_major(b.to(dtype))
         key = id(b)
         self._copies[key] = (weakref.ref(b, lambda _r, key=key: self._copies.pop(key, None)), b._version, copy)
         return copy
@@ -160,13 +161,14 @@ def column_major(b: torch.Tensor) -> torch.Tensor:
     return b if b.t().is_contiguous() else b.t().contiguous().t()
 
 
-def dense_operand(b: torch.Tensor, weight: bool) -> torch.Tensor:
-    """B as cuSPARSELt gets it: column-major (:data:`CSLT_B_COLUMN_MAJOR`), cached per version for a weight."""
-    if not (b.is_contiguous() or b.t().is_contiguous()):
-        b = b.contiguous()  # cuSPARSELt reads B as row-major if contiguous, else as its contiguous transpose
-    if not CSLT_B_COLUMN_MAJOR or b.shape[1] <= 1:
-        return b
-    return WEIGHT_COPIES.get(b) if weight else column_major(b)
+def dense_operand(b: torch.Tensor, weight: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """B in ``dtype`` as cuSPARSELt gets it: column-major (:data:`CSLT_B_COLUMN_MAJOR`), cached per
+    version for a weight (the cast included)."""
+    if CSLT_B_COLUMN_MAJOR and b.shape[1] > 1:
+        return WEIGHT_COPIES.get(b, dtype) if weight else column_major(b.to(dtype or b.dtype))
+    b = b.to(dtype or b.dtype)
+    # cuSPARSELt reads B as row-major if contiguous, else as its contiguous transpose
+    return b if b.is_contiguous() or b.t().is_contiguous() else b.contiguous()
 
 
 def cslt_operand(dy, method, pattern, axis, uniforms, seed, sparse_dtype) -> tuple[torch.Tensor, tuple, object]:
