@@ -45,8 +45,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nmgrad_cli import prune  # noqa: E402
-from nmgrad_cli.kernels import sparse_gemm, triton_prune  # noqa: E402
+from nmgrad_cli import backend, prune, sparse_backward  # noqa: E402
+from nmgrad_cli.kernels import cslt_layout, sparse_gemm, triton_prune  # noqa: E402
 from nmgrad_cli.methods import METHODS  # noqa: E402
 from nmgrad_cli.patterns import parse_pattern  # noqa: E402
 
@@ -264,6 +264,15 @@ def interpreter_checks() -> None:
         same = torch.equal(packed, c.packed) and torch.equal(meta, c.meta)
         rows.append(["mvue 2:4", axis, check(same, f"compressed {axis}")])
     table("In-kernel CUTLASS compression vs torch's converter (CPU)", ["kernel", "axis", "check"], rows)
+    rows = []
+    for axis in AXES:
+        dy = torch.randn(64, 64, generator=gen).to(torch.bfloat16)
+        buf = triton_prune.prune_pack_2d(dy, "mvue", axis, seed=3)
+        pruned = triton_prune.prune_2d(dy, "mvue", "2:4", axis, seed=3)
+        same = torch.equal(buf.view(torch.int16), cslt_layout.pack(pruned).view(torch.int16))
+        rows.append(["mvue 2:4", axis, check(same, f"fused prune+pack {axis}")])
+    table("Fused prune + cuSPARSELt pack vs cslt_layout.pack of the pruned operand (CPU; the layout model "
+          "itself is checked on a GPU by gpu_session.sh)", ["kernel", "axis", "check"], rows)
     print(f"\ninterpreter checks took {time.perf_counter() - t0:.1f} s")
 
 
@@ -295,12 +304,27 @@ def gpu_correctness(dev) -> None:
     table("Triton kernels vs reference on the GPU (same uniforms)",
           ["method", "pattern", "axis", "dtype", "mask flips", "max rel err", "<= N per M", "check"], rows)
 
-    backend, why = sparse_gemm.pick_backend(torch.cuda.get_device_capability(), sparse_gemm._cusparselt_available())
+    gemm, why = backend.pick_backend(torch.cuda.get_device_capability(), sparse_gemm.cusparselt_available())
     rows = []
     if why is not None:
         note(f"\nsparse GEMMs unavailable here: {why}")
         return
-    if backend == "cutlass":
+    if gemm == "cusparselt":  # the fused prune+pack buffer: the model's bytes, and what cuSPARSELt makes of them
+        for axis in AXES:
+            dy = torch.randn(1024, 2048, generator=gen).to(dev, torch.bfloat16)
+            buf = triton_prune.prune_pack_2d(dy, "mvue", axis, seed=3)
+            pruned = triton_prune.prune_2d(dy, "mvue", "2:4", axis, seed=3)
+            b = torch.randn(pruned.shape[1], 256, device=dev, dtype=torch.bfloat16)
+            same = torch.equal(cslt_layout.unpack(buf, tuple(pruned.shape)), pruned)
+            rows.append(["fused prune+pack = pack(prune)", axis, "-", check(same, f"fused buffer {axis}")])
+            try:
+                err = sparse_gemm.rel_err(torch._cslt_sparse_mm(buf, b), pruned.float() @ b.float())
+                rows.append(["_cslt_sparse_mm(fused buffer) vs dense", axis, f"{err:.1e}",
+                             check(err < 1e-2, f"cuSPARSELt on the fused buffer {axis}")])
+            except RuntimeError as exc:
+                rows.append(["_cslt_sparse_mm(fused buffer) vs dense", axis, str(exc).splitlines()[0][:40],
+                             check(False, f"cuSPARSELt on the fused buffer {axis}")])
+    if gemm == "cutlass":
         conv = torch.sparse._semi_structured_conversions
         for axis in AXES:
             dy = torch.randn(1024, 2048, generator=gen).to(dev, torch.bfloat16)
@@ -316,10 +340,10 @@ def gpu_correctness(dev) -> None:
         ref_dx = triton_prune.prune_2d(dy, "mvue", "2:4", "features", uniforms=u_f).float() @ w.float()
         ref_dw = triton_prune.prune_2d(dy, "mvue", "2:4", "tokens", uniforms=u_t).float() @ x.float()
         for bk in ("auto", "cutlass", "cusparselt"):  # explicit backends fall back where they cannot run
-            plan = sparse_gemm.plan_gemm(torch.cuda.get_device_capability(), sparse_gemm._cusparselt_available(),
+            plan = backend.plan_gemm(torch.cuda.get_device_capability(), sparse_gemm.cusparselt_available(),
                                          dtype, "2:4", t, f, i, bk, min_mnk=0)
-            dx = sparse_gemm.grad_input(dy, w, "mvue", uniforms=u_f, min_mnk=0, backend=bk)
-            dw = sparse_gemm.grad_weight(dy, x, "mvue", uniforms=u_t, min_mnk=0, backend=bk)
+            dx = sparse_backward.grad_input(dy, w, "mvue", uniforms=u_f, min_mnk=0, backend=bk)
+            dw = sparse_backward.grad_weight(dy, x, "mvue", uniforms=u_t, min_mnk=0, backend=bk)
             for name, out, ref in (("dX = dY^ W", dx, ref_dx), ("dW = dY^^T X", dw, ref_dw)):
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 rows.append([f"{name} (backend={bk} -> {plan.backend})", str(dtype).removeprefix("torch."),
@@ -333,7 +357,7 @@ def throughput(dev, quick: bool, clock, budget: Budget) -> None:
     dy = torch.randn(t, f, device=dev, dtype=torch.bfloat16)
     nbytes = 2 * dy.numel() * dy.element_size()
     cap = torch.cuda.get_device_capability()
-    backend, why = sparse_gemm.pick_backend(cap, sparse_gemm._cusparselt_available())
+    gemm, why = backend.pick_backend(cap, sparse_gemm.cusparselt_available())
     copy = measure(lambda: dy.clone(), clock)
     rows = [["copy (clone)", "-", *fmt(copy), f"{nbytes / ms(copy) / 1e6:.0f}", "1.00"]]
 
@@ -352,12 +376,18 @@ def throughput(dev, quick: bool, clock, budget: Budget) -> None:
         u = torch.rand(rows_ * length // 4, 1, device=dev)
         row("prune mvue 2:4 (supplied uniforms)", axis,
             lambda a=axis, u=u: triton_prune.prune_2d(dy, "mvue", "2:4", a, uniforms=u))
-        if why is None and backend == "cutlass":
+        if why is None and gemm == "cutlass":
             row("prune+compress mvue 2:4 (fused, CUTLASS)", axis,
                 lambda a=axis: triton_prune.prune_compress_2d(dy, "mvue", "2:4", a, seed=1))
-        if why is None and sparse_gemm._cusparselt_available():
+        if why is None and sparse_gemm.cusparselt_available():
             row("prune mvue 2:4 + _cslt_compress", axis,
                 lambda a=axis: torch._cslt_compress(triton_prune.prune_2d(dy, "mvue", "2:4", a, seed=1)))
+    # the fused prune + cuSPARSELt pack (writes 9/16 of dY's bytes; the ratio is still copy time / time)
+    for method, pattern in KERNELS:
+        if pattern == "2:4":
+            for axis in AXES:
+                row(f"prune+pack {method} 2:4 (fused, cuSPARSELt layout)", axis,
+                    lambda m=method, a=axis: triton_prune.prune_pack_2d(dy, m, a, seed=1))
     row("reference prune mvue 2:4 (torch; call time only)", "features",
         lambda: prune(dy, "mvue", "2:4", dim=1, backend="reference"), batch=None)
     table(f"Prune throughput, dY {t}x{f} bf16 (GB/s = 2 x bytes(dY) / kernel time; target ratio >= 0.60)",
@@ -394,7 +424,7 @@ def _operands(dev, t: int, width: int):
     return dy, x, w
 
 
-def _linear_case(dev, t: int, width: int, backend: str, clock) -> list:
+def _linear_case(dev, t: int, width: int, gemm: str, clock) -> list:
     """Times of dX + dW for dY (t, width), X (t, width), W (width, width) in bf16."""
     dy, x, w = _operands(dev, t, width)
 
@@ -408,17 +438,17 @@ def _linear_case(dev, t: int, width: int, backend: str, clock) -> list:
 
     def sparse():
         return (
-            sparse_gemm.grad_input(dy, w, "mvue", seed=1, backend=backend),
-            sparse_gemm.grad_weight(dy, x, "mvue", seed=2, backend=backend),
+            sparse_backward.grad_input(dy, w, "mvue", seed=1, backend=gemm),
+            sparse_backward.grad_weight(dy, x, "mvue", seed=2, backend=gemm),
         )
 
     d, p, s = measure(dense, clock), measure(pruned_dense, clock), measure(sparse, clock)
     return [f"{t}x{width}x{width}", *fmt(d), *fmt(p), *fmt(s), f"{ms(d) / ms(s):.2f}x"]
 
 
-def _sparse_operator(a: torch.Tensor, backend: str):
+def _sparse_operator(a: torch.Tensor, gemm: str):
     """B -> A @ B on the sparse tensor cores for an already 2:4-pruned A (compressed once, here)."""
-    if backend == "cusparselt":
+    if gemm == "cusparselt":
         ca = torch._cslt_compress(a)
         return lambda b: torch._cslt_sparse_mm(ca, b)
     conv = torch.sparse._semi_structured_conversions
@@ -426,7 +456,7 @@ def _sparse_operator(a: torch.Tensor, backend: str):
     return lambda b: torch._sparse_semi_structured_mm(packed, meta, b)
 
 
-def gemm_layouts(dev, t: int, width: int, backend: str, clock) -> list[list]:
+def gemm_layouts(dev, t: int, width: int, gemm: str, clock) -> list[list]:
     """The GEMMs alone, dense operand B row-major (as nmgrad passes W and X) vs column-major (as
     torch's sparse Linear passes ``dense.t()``): which one the sparse kernels prefer."""
     dy, x, w = _operands(dev, t, width)
@@ -440,11 +470,11 @@ def gemm_layouts(dev, t: int, width: int, backend: str, clock) -> list[list]:
             base = base or ms(dense_t)
             rows.append([f"{t}x{width}x{width}", name, "dense", layout, *fmt(dense_t), f"{base / ms(dense_t):.2f}x"])
             try:
-                op = _sparse_operator(a, backend)
+                op = _sparse_operator(a, gemm)
                 sp = measure(lambda op=op, bb=bb: op(bb), clock)
-                rows.append([f"{t}x{width}x{width}", name, backend, layout, *fmt(sp), f"{base / ms(sp):.2f}x"])
+                rows.append([f"{t}x{width}x{width}", name, gemm, layout, *fmt(sp), f"{base / ms(sp):.2f}x"])
             except RuntimeError as exc:
-                rows.append([f"{t}x{width}x{width}", name, backend, layout, "error", str(exc)[:60], "-"])
+                rows.append([f"{t}x{width}x{width}", name, gemm, layout, "error", str(exc)[:60], "-"])
     return rows
 
 
@@ -483,7 +513,7 @@ def cslt_search(a: torch.Tensor, b: torch.Tensor, clock, budget: Budget, max_s: 
 
 def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
     cap = torch.cuda.get_device_capability()
-    backend, why = sparse_gemm.pick_backend(cap, sparse_gemm._cusparselt_available())
+    gemm, why = backend.pick_backend(cap, sparse_gemm.cusparselt_available())
     if why is not None:
         note(f"\nLinear backward: sparse GEMMs unavailable ({why}); skipped")
         return
@@ -491,9 +521,10 @@ def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
     rows = []
     for width in widths:
         if budget.allows(f"Linear backward from width {width}", 30):
-            rows.append(_linear_case(dev, 16384, width, backend, clock))
+            rows.append(_linear_case(dev, 16384, width, gemm, clock))
+    what = "fused prune+pack + 2:4 GEMMs" if gemm == "cusparselt" else "fused prune+compress + 2:4 GEMMs"
     table(
-        f"Linear backward bf16 (dX + dW), ms; sparse = prune + compress + 2:4 GEMMs ({backend}); "
+        f"Linear backward bf16 (dX + dW), ms; sparse = {what} (backend={gemm}, forced); "
         "target >= 1.3x at 8192",
         ["T x in x out", "dense kernel", "dense call", "prune+dense kernel", "prune+dense call",
          "sparse kernel", "sparse call", "dense/sparse"],
@@ -502,10 +533,10 @@ def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
     rows = []
     for width in widths:
         if budget.allows(f"GEMM operand layouts from width {width}", 30):
-            rows += gemm_layouts(dev, 16384, width, backend, clock)
+            rows += gemm_layouts(dev, 16384, width, gemm, clock)
     table("GEMMs alone (pruned dY, bf16): dense operand B row-major vs column-major, ms",
           ["T x in x out", "GEMM", "backend", "B layout", "kernel ms", "call ms", "vs dense row-major"], rows)
-    if not sparse_gemm._cusparselt_available():
+    if not sparse_gemm.cusparselt_available():
         return
     rows = []
     REPORT["cslt_search"] = []
@@ -533,14 +564,57 @@ def linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
           ["width", "GEMM", "default (alg 0, split_k 1)", "best", "torch's mm_search pick", "searched"], rows)
 
 
+SITE_METHODS = ("mvue", "mvue12")
+"""The sparse-gradient methods timed through the GEMM-site path, at 2:4, beside dense."""
+
+
+def site_mode(model: torch.nn.Module, method: str):
+    """The interception ``nmgrad train`` runs: every GEMM site of ``model`` through the sparse-gradient
+    handler (``method`` 2:4 on dX and dW, backend auto: Triton prune, GEMM route per
+    ``backend.GEMM_ROUTES``)."""
+    from nmgrad_cli.sites import ParamIndex, SiteMode
+    from nmgrad_cli.train.config import SparseGradConfig
+    from nmgrad_cli.train.sparse_grad import SparseGradSites
+
+    return SiteMode(ParamIndex(model), SparseGradSites(SparseGradConfig(method=method, pattern="2:4"), "*"))
+
+
+def site_linear_backward(dev, quick: bool, clock, budget: Budget) -> None:
+    """dX + dW of one bf16 ``nn.Linear`` (T = 16384, in = out = width) through the GEMM-site path,
+    dense (plain torch) vs mvue 2:4 vs mvue12 2:4 side by side: ``torch.autograd.grad`` of the
+    forward's output with a fixed dY (graph kept), so each call is one backward."""
+    rows = []
+    for width in (4096,) if quick else (4096, 8192):
+        if not budget.allows(f"site-path Linear backward from width {width}", 30):
+            break
+        torch.manual_seed(width)
+        lin = torch.nn.Linear(width, width, bias=False).to(dev, torch.bfloat16)
+        x = torch.randn(16384, width, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(16384, width, device=dev, dtype=torch.bfloat16)
+        times = {}
+        for method in ("dense", *SITE_METHODS):
+            mode = contextlib.nullcontext() if method == "dense" else site_mode(lin, method)
+            with mode:
+                out = lin(x)  # (T, width)
+            times[method] = measure(
+                lambda out=out, x=x, w=lin.weight, dy=dy: torch.autograd.grad(out, (x, w), dy, retain_graph=True),
+                clock)
+            del out
+        dense_ms = ms(times["dense"])
+        rows.append([f"16384x{width}x{width}", *fmt(times["dense"]),
+                     *(v for m in SITE_METHODS for v in (*fmt(times[m]), f"{dense_ms / ms(times[m]):.2f}x"))])
+    table("Linear backward through the GEMM-site interception (what nmgrad train runs), bf16, ms; "
+          "target dense/mvue >= 1.3x at 8192, >= 1.1x at 4096",
+          ["T x in x out", "dense kernel", "dense call",
+           *(c for m in SITE_METHODS for c in (f"{m} kernel", f"{m} call", f"dense/{m}"))], rows)
+
+
 def train_step(dev, quick: bool, clock, budget: Budget) -> None:
-    try:
-        from nmgrad_cli.models.gpt import GPT, GPTConfig
-        from nmgrad_cli.train import sparsify_gradients_
-    except ImportError as exc:
-        note(f"\ntraining step skipped: {exc}")
-        return
+    """One training step (forward, backward, AdamW) per model: dense (plain torch) vs mvue 2:4 vs
+    mvue12 2:4 through the GEMM-site interception, side by side."""
     import torch.nn.functional as F
+
+    from nmgrad_cli.models.gpt import GPT, GPTConfig
 
     cases = [("gpt (built-in, fp32)", GPTConfig(), 32, torch.float32),
              ("gpt (built-in, bf16)", GPTConfig(), 32, torch.bfloat16)]
@@ -553,31 +627,44 @@ def train_step(dev, quick: bool, clock, budget: Budget) -> None:
             break
         times = {}
         try:
-            for mode in ("dense", "sparse"):
+            for method in ("dense", *SITE_METHODS):
                 torch.manual_seed(0)
                 model = GPT(cfg).to(dev, dtype)
-                if mode == "sparse":
-                    sparsify_gradients_(model, "mvue", "2:4")
+                mode = site_mode(model, method) if method != "dense" else contextlib.nullcontext()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
 
-                def step(model=model, opt=opt, idx=idx):
-                    logits = model(idx)
+                def step(model=model, opt=opt, idx=idx, mode=mode):
+                    with mode:
+                        logits = model(idx)
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), idx.reshape(-1))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
 
-                times[mode] = measure(step, clock, batch=None)  # host work is part of a step
+                times[method] = measure(step, clock, batch=None)  # host work is part of a step
                 del model, opt
         except Exception as exc:  # report and go on: the other tables still count
-            rows.append([name, "error", f"{type(exc).__name__}: {str(exc)[:80]}", "-"])
+            rows.append([name, "error", f"{type(exc).__name__}: {str(exc)[:80]}", *["-"] * (2 * len(SITE_METHODS) - 1)])
             FAILED.append(f"training step {name}")
             continue
-        ratio = ms(times["dense"]) / ms(times["sparse"])
-        rows.append([name, f"{ms(times['dense']):.2f}", f"{ms(times['sparse']):.2f}", f"{ratio:.2f}x"])
-    table("One training step (forward + backward + AdamW), call ms; sparse = mvue 2:4 on dX and dW of every Linear",
-          ["model", "dense", "sparse", "dense/sparse"], rows)
+        dense_ms = ms(times["dense"])
+        rows.append([name, f"{dense_ms:.2f}",
+                     *(v for m in SITE_METHODS for v in (f"{ms(times[m]):.2f}", f"{dense_ms / ms(times[m]):.2f}x"))])
+    table("One training step (forward + backward + AdamW), call ms; sparse = 2:4 on dX and dW of every "
+          "GEMM site (the interception nmgrad train runs); target dense/mvue >= 1.1x on the 1024-wide GPT",
+          ["model", "dense", *(c for m in SITE_METHODS for c in (m, f"dense/{m}"))], rows)
+
+
+def route_decisions() -> None:
+    """What ``backend="auto"`` decided per GEMM shape in this run (route, reason, measured ms)."""
+    rows = [[" x ".join(map(str, d["shape"])), d["dtype"], d["route"],
+             "-" if d["sparse_ms"] is None else f"{d['sparse_ms']:.3f}",
+             "-" if d["dense_ms"] is None else f"{d['dense_ms']:.3f}", d["reason"][:110]]
+            for d in backend.gemm_route_decisions()]
+    REPORT["gemm_routes"] = backend.gemm_route_decisions()
+    table("GEMM routes decided in this run (backend.gemm_route_decisions(); A m x k @ B k x n)",
+          ["m x k x n", "dtype", "route", "sparse ms", "prune+dense ms", "reason"], rows)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -637,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         clock = CudaClock()
         sections = [("correctness", lambda: gpu_correctness(dev)),
                     ("throughput", lambda: throughput(dev, args.quick, clock, budget)),
-                    ("Linear backward GEMMs", lambda: linear_backward(dev, args.quick, clock, budget))]
+                    ("Linear backward GEMMs", lambda: linear_backward(dev, args.quick, clock, budget)),
+                    ("site-path Linear backward", lambda: site_linear_backward(dev, args.quick, clock, budget))]
         if not args.no_train:
             sections.append(("training step", lambda: train_step(dev, args.quick, clock, budget)))
         if not args.no_sweep:
@@ -646,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             if budget.allows(f"section '{name}' and the rest", 10):
                 run()
                 torch.cuda.empty_cache()
+        route_decisions()
     info["total_s"] = round(time.perf_counter() - t0, 1)
     info["failed"] = FAILED
     info["summary"] = f"total {info['total_s']:.0f} s; " + (f"FAILED: {FAILED}" if FAILED else "all checks ok")

@@ -15,9 +15,10 @@ Uniform sources: ``none`` (the method draws nothing), ``given`` (the caller's un
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -27,6 +28,7 @@ from .patterns import Pattern, parse_pattern
 
 BACKENDS = ("auto", "reference", "fused", "triton")
 ENV_VAR = "NMGRAD_BACKEND"
+log = logging.getLogger(__name__)
 FUSED_MIN_NUMEL = 1 << 20
 """Below this many elements ``auto`` runs the reference on CPU: compiling costs more than it saves."""
 FUSED_TRAIN_MIN_NUMEL = 1 << 16
@@ -171,6 +173,16 @@ def backend_record(
 # --- the backward GEMMs on CUDA: who prunes dY, and which GEMM consumes it ----------------------
 
 SPARSE_FP32_ENV = "NMGRAD_SPARSE_FP32"
+GEMM_BACKENDS = ("auto", "cusparselt", "cutlass", "dense")
+
+MIN_SPARSE_MNK = 1 << 31
+"""Below m*n*k = 2^31 (e.g. 1024^3 * 2) the dense GEMM is used: a 2:4 GEMM saves at most half the
+math, and small GEMMs are launch- and memory-bound; tune with ``benchmarks/gpu_bench.py``."""
+
+# (rows of A, K, columns of B) multiples. cuSPARSELt: the fused prune+pack kernel's layout
+# (kernels/cslt_layout.py: rows % 64, K % 32); CUTLASS: torch's fp16/bf16 constraints, no padding
+ALIGN = {"cusparselt": (64, 32, 8), "cutlass": (32, 64, 8)}
+SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def sparse_fp32_mode(fp32: str | None = None) -> str:
@@ -180,6 +192,107 @@ def sparse_fp32_mode(fp32: str | None = None) -> str:
     if mode not in ("dense", "bf16"):
         raise NmgradError(f"fp32 mode must be 'dense' or 'bf16', got {mode!r} (env {SPARSE_FP32_ENV})")
     return mode
+
+
+def pick_backend(capability: tuple[int, int] | None, cusparselt: bool) -> tuple[str, str | None]:
+    """(GEMM backend, reason for dense or None) for a device of compute ``capability`` (None: no CUDA)."""
+    if capability is None:
+        return "dense", "no CUDA device (the sparse GEMMs need an sm80+ GPU)"
+    if capability < (8, 0):
+        return "dense", f"sm{capability[0]}{capability[1]} has no sparse tensor cores (needs sm80+)"
+    if capability[0] == 8:
+        return "cutlass", None  # in-kernel compression; cuSPARSELt works too (backend="cusparselt")
+    if cusparselt:
+        return "cusparselt", None
+    return "dense", (
+        f"sm{capability[0]}{capability[1]}: CUTLASS sparse runs only on sm8x and this torch has no cuSPARSELt"
+    )
+
+
+def dense_reason(
+    m: int, k: int, n: int, dtype: torch.dtype, backend: str, pattern: str | Pattern, min_mnk: int | None = None
+) -> str | None:
+    """Why A (m x k, pruned along k) @ B (k x n) must run dense on ``backend``, or None."""
+    if backend == "dense":
+        return "backend 'dense'"
+    pat = parse_pattern(pattern)
+    if (pat.n, pat.m) not in ((1, 2), (2, 4)):
+        return f"pattern {pat} is not 2:4-compatible (sparse tensor cores run 2:4; 1:2 is a special case)"
+    if dtype not in SPARSE_DTYPES:
+        return f"{dtype}: semi-structured GEMMs take float16/bfloat16 (fp32='bf16' casts)"
+    am, ak, an = ALIGN[backend]
+    if m % am or k % ak or n % an:
+        return (
+            f"shape A {m}x{k} @ B {k}x{n}: {backend} needs A rows a multiple of {am}, K of {ak} and B "
+            f"columns of {an}"
+        )
+    min_mnk = MIN_SPARSE_MNK if min_mnk is None else min_mnk
+    if m * n * k < min_mnk:
+        return f"m*n*k = {m * n * k} is below {min_mnk} (MIN_SPARSE_MNK: dense is as fast)"
+    return None
+
+
+def unavailable_reason(backend: str, capability: tuple[int, int], cusparselt: bool) -> str | None:
+    """Why the sparse ``backend`` cannot run on a GPU of compute ``capability``, or None."""
+    sm = f"sm{capability[0]}{capability[1]}"
+    if capability < (8, 0):
+        return f"{sm} has no sparse tensor cores (needs sm80+)"
+    if backend == "cutlass" and capability[0] != 8:
+        return f"torch's CUTLASS sparse kernels run only on sm8x, this GPU is {sm}"
+    if backend == "cusparselt" and not cusparselt:
+        return "this torch build has no cuSPARSELt"
+    return None
+
+
+class GemmPlan(NamedTuple):
+    """Which GEMM runs (``cusparselt``, ``cutlass`` or ``dense``) and why it is not the one asked for
+    (or why dense); ``reason`` is None when the requested backend runs. ``measured``: ``auto`` takes
+    this sparse route only where :data:`GEMM_ROUTES` measured it faster than prune + dense GEMM."""
+
+    backend: str
+    reason: str | None
+    measured: bool = False
+
+
+def plan_gemm(
+    capability: tuple[int, int] | None,
+    cusparselt: bool,
+    dtype: torch.dtype,
+    pattern: str | Pattern,
+    m: int,
+    k: int,
+    n: int,
+    backend: str = "auto",
+    min_mnk: int | None = None,
+) -> GemmPlan:
+    """The static decision for A (m x k, ``pattern`` along k, in ``dtype``) @ B (k x n): a pure
+    function of the device's compute ``capability`` (None: not a CUDA tensor), whether torch has
+    cuSPARSELt, the operand, and the user's ``backend``. An explicit backend that cannot run here
+    falls back to what ``auto`` picks (e.g. ``cutlass`` on Hopper -> ``cusparselt``), with the
+    reason. ``auto`` on cuSPARSELt is ``measured`` (:meth:`RouteTable.decide`)."""
+    if backend not in GEMM_BACKENDS:
+        raise NmgradError(f"backend must be auto, cusparselt, cutlass or dense, got {backend!r}")
+    if capability is None:
+        return GemmPlan("dense", "not a CUDA tensor")
+    note = None
+    chosen = backend
+    if backend == "auto":
+        chosen, why = pick_backend(capability, cusparselt)
+        if why is not None:
+            return GemmPlan("dense", why)
+    elif backend != "dense":
+        why = unavailable_reason(backend, capability, cusparselt)
+        if why is not None:
+            chosen, auto_why = pick_backend(capability, cusparselt)
+            note = f"backend '{backend}' cannot run here ({why})"
+            if auto_why is not None:
+                return GemmPlan("dense", f"{note}; {auto_why}")
+    if chosen == "cutlass" and parse_pattern(pattern).n != 2 and cusparselt:
+        chosen = "cusparselt"  # the fused compressor is 2:4-only; 1:2 goes through _cslt_compress
+    dense_why = dense_reason(m, k, n, dtype, chosen, pattern, min_mnk)
+    if dense_why is not None:
+        return GemmPlan("dense", f"{note}; {dense_why}" if note else dense_why)
+    return GemmPlan(chosen, note, measured=backend == "auto" and chosen == "cusparselt")
 
 
 @dataclass(frozen=True)
@@ -194,6 +307,8 @@ class GemmChoice:
     """Why the GEMM is not the one asked for (or why dense); None when the requested one runs."""
     sparse_dtype: torch.dtype
     """A's dtype: dY's, or bfloat16 when a float32 dY is cast (fp32 mode ``bf16``)."""
+    measured: bool = False
+    """``auto`` on cuSPARSELt: the sparse route runs only where :data:`GEMM_ROUTES` measured it faster."""
 
 
 def resolve_gemm(
@@ -214,9 +329,9 @@ def resolve_gemm(
     """The pruning backend and the GEMM for A (m x k, ``pattern`` along k, dY in ``dtype``) @ B (k x n).
 
     The pruning: :func:`resolve_backend` (auto). Its uniforms: ``given``, ``philox`` (Triton's
-    in-kernel stream when ``seeded``) or ``generator``. The GEMM: ``kernels.sparse_gemm.plan_gemm``
-    (by compute capability, cuSPARSELt, dtype, shape and ``backend``: auto, cusparselt, cutlass or
-    dense), on the dtype that ``fp32`` / ``$NMGRAD_SPARSE_FP32`` makes of a float32 dY."""
+    in-kernel stream when ``seeded``) or ``generator``. The GEMM: :func:`plan_gemm` (by compute
+    capability, cuSPARSELt, dtype, shape and ``backend``: auto, cusparselt, cutlass or dense), on
+    the dtype that ``fp32`` / ``$NMGRAD_SPARSE_FP32`` makes of a float32 dY."""
     from .kernels import sparse_gemm
 
     meth, pat = get_method(method), parse_pattern(pattern)
@@ -230,7 +345,84 @@ def resolve_gemm(
     if cuda and prune.name != "triton":
         return GemmChoice(prune, "dense", f"no Triton prune kernel for {meth.name} {pat} ({prune.reason})", dtype)
     capability = torch.cuda.get_device_capability(device) if cuda else None
-    plan = sparse_gemm.plan_gemm(
-        capability, sparse_gemm._cusparselt_available(), sparse_dtype, pat, m, k, n, backend, min_mnk
-    )
-    return GemmChoice(prune, plan.backend, plan.reason, sparse_dtype if plan.backend != "dense" else dtype)
+    plan = plan_gemm(capability, sparse_gemm.cusparselt_available(), sparse_dtype, pat, m, k, n, backend, min_mnk)
+    dtype_out = sparse_dtype if plan.backend != "dense" else dtype
+    return GemmChoice(prune, plan.backend, plan.reason, dtype_out, plan.measured)
+
+
+# --- auto's measured sparse-vs-dense route, per GEMM shape -------------------------------------
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """One GEMM shape's route: what ran and why, with the timings that decided it (ms, or None)."""
+
+    m: int
+    k: int
+    n: int
+    dtype: str
+    route: str
+    """sparse (the 2:4 GEMM on the fused prune+pack buffer) or dense."""
+    reason: str
+    sparse_ms: float | None = None
+    dense_ms: float | None = None
+
+    def to_dict(self) -> dict:
+        rest = {k: v for k, v in asdict(self).items() if k not in ("m", "k", "n")}
+        return {"shape": [self.m, self.k, self.n], **rest}
+
+
+class RouteTable:
+    """The GEMM routes this process decided, one per (m, k, n, dtype, device): measured once, then
+    reused; every dense fallback with its reason is recorded too (and logged once)."""
+
+    def __init__(self) -> None:
+        self._routes: dict[tuple, RouteDecision] = {}
+
+    def get(self, key: tuple) -> RouteDecision | None:
+        return self._routes.get(key)
+
+    def record(self, key: tuple, route: str, reason: str, sparse_ms=None, dense_ms=None) -> RouteDecision:
+        """Store (and log, the first time) the route of ``key`` = (m, k, n, dtype, device)."""
+        m, k, n, dtype, _device = key
+        decision = RouteDecision(m, k, n, str(dtype).removeprefix("torch."), route, reason, sparse_ms, dense_ms)
+        if self._routes.get(key) != decision:
+            log.info("GEMM A %dx%d @ B %dx%d %s -> %s: %s", m, k, k, n, decision.dtype, route, reason)
+        self._routes[key] = decision
+        return decision
+
+    def decide(self, key: tuple, measure) -> RouteDecision:
+        """``auto``'s route for ``key``: the cached one, else ``measure()`` -> (sparse ms, dense ms,
+        or a reason the sparse route cannot run) decides once: sparse only where it was faster.
+        ``measure`` None (e.g. during CUDA-graph capture): dense, not cached."""
+        known = self._routes.get(key)
+        if known is not None:
+            return known
+        if measure is None:
+            m, k, n, dtype, _ = key
+            return RouteDecision(m, k, n, str(dtype).removeprefix("torch."), "dense", "auto: not measured yet")
+        got = measure()
+        if isinstance(got, str):
+            return self.record(key, "dense", f"auto: the sparse route failed its check ({got})")
+        sparse_ms, dense_ms = got
+        if sparse_ms < dense_ms:
+            why = f"auto: measured faster sparse ({sparse_ms:.3f} ms vs {dense_ms:.3f} ms prune + dense GEMM)"
+            return self.record(key, "sparse", why, sparse_ms, dense_ms)
+        why = f"auto: measured slower sparse ({sparse_ms:.3f} ms vs {dense_ms:.3f} ms prune + dense GEMM)"
+        return self.record(key, "dense", why, sparse_ms, dense_ms)
+
+    def decisions(self) -> list[dict]:
+        return [d.to_dict() for d in self._routes.values()]
+
+    def clear(self) -> None:
+        self._routes.clear()
+
+
+GEMM_ROUTES = RouteTable()
+"""This process's route table (what :func:`gemm_route_decisions` reports)."""
+
+
+def gemm_route_decisions() -> list[dict]:
+    """Every GEMM route decided in this process, for a run's config.json: a list of ``{"shape": [m, k, n],
+    "dtype", "route" (sparse or dense), "reason", "sparse_ms", "dense_ms"}`` (ms None where not measured)."""
+    return GEMM_ROUTES.decisions()

@@ -9,6 +9,7 @@ import torch
 
 from .backend import FUSED_MIN_NUMEL, BackendChoice, resolve_backend
 from .errors import NmgradError
+from .kernels import sample_blocks
 from .methods import PruningMethod, get_method
 from .patterns import Pattern, from_blocks, parse_pattern, to_blocks
 
@@ -34,7 +35,7 @@ def resolve(method: str | PruningMethod, pattern: str | Pattern) -> tuple[Prunin
 
 def draw_uniforms(k: int, meth: PruningMethod, pat: Pattern, device, generator=None) -> torch.Tensor:
     """The uniforms in [0, 1) one draw of ``k`` blocks consumes, (k, n_uniforms), float32."""
-    return torch.rand(k, meth.n_uniforms(pat), generator=generator, device=device)
+    return meth.draw_uniforms(k, pat, device, generator)
 
 
 def prune(
@@ -94,18 +95,7 @@ def prune_with(
             f"uniforms must have shape ({len(blocks)}, {meth.n_uniforms(pat)}) for {meth.name} {pat}"
             f" on this tensor, got {tuple(u.shape)}"
         )
-    u = u.to(blocks.dtype)
-    if choice.name == "fused":
-        from .kernels.cpu_fused import fused_sample
-
-        out = fused_sample(blocks, u, meth.name, pat.n)
-    elif choice.name == "triton":
-        from .kernels.triton_prune import triton_sample_blocks
-
-        out = triton_sample_blocks(blocks, u, meth.name, pat.n)
-    else:
-        out = meth.sample(blocks, pat.n, u)
-    return from_blocks(out, view), choice
+    return from_blocks(sample_blocks(blocks, u.to(blocks.dtype), meth, pat.n, choice.name), view), choice
 
 
 def marginals(

@@ -82,19 +82,64 @@ def test_prune_reports_the_backend_that_ran():
 
 def test_one_place_chooses_a_backend():
     """grep: the environment variables, the compiler probe and the size thresholds are read only in
-    backend.py; sparse_gemm's pure GEMM decision (plan_gemm) is called only through resolve_gemm."""
+    backend.py; the pure GEMM decision (plan_gemm) lives there and is called only through resolve_gemm."""
     for path in PACKAGE.rglob("*.py"):
         if path.name == "backend.py":
             continue
         text = path.read_text()
         where = path.relative_to(PACKAGE)
         assert not re.search(r"(environ|getenv)[^\n]*NMGRAD_(BACKEND|SPARSE_FP32)", text), where
-        assert "plan_gemm(" not in text or path.name == "sparse_gemm.py", where  # called via resolve_gemm
-        assert path.name == "sparse_gemm.py" or not re.search(r"\bplan_gemm\(", text), where
+        assert not re.search(r"\bplan_gemm\(", text), where  # called via resolve_gemm, in backend.py
         assert "compile_available()" not in text or path.name == "cpu_fused.py", where
         assert not re.search(r"FUSED_(TRAIN_)?MIN_NUMEL\s*=", text), where
         assert "def _choose_backend" not in text and "def _backend" not in text, where
         assert "def draw_backend" not in text, where
+
+
+def _imports(path: Path) -> set[str]:
+    """The nmgrad_cli modules ``path`` imports (module level and inside functions), dotted from the package."""
+    import ast
+
+    mod = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = mod.rsplit(".", 1)[0] if path.name != "__init__.py" else mod
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [f"{target}.{a.name}" for a in node.names]
+            out |= {n for n in [target, *names] if (PACKAGE.parent / (n.replace(".", "/") + ".py")).exists()
+                    or (PACKAGE.parent / n.replace(".", "/") / "__init__.py").exists()}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("nmgrad_cli")}
+    return out - {mod}
+
+
+def test_imports_point_one_way():
+    """The decision (backend) sits above the mechanics (kernels): no kernel module imports backend,
+    prune or sparse_backward (a GEMM does not call the public prune API), and backend, prune,
+    sparse_backward and the kernels form no import circle."""
+    graph = {}
+    for path in [*PACKAGE.glob("kernels/*.py"), PACKAGE / "backend.py", PACKAGE / "prune.py",
+                 PACKAGE / "sparse_backward.py"]:
+        mod = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[mod] = _imports(path)
+    for mod, deps in graph.items():
+        if mod.startswith("nmgrad_cli.kernels"):
+            bad = deps & {"nmgrad_cli.backend", "nmgrad_cli.prune", "nmgrad_cli.sparse_backward"}
+            assert not bad, f"{mod} imports {bad}"
+    assert "nmgrad_cli.kernels.sparse_gemm" in graph["nmgrad_cli.sparse_backward"]
+    assert "nmgrad_cli.backend" in graph["nmgrad_cli.sparse_backward"]
+
+    def reach(start, seen):
+        for dep in graph.get(start, ()):
+            if dep not in seen:
+                seen.add(dep)
+                reach(dep, seen)
+        return seen
+
+    for mod in graph:
+        assert mod not in reach(mod, set()), f"import circle through {mod}"
 
 
 def test_evaluate_monte_carlo_does_not_depend_on_the_compiler(monkeypatch):

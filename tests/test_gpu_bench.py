@@ -131,3 +131,20 @@ def test_cpu_run_writes_tables_and_json(tmp_path):
     assert kernels["header"][-1] == "check" and len(kernels["rows"]) >= 20
     assert all(row[-1] == "ok" for t in report["tables"] for row in t["rows"])
     assert kernels["title"] in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_site_mode_is_the_interception_train_runs():
+    """The benchmark's sparse rows go through the GEMM sites (not the module swap): on a stock
+    nn.Linear the site is seen, selected, and its weight gradient is the pruned one (not dense)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(32, 16)
+    mode = gpu_bench.site_mode(lin, "mvue")
+    with mode:
+        out = lin(x)
+    dy = torch.randn_like(out)
+    (gw,) = torch.autograd.grad(out, (lin.weight,), dy)
+    assert list(mode.sites) == ["weight"] and list(mode.handler.selected) == ["weight"]
+    dense = dy.t() @ x
+    assert not torch.allclose(gw, dense)  # pruned dY^T X
+    assert type(mode.handler).__name__ == "SparseGradSites" and "sparsify_gradients_" not in gpu_bench.__dict__

@@ -327,3 +327,23 @@ def test_pattern_is_a_frozen_value():
     assert pat == Pattern(2, 4) and str(pat) == "2:4" and parse_pattern(pat) is pat
     with pytest.raises(AttributeError):
         pat.n = 3  # type: ignore[misc]
+
+
+def test_mvue_kept_values_closed_form():
+    """The reference's kept values are a_i itself when saturated, else sign(a_i) * lam * max|a|:
+    equal to a_i / p_i up to float32 rounding, also for a subnormal block (scaled by 2^126)."""
+    from nmgrad_cli.methods.base import scaled_magnitudes
+    from nmgrad_cli.methods.mvue import kept_values, water_fill_lam
+
+    tiny = torch.finfo(torch.float32).tiny
+    a = torch.tensor([[0.3, -0.2, 0.1, 4.0], [1.0, -1.0, 2.0, -0.5], [3.0, 0.0, 0.0, -1.0],
+                      [tiny / 4, -tiny / 8, tiny / 16, tiny / 2]])
+    p, lam = water_fill_lam(scaled_magnitudes(a), 2)
+    v = kept_values(a, p, lam)
+    assert v[0, 3] == 4.0 and p[0, 3] == 1.0  # the dominant element is kept exactly
+    assert torch.equal(v[2], a[2])  # at most 2 non-zeros: kept exactly
+    s = a[1].abs().sum()
+    torch.testing.assert_close(v[1], torch.sign(a[1]) * s / 2, rtol=4e-7, atol=0)
+    ok = p > 0
+    torch.testing.assert_close((p * v)[ok], a[ok], rtol=1e-6, atol=0)  # unbiased to rounding
+    assert (v[3] != 0).all() and torch.isfinite(v).all()

@@ -9,8 +9,9 @@ so features (X = dY, blocks of 4 columns) and tokens (X = dY^T, blocks of 4 rows
 One program owns a tile of BLOCK_R rows x BLOCK_G blocks, loads it as one [BLOCK_R, BLOCK_G*M]
 tile (coalesced along whichever axis has stride 1), and splits it into the M columns a0..a3 of
 [BLOCK_R, BLOCK_G] blocks, which stay in registers. Block k = r * G + g is the row-major block
-index of ``prune()``'s ``to_blocks`` view, which is how supplied uniforms (K, U) are addressed and
-how the in-kernel Philox stream is keyed (seed, k).
+index of ``prune()``'s ``to_blocks`` view, which is how supplied uniforms (K, U) are addressed. The
+in-kernel Philox stream: one call (seed, r * ceil(G / q) + g // q) gives four uniforms for the q = 4 / U
+blocks g of row r that share it (U = 4: one call per block, keyed (seed, k)).
 """
 
 from __future__ import annotations
@@ -118,13 +119,16 @@ def _ceil_step(c, prev, u):
 
 @triton.jit
 def _mvue12_pair(a0, a1, u):
-    """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i; exact if <= 1 non-zero."""
-    inv = _inv_max(tl.maximum(tl.abs(a0), tl.abs(a1)))
+    """MVUE 1:2 on one pair: p_i = |a_i| / (|a_0| + |a_1|), kept value a_i / p_i = sign(a_i) (|a_0| + |a_1|)
+    in closed form (the reference's kept_values); exact if <= 1 non-zero. Two divisions per pair."""
+    top = tl.maximum(tl.abs(a0), tl.abs(a1))
+    inv = _inv_max(top)
     m0 = tl.abs(a0) * inv  # scaled by the max, as the reference (no overflow of the sum)
     m1 = tl.abs(a1) * inv
     lam = m0 + m1
-    p0 = tl.minimum(_div(m0, lam), 1.0)
-    p1 = tl.minimum(_div(m1, lam), 1.0)
+    rl = _div(1.0, lam)
+    p0 = tl.minimum(m0 * rl, 1.0)
+    p1 = tl.minimum(m1 * rl, 1.0)
     few = ((m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32)) <= 1
     p0 = tl.where(few, (m0 > 0).to(tl.float32), p0)
     p1 = tl.where(few, (m1 > 0).to(tl.float32), p1)
@@ -132,25 +136,17 @@ def _mvue12_pair(a0, a1, u):
     c1 = p0 + p1
     keep0 = _ceil_step(tl.minimum(c0, 1.0), 0.0, u)
     keep1 = _ceil_step(tl.minimum(c1, 1.0), tl.minimum(c0, 1.0), u)
-    y0 = tl.where(keep0, _div(a0, p0), 0.0)
-    y1 = tl.where(keep1, _div(a1, p1), 0.0)
+    big = _unscaled(lam, top)
+    y0 = tl.where(keep0, _kept(a0, p0, big), 0.0)
+    y1 = tl.where(keep1, _kept(a1, p1, big), 0.0)
     return y0, y1
 
 
 @triton.jit
-def _sort4_desc(m0, m1, m2, m3):
-    """The four magnitudes sorted descending (a 5-comparator network, values only)."""
-    s0 = tl.maximum(m0, m1)
-    s1 = tl.minimum(m0, m1)
-    s2 = tl.maximum(m2, m3)
-    s3 = tl.minimum(m2, m3)
-    t0 = tl.maximum(s0, s2)
-    t2 = tl.minimum(s0, s2)
-    t1 = tl.maximum(s1, s3)
-    t3 = tl.minimum(s1, s3)
-    u1 = tl.maximum(t1, t2)
-    u2 = tl.minimum(t1, t2)
-    return t0, u1, u2, t3
+def _unscaled(lam, top):
+    """lam (in the scaled magnitudes' units) in a's units: lam * max|a|, or lam * 2^-126 where a
+    subnormal max was scaled by 2^126 (the reference's kept_values)."""
+    return tl.where(top < 1.1754943508222875e-38, lam * 1.1754943508222875e-38, lam * top)
 
 
 @triton.jit
@@ -178,18 +174,27 @@ def _others4(x0, x1, x2, x3):
 def _mvue24(a0, a1, a2, a3, u):
     """Exact MVUE 2:4: water-filling p_i = min(1, |a_i| / lam), sum p = 2, systematic sampling.
 
-    lam = S/2, or R = S - max|a| when max|a| > R (the dominant element is then kept exactly).
-    The sums run in the reference's order (smallest first) so rounding matches it closely.
+    Closed forms, no sort and two divisions per block: lam = S/2, or R = the sum of the other three
+    when max|a| > R (that element is then kept exactly: at 2:4 at most one saturates unless the
+    block has at most two non-zeros); p_i = |a_i| * (1 / lam) on the scaled magnitudes; a kept
+    unsaturated element is sign(a_i) * lam * max|a| (= a_i / p_i), a saturated one a_i itself.
+    R is summed directly (never S - max: no cancellation).
     """
+    top = tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3)))
     m0, m1, m2, m3 = _scaled4(a0, a1, a2, a3)
-    s0, s1, s2, s3 = _sort4_desc(m0, m1, m2, m3)
-    tail1 = (s3 + s2) + s1  # R when s0 is the largest
-    tail0 = tail1 + s0  # S
-    lam = tl.where(s0 <= tail0 * 0.5, tail0 * 0.5, tail1)
-    p0 = tl.minimum(_div(m0, lam), 1.0)
-    p1 = tl.minimum(_div(m1, lam), 1.0)
-    p2 = tl.minimum(_div(m2, lam), 1.0)
-    p3 = tl.minimum(_div(m3, lam), 1.0)
+    o0, o1, o2, o3 = _others4(m0, m1, m2, m3)
+    s = ((m0 + m1) + m2) + m3
+    # the others' sum of the largest element (the first one on ties)
+    first0 = (m0 >= m1) & (m0 >= m2) & (m0 >= m3)
+    first1 = (m1 >= m2) & (m1 >= m3)
+    rest = tl.where(first0, o0, tl.where(first1, o1, tl.where(m2 >= m3, o2, o3)))
+    mx = tl.maximum(tl.maximum(m0, m1), tl.maximum(m2, m3))
+    lam = tl.where(mx <= rest, s * 0.5, rest)
+    rl = _div(1.0, lam)
+    p0 = tl.minimum(m0 * rl, 1.0)
+    p1 = tl.minimum(m1 * rl, 1.0)
+    p2 = tl.minimum(m2 * rl, 1.0)
+    p3 = tl.minimum(m3 * rl, 1.0)
     nnz = (m0 > 0).to(tl.int32) + (m1 > 0).to(tl.int32) + (m2 > 0).to(tl.int32) + (m3 > 0).to(tl.int32)
     few = nnz <= 2
     p0 = tl.where(few, (m0 > 0).to(tl.float32), p0)
@@ -208,11 +213,18 @@ def _mvue24(a0, a1, a2, a3, u):
     k1 = _ceil_step(c1, c0, u)
     k2 = _ceil_step(c2, c1, u)
     k3 = _ceil_step(c3, c2, u)
-    y0 = tl.where(k0, _div(a0, p0), 0.0)
-    y1 = tl.where(k1, _div(a1, p1), 0.0)
-    y2 = tl.where(k2, _div(a2, p2), 0.0)
-    y3 = tl.where(k3, _div(a3, p3), 0.0)
+    big = _unscaled(lam, top)
+    y0 = tl.where(k0, _kept(a0, p0, big), 0.0)
+    y1 = tl.where(k1, _kept(a1, p1, big), 0.0)
+    y2 = tl.where(k2, _kept(a2, p2, big), 0.0)
+    y3 = tl.where(k3, _kept(a3, p3, big), 0.0)
     return y0, y1, y2, y3
+
+
+@triton.jit
+def _kept(a, p, big):
+    """A kept element's value: a itself when saturated (p = 1), else sign(a) * lam * max|a| = a / p."""
+    return tl.where(p >= 1.0, a, tl.where(a < 0, -big, big))
 
 
 @triton.jit
@@ -311,6 +323,11 @@ def _to_out(y, dtype: tl.constexpr, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _nonzero(o):
+    return o.to(tl.float32) != 0.0
+
+
+@triton.jit
 def _pick4(idx, y0, y1, y2, y3):
     return tl.where(idx == 0, y0, tl.where(idx == 1, y1, tl.where(idx == 2, y2, y3)))
 
@@ -336,12 +353,15 @@ def prune_kernel(
     U: tl.constexpr,
     PHILOX: tl.constexpr,
     COMPRESS: tl.constexpr,
+    CSLT: tl.constexpr,
     OUT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally also the CUTLASS
-    compressed values [R, L/2] and metadata [R, L/16] (int16, 4 blocks each, in CUTLASS's order)."""
+    """Prune X[r, l] (R x L, blocks of M along l) into Y[r, l]; optionally (COMPRESS) also the
+    compressed values [R, L/2] and metadata: CUTLASS's [R, L/16] int16 (4 blocks each, in CUTLASS's
+    order), or with CSLT cuSPARSELt's bytes (one nibble per block, ``cslt_layout``'s byte formula,
+    ``meta_ptr`` = the buffer's metadata region as uint8) and then no Y at all."""
     # one grid axis (2^31 - 1 programs; axes 1 and 2 stop at 65,535): row tiles vary fastest
     pid = tl.program_id(0)
     n_r = (R + BLOCK_R - 1) // BLOCK_R  # (tl.cdiv is jitted at import: the interpreted copy cannot call it)
@@ -359,8 +379,23 @@ def prune_kernel(
     # uniforms of block k = r * G + g
     k = r64[:, None] * G + g[None, :]  # (BR, BG)
     kmask = rmask[:, None] & (g < G)[None, :]
-    if PHILOX:
-        u0, u1, u2, u3 = _rand4x(seed, k)
+    if PHILOX:  # one Philox call gives four uniforms: 4 / U blocks share it (U = 4: one call per block)
+        if U == 1:  # block g of row r: call (r, g // 4), lane g % 4
+            gq = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
+            c0, c1, c2, c3 = _rand4x(seed, r64[:, None] * ((G + 3) // 4) + gq[None, :])
+            u0 = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_R, BLOCK_G))
+            u1 = u0
+            u2 = u0
+            u3 = u0
+        elif U == 2:  # block g of row r: call (r, g // 2), lanes (0, 1) for even g, (2, 3) for odd g
+            gh = pid_g * (BLOCK_G // 2) + tl.arange(0, BLOCK_G // 2)
+            c0, c1, c2, c3 = _rand4x(seed, r64[:, None] * ((G + 1) // 2) + gh[None, :])
+            u0 = tl.reshape(tl.join(c0, c2), (BLOCK_R, BLOCK_G))
+            u1 = tl.reshape(tl.join(c1, c3), (BLOCK_R, BLOCK_G))
+            u2 = u0
+            u3 = u1
+        else:
+            u0, u1, u2, u3 = _rand4x(seed, k)
     else:
         u0 = tl.full((BLOCK_R, BLOCK_G), 0.0, tl.float32)
         u1 = u0
@@ -412,7 +447,8 @@ def prune_kernel(
         out = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_R, BLOCK_G * M))
         if COMPRESS:
             # -0.0 and values that underflow in the output dtype count as zeros
-            idx0, idx1 = _cutlass_idx(o0 != 0, o1 != 0, o2 != 0, o3 != 0)
+            # (compared in float32: the interpreter's emulated bf16 would see -0.0's sign bit)
+            idx0, idx1 = _cutlass_idx(_nonzero(o0), _nonzero(o1), _nonzero(o2), _nonzero(o3))
             v0 = _pick4(idx0, o0, o1, o2, o3)
             v1 = _pick4(idx1, o0, o1, o2, o3)
             lv = pid_g * (BLOCK_G * 2) + tl.arange(0, BLOCK_G * 2)
@@ -420,14 +456,27 @@ def prune_kernel(
             vals = tl.reshape(tl.join(v0, v1), (BLOCK_R, BLOCK_G * 2))
             tl.store(vals_ptr + r64[:, None] * (G * 2) + lv[None, :], vals, mask=vmask)
             nib = idx0 | (idx1 << 2)  # (BR, BG)
-            n4 = tl.reshape(nib, (BLOCK_R, BLOCK_G // 4, 2, 2))  # [.., j1, j2] = block 4q + 2*j1 + j2
-            ne, no = tl.split(n4)
-            n0, n2 = tl.split(ne)
-            n1, n3 = tl.split(no)
-            meta = n0 | (n1 << 4) | (n2 << 8) | (n3 << 12)
-            q = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
-            qmask = rmask[:, None] & (q < G // 4)[None, :]
-            tl.store(meta_ptr + _cutlass_meta_offset(r64, q.to(tl.int64), R), meta.to(tl.int16), mask=qmask)
+            if CSLT:
+                # rows r and r + 8 of each 16-row group share a byte (low / high nibble)
+                n16 = tl.permute(tl.reshape(nib, (BLOCK_R // 16, 2, 8, BLOCK_G)), (0, 2, 3, 1))
+                lo, hi = tl.split(n16)  # (BR/16, 8, BG) each
+                byte = tl.reshape(lo | (hi << 4), (BLOCK_R // 2, BLOCK_G))
+                i = tl.arange(0, BLOCK_R // 2)
+                rl = (pid_r * BLOCK_R + (i // 8) * 16 + i % 8).to(tl.int64)  # (BR/2,) the low-nibble rows
+                q = g % 8
+                off = (rl // 64) * 8 * L + (rl % 64) // 16 * 64 + 8 * (rl % 8)
+                off = off[:, None] + ((g // 8) * 256 + 2 * (q % 4) + q // 4).to(tl.int64)[None, :]
+                bmask = (rl < R)[:, None] & (g < G)[None, :]
+                tl.store(meta_ptr + off, byte.to(tl.uint8), mask=bmask)
+            else:
+                n4 = tl.reshape(nib, (BLOCK_R, BLOCK_G // 4, 2, 2))  # [.., j1, j2] = block 4q + 2*j1 + j2
+                ne, no = tl.split(n4)
+                n0, n2 = tl.split(ne)
+                n1, n3 = tl.split(no)
+                meta = n0 | (n1 << 4) | (n2 << 8) | (n3 << 12)
+                q = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)
+                qmask = rmask[:, None] & (q < G // 4)[None, :]
+                tl.store(meta_ptr + _cutlass_meta_offset(r64, q.to(tl.int64), R), meta.to(tl.int16), mask=qmask)
     else:
         x2 = tl.reshape(x, (BLOCK_R, BLOCK_G, 2))
         a0, a1 = tl.split(x2)
@@ -452,4 +501,5 @@ def prune_kernel(
         y1 = _poison(y1, fin)
         out = _to_out(tl.reshape(tl.join(y0, y1), (BLOCK_R, BLOCK_G * M)), y_ptr.dtype.element_ty, OUT_BF16)
 
-    tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)
+    if not CSLT:  # the cuSPARSELt buffer is the whole output
+        tl.store(y_ptr + r64[:, None] * syr + l64[None, :] * syl, out, mask=xmask)

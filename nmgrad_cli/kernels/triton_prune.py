@@ -11,7 +11,8 @@ uniforms within ~1e-7 of it.
   the output is written transposed, dY^^T [F, T], so the weight-gradient GEMM gets its sparse
   operand K-major (2:4 along its reduction dim) without a separate transpose.
 
-Random numbers: in-kernel Philox keyed by (seed, block index), or supplied ``uniforms`` (K, U) in
+Random numbers: in-kernel Philox (one Philox4x32 call gives four uniforms, shared by 4 / U
+consecutive blocks of a row, keyed by (seed, row, block // (4 / U))), or supplied ``uniforms`` (K, U) in
 ``prune()``'s block order (for tests). Inputs fp32/fp16/bf16; output in the input dtype.
 
 The kernels are loaded lazily (this module imports without triton) and run compiled on CUDA
@@ -152,6 +153,7 @@ def _launch(
     packed: torch.Tensor | None = None,
     meta: torch.Tensor | None = None,
     num_warps: int = DEFAULT_WARPS,
+    cslt: bool = False,
 ) -> None:
     """One launch over the logical matrix X[r, l] (rows x length, blocks of m along l)."""
     groups = -(-length // m)
@@ -179,6 +181,7 @@ def _launch(
         U=n_uniforms(method, m),
         PHILOX=uniforms is None,
         COMPRESS=compress,
+        CSLT=cslt,
         OUT_BF16=y.dtype == torch.bfloat16,
         BLOCK_R=tile[0],
         BLOCK_G=tile[1],
@@ -252,7 +255,7 @@ def prune_2d(
     per program: launch parameters only, the result does not depend on them.
     """
     args = (seed, generator, uniforms, transpose_out, out_dtype, tile)
-    return _prune(dy, method, pattern, axis, *args, compress=False, num_warps=num_warps)
+    return _prune(dy, method, pattern, axis, *args, compress=None, num_warps=num_warps)
 
 
 def prune_compress_2d(
@@ -274,7 +277,29 @@ def prune_compress_2d(
     The sparse operand must have rows % 32 == 0 and columns % 64 == 0 (CUTLASS's minimum tile). The
     kernel stores each metadata element directly at its place in CUTLASS's interleaved layout."""
     args = (seed, generator, uniforms, None, out_dtype, tile)
-    return _prune(dy, method, pattern, axis, *args, compress=True, num_warps=num_warps)
+    return _prune(dy, method, pattern, axis, *args, compress="cutlass", num_warps=num_warps)
+
+
+def prune_pack_2d(
+    dy: torch.Tensor,
+    method: str,
+    axis: Axis = "features",
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    tile: tuple[int, int] | None = None,
+    num_warps: int = DEFAULT_WARPS,
+) -> torch.Tensor:
+    """2:4 prune of ``dy`` [T, F] along ``axis`` written straight into cuSPARSELt's compressed
+    buffer (:mod:`.cslt_layout`'s model, unverified on a GPU) of the sparse operand, one launch,
+    no pruned dense tensor: dX's operand dY^ [T, F] (features) or dW's dY^^T [F, T] (tokens, read
+    through strides: no transpose copy). Returns the (R, C/2 + C/16) buffer in ``out_dtype``
+    (float16/bfloat16; default ``dy``'s), equal to ``cslt_layout.pack`` of :func:`prune_2d`'s
+    result on the same draws."""
+    args = (seed, generator, uniforms, None, out_dtype, tile)
+    return _prune(dy, method, "2:4", axis, *args, compress="cslt", num_warps=num_warps)
 
 
 def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, out_dtype, tile, compress, num_warps):
@@ -290,11 +315,12 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
     tokens = axis == "tokens"
     if transpose_out is None:
         transpose_out = tokens
-    if compress:
+    if compress is not None:
         transpose_out = tokens  # the sparse operand: [T, F] (features) or [F, T] (tokens)
     rows, length = (f, t) if tokens else (t, f)
     sx = (dy.stride(1), dy.stride(0)) if tokens else (dy.stride(0), dy.stride(1))
-    out = torch.empty((f, t) if transpose_out else (t, f), dtype=out_dtype, device=dy.device)
+    out_shape = (f, t) if transpose_out else (t, f)
+    out = torch.empty((0, 0) if compress == "cslt" else out_shape, dtype=out_dtype, device=dy.device)
     # Y[r, l]: r = f, l = t (tokens) or r = t, l = f (features)
     if tokens:
         sy = (out.stride(0), out.stride(1)) if transpose_out else (out.stride(1), out.stride(0))
@@ -304,10 +330,28 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
     if uniforms is not None:
         uniforms = _check_uniforms(uniforms, k, method, m, dy.device)
     tile = tile or _DEFAULT_TILE[axis]
+    share = {1: 4, 2: 2}.get(n_uniforms(method, m), 1)  # blocks per Philox call (the kernel's keying)
+    if uniforms is None and tile[1] % share:
+        raise NmgradError(
+            f"tile {tile}: with in-kernel Philox, {method} {n}:{m} needs blocks per program a multiple of {share}"
+        )
     packed = meta = None
-    if compress:
-        if (n, m) != (2, 4) or out_dtype == torch.float32:
-            raise NmgradError("the compressed format is for 2:4 in float16 or bfloat16 (float32 sparse is 1:2 tf32)")
+    if compress is not None and ((n, m) != (2, 4) or out_dtype == torch.float32):
+        raise NmgradError("the compressed format is for 2:4 in float16 or bfloat16 (float32 sparse is 1:2 tf32)")
+    if compress == "cslt":
+        from . import cslt_layout
+
+        why = cslt_layout.layout_reason(rows, length, out_dtype)
+        if why is not None:
+            raise NmgradError(why)
+        if tile[0] % 16:
+            raise NmgradError(
+                f"tile {tile}: cuSPARSELt's metadata pairs rows r and r + 8: rows per program must be a multiple of 16"
+            )
+        out = torch.empty(cslt_layout.buffer_shape(rows, length), dtype=out_dtype, device=dy.device)
+        packed = out.view(-1)[: rows * length // 2]
+        meta = out.view(-1).view(torch.uint8)[rows * length :]
+    elif compress == "cutlass":
         if rows % 32 or length % 64:
             raise NmgradError(
                 f"the compressed sparse operand is {rows} x {length}: CUTLASS needs rows a multiple of 32 and "
@@ -319,8 +363,9 @@ def _prune(dy, method, pattern, axis, seed, generator, uniforms, transpose_out, 
         meta = torch.empty((rows, length // 16), dtype=torch.int16, device=dy.device)
     if k:  # (nothing to launch for an empty tensor)
         seed = _seed(seed, generator)
-        _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, seed, tile, packed, meta, num_warps)
-    if not compress:
+        cslt = compress == "cslt"
+        _launch(dy, out, rows, length, sx, sy, method, n, m, uniforms, seed, tile, packed, meta, num_warps, cslt)
+    if compress != "cutlass":
         return out
     return Compressed(out, packed, meta)
 
@@ -336,31 +381,38 @@ class Variant(NamedTuple):
     dtype: torch.dtype
     out_dtype: torch.dtype
     philox: bool
-    compress: bool
+    layout: str  # none, cutlass (values + CUTLASS metadata beside the pruned tensor) or cslt (the buffer only)
     arch: int  # compute capability as 80, 90
 
 
 def kernel_variants(archs: tuple[int, ...] = (80, 90)) -> list[Variant]:
-    """Every variant: methods x patterns x dtypes x Philox/uniforms x compress x arch (output dtype =
-    input dtype; a float32 input with a half output differs from these only in its load type)."""
+    """Every variant: methods x patterns x dtypes x Philox/uniforms x layout x arch (output dtype =
+    input dtype; a float32 input with a half output differs from these only in its load type). The
+    cuSPARSELt layout is modelled for sm90 only (sm8x runs the CUTLASS one)."""
     out = []
     for method in _METHOD_CODES:
         for n, m in sorted(_PATTERNS):
             for dtype in _DTYPES:
                 for philox in (True, False):
-                    for compress in (False, True):
-                        if compress and ((n, m) != (2, 4) or dtype == torch.float32):
+                    for layout in ("none", "cutlass", "cslt"):
+                        if layout != "none" and ((n, m) != (2, 4) or dtype == torch.float32):
                             continue
-                        out += [Variant(method, (n, m), dtype, dtype, philox, compress, a) for a in archs]
+                        arches = [a for a in archs if layout != "cslt" or a >= 90]
+                        out += [Variant(method, (n, m), dtype, dtype, philox, layout, a) for a in arches]
     return out
 
 
 def compile_ahead(
-    v: Variant, tile: tuple[int, int] = (16, 64), num_warps: int = DEFAULT_WARPS, seed_type: str = "i64"
-) -> bytes:
+    v: Variant,
+    tile: tuple[int, int] = (16, 64),
+    num_warps: int = DEFAULT_WARPS,
+    seed_type: str = "i64",
+    asm: str = "cubin",
+) -> bytes | str:
     """Compile one variant for ``v.arch`` without a GPU (Triton -> PTX -> cubin with Triton's bundled
-    ptxas) and return the cubin: catches what the interpreter accepts but the compiler rejects.
-    ``seed_type``: Triton passes a seed below 2^31 (e.g. ``seed=1``) as i32, larger ones as i64."""
+    ptxas) and return the cubin (``asm="ptx"``: the PTX text): catches what the interpreter accepts
+    but the compiler rejects. ``seed_type``: Triton passes a seed below 2^31 (e.g. ``seed=1``) as
+    i32, larger ones as i64."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -368,14 +420,16 @@ def compile_ahead(
     n, m = v.pattern
     fn = _jit_module(False).prune_kernel
     t_in, t_out = _TRITON_DTYPES[v.dtype], _TRITON_DTYPES[v.out_dtype]
-    sig = {"x_ptr": f"*{t_in}", "y_ptr": f"*{t_out}", "u_ptr": "*fp32", "vals_ptr": f"*{t_out}", "meta_ptr": "*i16"}
+    meta = "*u8" if v.layout == "cslt" else "*i16"
+    sig = {"x_ptr": f"*{t_in}", "y_ptr": f"*{t_out}", "u_ptr": "*fp32", "vals_ptr": f"*{t_out}", "meta_ptr": meta}
     sig |= {name: "i32" for name in ("R", "L", "G", "sxr", "sxl", "syr", "syl")} | {"seed": seed_type}
     const = dict(METHOD=_METHOD_CODES[v.method], N=n, M=m, U=n_uniforms(v.method, m), PHILOX=v.philox,
-                 COMPRESS=v.compress, OUT_BF16=v.out_dtype == torch.bfloat16, BLOCK_R=tile[0], BLOCK_G=tile[1])
+                 COMPRESS=v.layout != "none", CSLT=v.layout == "cslt", OUT_BF16=v.out_dtype == torch.bfloat16,
+                 BLOCK_R=tile[0], BLOCK_G=tile[1])
     sig |= {name: "constexpr" for name in const}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): c for k, c in const.items()})
     options = {"num_warps": num_warps, "enable_fp_fusion": False}  # as _launch
-    return triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options).asm[asm]
 
 
 def triton_sample_blocks(blocks: torch.Tensor, u: torch.Tensor, method: str, n: int) -> torch.Tensor:

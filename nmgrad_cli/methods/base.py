@@ -60,6 +60,10 @@ class PruningMethod:
         """How many uniforms in [0, 1) one block's draw consumes (the reference and every kernel)."""
         return 0
 
+    def draw_uniforms(self, k: int, pattern: Pattern, device, generator=None) -> torch.Tensor:
+        """The uniforms in [0, 1) one draw of ``k`` blocks consumes, (k, n_uniforms), float32."""
+        return torch.rand(k, self.n_uniforms(pattern), generator=generator, device=device)
+
     def marginals(self, a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, v) of every element; NaN for the whole of a block with a non-finite value."""
         p, v = self._marginals(a, n)

@@ -3,7 +3,7 @@
 This module is the seam between training and the kernels: every sparse-gradient layer computes
 its dX and dW through :func:`grad_gemms` (Linear) or :func:`conv_grad_gemms` (Conv2d). On the CPU
 they run the reference pruning (``prune()``) and *dense* GEMMs on the pruned tensor, which are the
-same numbers an N:M sparse GEMM computes. A CUDA branch (``nmgrad_cli/kernels/sparse_gemm.py``,
+same numbers an N:M sparse GEMM computes. A CUDA branch (``nmgrad_cli/sparse_backward.py``,
 the GPU issue) slots into :func:`grad_gemms` only: it must compute the same function of the same
 generator draws, and fall back to this path where the kernel is missing or the shape is too small.
 """
@@ -29,7 +29,7 @@ def prune_dy(dy: torch.Tensor, cfg: SparseGradConfig, gemm: str, dim: int, gen: 
 
 
 def _gpu_gemms(dy2d: torch.Tensor, cfg: SparseGradConfig) -> bool:
-    """Whether the backward GEMMs run through ``kernels.sparse_gemm`` (the Triton backend on CUDA)."""
+    """Whether the backward GEMMs run through ``sparse_backward`` (the Triton backend on CUDA)."""
     if not dy2d.is_cuda:
         return False
     pat = cfg.parsed_pattern
@@ -55,7 +55,7 @@ def grad_gemms(
     that is not needed draws nothing). A GEMM not in ``cfg.grad_gemms`` uses the dense dY.
 
     CUDA seam: a sparse-kernel branch replaces the two ``prune`` + ``@`` pairs by
-    ``kernels.sparse_gemm`` calls on the same draws; everything else stays here.
+    ``sparse_backward`` calls on the same draws; everything else stays here.
     """
     dx = dw = None
     # CUDA: Triton pruning + 2:4 sparse tensor-core GEMMs (dense GEMM fallback inside, logged once)
@@ -63,16 +63,16 @@ def grad_gemms(
     cx, cw = cfg.for_gemm("dx"), cfg.for_gemm("dw")
     if need_dx:
         if cfg.prunes_gemm("dx") and _gpu_gemms(dy2d, cx):
-            from ..kernels import sparse_gemm
+            from .. import sparse_backward
 
-            dx = sparse_gemm.grad_input(dy2d, w, cx.method, cx.parsed_pattern, generator=gen)  # (T, I)
+            dx = sparse_backward.grad_input(dy2d, w, cx.method, cx.parsed_pattern, generator=gen)  # (T, I)
         else:
             dx = prune_dy(dy2d, cx, "dx", -1, gen) @ w  # (T, I)
     if need_dw:
         if cfg.prunes_gemm("dw") and _gpu_gemms(dy2d, cw):
-            from ..kernels import sparse_gemm
+            from .. import sparse_backward
 
-            dw = sparse_gemm.grad_weight(dy2d, x2d, cw.method, cw.parsed_pattern, generator=gen)  # (F, I)
+            dw = sparse_backward.grad_weight(dy2d, x2d, cw.method, cw.parsed_pattern, generator=gen)  # (F, I)
         else:
             dw = prune_dy(dy2d, cw, "dw", 0, gen).t() @ x2d  # (F, I)
     return dx, dw
