@@ -261,3 +261,26 @@ def test_evaluate_parses_its_pattern_once_not_per_record(monkeypatch, tmp_path):
     parses = count_pattern_parses(monkeypatch)
     report = evaluate([dump], config)
     assert len(report.records) >= 6 and parses.calls == 0
+
+
+def test_train_config_json_records_the_gemm_routes(tmp_path):
+    from nmgrad_cli.backend import GEMM_ROUTES
+    from nmgrad_cli.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model="mlp", steps=1, batch_size=4, eval_batches=1, backend="reference", device="cpu")
+    GEMM_ROUTES.clear()
+    train(cfg, tmp_path / "cpu")
+    resolved = json.loads((tmp_path / "cpu" / "config.json").read_text())["resolved"]
+    assert resolved["gemm_routes"] == [] and "dense GEMM" in resolved["gemm_routes_note"]
+    # what the CUDA path decides (sparse_backward records it in the process table) reaches config.json
+    GEMM_ROUTES.record((64, 4096, 4096, torch.bfloat16, "cuda:0"), "dense", "auto: measured slower sparse", 2.0, 1.0)
+    try:
+        train(cfg, tmp_path / "routes")
+        dense = TrainConfig(model="mlp", method="dense", steps=1, batch_size=4, eval_batches=1, device="cpu")
+        train(dense, tmp_path / "dense")
+    finally:
+        GEMM_ROUTES.clear()
+    routes = json.loads((tmp_path / "routes" / "config.json").read_text())["resolved"]["gemm_routes"]
+    assert routes == [{"shape": [64, 4096, 4096], "dtype": "bfloat16", "route": "dense",
+                       "reason": "auto: measured slower sparse", "sparse_ms": 2.0, "dense_ms": 1.0}]
+    assert "gemm_routes" not in json.loads((tmp_path / "dense" / "config.json").read_text())["resolved"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..backend import gemm_route_decisions
 from ..capture.config import MODULE_TYPES
 from ..capture.hooks import StepRecords
 from ..capture.stream import CaptureFile
@@ -22,6 +23,7 @@ from ..models import build_task
 from ..plan import load as load_plan
 from ..progress import Progress
 from ..sites import ParamIndex, SiteMode, site_report
+from .config import DENSE
 from .distributed import DistInfo, all_reduce_sum, rank_seed, wrap_ddp
 from .evaluation import accuracy, eval_record
 from .loop import StepCallbacks, run_steps
@@ -113,8 +115,14 @@ class _Run:
                     "layers": self.layers()}
         resolved |= {"world_size": self.info.world_size, "device": str(self.device), "torch": torch.__version__}
         resolved["backend"] = self.scfg.backend_record(torch.float32, self.device)  # what prunes dY (backend.py)
-        # further decisions of backend.py (e.g. the GEMM routes taken per shape) are added here, as entries of
-        # ``resolved``: config.json is written from this dict after the first step and again at the end
+        # config.json is written from this dict after the first step and again at the end
+        if self.cfg.method != DENSE or self.plan is not None:
+            # the sparse-GEMM route per backward GEMM shape (backend.py, this process's: a --compare's
+            # runs share them); off CUDA there are none: the pruned dY meets a dense GEMM
+            resolved["gemm_routes"] = gemm_route_decisions()
+            if not resolved["gemm_routes"]:
+                resolved["gemm_routes_note"] = (f"no sparse GEMM on {self.device.type}: every backward GEMM is "
+                                                "the pruned dY times a dense GEMM (2:4 sparse GEMMs need CUDA)")
         if self.plan is not None:
             resolved["plan"] = self.plan.record(self.cfg.plan)
             resolved["dense_by_plan"] = list(self.sites.planned_dense)
