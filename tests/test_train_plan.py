@@ -69,7 +69,9 @@ def test_plan_round_trip_on_the_sample_dump(plan_dict, tmp_path):
     assert "plan variance<=0.05" in r.stdout
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["plan"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert resolved["plan"]["budget"] == "variance<=0.05" and resolved["layers"] == ["fc1", "fc2", "fc3"]
+    assert resolved["plan"]["budget"] == "variance<=0.05"
+    # fc1: its dX never runs and its dW stays dense within the budget, so it is not a sparse site
+    assert resolved["layers"] == ["fc2", "fc3"] and resolved["dense_by_plan"] == ["fc1"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["method"], summary["pattern"], summary["label"]) == ("plan", "per site", "plan variance<=0.05")
 
