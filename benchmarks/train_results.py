@@ -81,9 +81,11 @@ def paired(runs: list[dict], base: list[dict], metric: str) -> list[float]:
 
 
 def rows_of(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs per configuration, named ``row pattern`` (``greedy 2:4``, ``plan gemm``, ``dense``)."""
     rows: dict[str, list[dict]] = {}
     for r in runs:
-        rows.setdefault(r["row"], []).append(r)
+        name = r["row"] if r["pattern"] in ("-", "per site") else f"{r['row']} {r['pattern']}"
+        rows.setdefault(name, []).append(r)
     return rows
 
 
@@ -99,7 +101,7 @@ def render(runs: list[dict], meta: dict, versus: list[tuple[str, str]]) -> str:
              f"error, (noise): within {NOISE_SE:g} standard errors of 0", ""]
     if meta.get("plans_capture_seed") is not None:
         lines[0] += f"; plans made from a capture with seed {meta['plans_capture_seed']}"
-    head = ["gradients", "pattern", "seeds", acc, f"Δ {acc.split()[-1]} vs dense", "eval loss",
+    head = ["gradients", "seeds", acc, f"Δ {acc.split()[-1]} vs dense", "eval loss",
             "Δ eval loss vs dense", "final train loss", "bwd GEMM FLOPs saved", "diverged"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in rows.items():
@@ -108,7 +110,7 @@ def render(runs: list[dict], meta: dict, versus: list[tuple[str, str]]) -> str:
         diff = {k: ([] if name == "dense" else paired(rs, dense, k)) for k, _ in METRICS}
         saved = rs[0].get("flops_saved")
         lines.append("| " + " | ".join([
-            name, rs[0]["pattern"], str(len(rs)),
+            name, str(len(rs)),
             fmt(vals["eval_acc"]), fmt(diff["eval_acc"], signed=True, noise=True),
             fmt(vals["eval_loss"]), fmt(diff["eval_loss"], signed=True, noise=True),
             fmt(vals["final_train_loss"]),
