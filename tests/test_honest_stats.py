@@ -17,8 +17,16 @@ from _dumps import make_mlp_dump
 
 from nmgrad_cli import results
 from nmgrad_cli.metrics import (
-    COVERAGE, _angle_stats, _angles, angle_se, bias_floor, evaluate_tensor, exact_moments, gemm_moments,
-    student_t_cdf, t_factor,
+    COVERAGE,
+    _angle_stats,
+    _angles,
+    angle_se,
+    bias_floor,
+    evaluate_tensor,
+    exact_moments,
+    gemm_moments,
+    student_t_cdf,
+    t_factor,
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "mlp_digits.h5"
