@@ -4,7 +4,8 @@ All relative to ||g||^2:
   bias     = ||E[g^] - g||^2 / ||g||^2
   variance = E||g^ - E[g^]||^2 / ||g||^2
   mse      = E||g^ - g||^2 / ||g||^2 = bias + variance
-  angle    = E[arccos(<g^, g> / (||g^|| ||g||))] in degrees (Monte Carlo, with its standard error)
+  angle    = E[arccos(<g^, g> / (||g^|| ||g||))] in degrees (Monte Carlo, with a standard error that
+             has the coverage of one for any number of draws: :func:`angle_se`)
 The first three are exact, from each method's per-element marginals (E[g^_i] = p_i v_i,
 E[g^_i^2] = p_i v_i^2), accumulated in float64.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import torch
 
@@ -45,14 +47,35 @@ class Metrics:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
+BIAS_ULPS = 8
+"""An exactly unbiased method's mean p*v differs from a by float64 rounding only: at most this many
+ulps of |a| per element (p*v is a/p*p or S*|a|/S, a few operations)."""
+
+
+def bias_floor(norm2_a: float, norm2_b: float = 1.0) -> float:
+    """The float64 noise floor of a record's absolute bias: (BIAS_ULPS * eps)^2 ||a||^2 for dY itself;
+    for a GEMM (E a^ - a) b, (BIAS_ULPS * eps)^2 ||a||^2 ||b||^2 (||e b|| <= ||e|| ||b||). A bias at
+    or below it is indistinguishable from 0 in float64."""
+    return (BIAS_ULPS * torch.finfo(torch.float64).eps) ** 2 * norm2_a * norm2_b
+
+
+def rounded_bias(bias_abs: float, floor_abs: float) -> float:
+    """The one rounding rule of every report (docs/evaluate.md, "Rounding"): a bias at or below its
+    record's noise floor (:func:`bias_floor`) is 0 in the JSON, the tables, ``--fail-if`` and
+    ``compare``, which all read the value this returns; above it the value is kept as computed."""
+    return 0.0 if bias_abs <= floor_abs else bias_abs
+
+
 def exact_moments(g: torch.Tensor, method, pattern, dim: int = -1) -> tuple[float, float, float]:
-    """(||E g^ - g||^2, E||g^ - E g^||^2, ||g||^2) in float64, exactly from the marginals."""
+    """(||E g^ - g||^2, E||g^ - E g^||^2, ||g||^2) in float64, exactly from the marginals; the bias
+    through :func:`rounded_bias` (float64 rounding alone gives ~1e-33 relative: reported as 0)."""
     g64 = g.detach().to(torch.float64)
     p, v = marginals(g64, method, pattern, dim, dtype=torch.float64)
     mean = p * v
-    bias = torch.sum((mean - g64) ** 2).item()
+    norm2 = torch.sum(g64 * g64).item()
+    bias = rounded_bias(torch.sum((mean - g64) ** 2).item(), bias_floor(norm2))
     var = torch.sum(p * v * v - mean * mean).clamp_min(0).item()
-    return bias, var, torch.sum(g64 * g64).item()
+    return bias, var, norm2
 
 
 def evaluate_tensor(
@@ -240,11 +263,59 @@ def _angles(est: torch.Tensor, g64: torch.Tensor, norm2: float) -> list[float]:
     return _cos_to_degrees(est @ g64, torch.sum(est * est, dim=1), norm2)
 
 
+COVERAGE = math.erf(1 / math.sqrt(2))
+"""0.6827: the chance that ``angle ± angle_se`` holds the true mean angle, the chance of ±1 standard
+deviation of a normal, whatever the number of draws (docs/methods.md, "What ± means")."""
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with an integer ``df`` >= 1 (the closed finite series in
+    theta = atan(t / sqrt(df)), exact up to float64 rounding)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    total, term = 1.0, 1.0
+    if df % 2:  # odd: 1/2 + (theta + sin cos (1 + 2/3 c2 + 2*4/(3*5) c2^2 + ...)) / pi
+        if df == 1:
+            return 0.5 + theta / math.pi
+        for k in range(1, (df - 3) // 2 + 1):
+            term *= 2 * k / (2 * k + 1) * c2
+            total += term
+        return 0.5 + (theta + math.sin(theta) * math.cos(theta) * total) / math.pi
+    for k in range(1, (df - 2) // 2 + 1):  # even: 1/2 + sin/2 (1 + 1/2 c2 + 1*3/(2*4) c2^2 + ...)
+        term *= (2 * k - 1) / (2 * k) * c2
+        total += term
+    return 0.5 + 0.5 * math.sin(theta) * total
+
+
+@lru_cache(maxsize=256)
+def t_factor(df: int) -> float:
+    """The Student-t quantile at (1 + COVERAGE) / 2 with ``df`` degrees of freedom: 1.837 at df = 1,
+    1.321 at 2, 1.142 at 4, 1.034 at 15, -> 1. Beyond df = 2000: 1 + 1/(2 df) (Cornish-Fisher, error
+    below 1e-7)."""
+    if df > 2000:
+        return 1.0 + 1.0 / (2 * df)
+    target, lo, hi = (1 + COVERAGE) / 2, 1.0, 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def angle_se(sd: float, n: int) -> float:
+    """The ± of a mean of ``n`` draws with sample standard deviation ``sd``: t_factor(n - 1) * sd /
+    sqrt(n), the half-width of the Student-t interval with the coverage of ±1 standard error
+    (:data:`COVERAGE`); sd / sqrt(n) alone covers 50% at n = 2 and 63% at n = 4. NaN for n < 2: one
+    draw has no spread to estimate (JSON null, the tables print no ±)."""
+    if n < 2:
+        return math.nan
+    return t_factor(n - 1) * sd / math.sqrt(n)
+
+
 def _angle_stats(angles: list[float], samples: int) -> dict:
     at = torch.tensor(angles, dtype=torch.float64)
     return {
         "angle": at.mean().item(),
-        "angle_se": (at.std(unbiased=True).item() / math.sqrt(samples)) if samples > 1 else math.nan,
+        "angle_se": angle_se(at.std(unbiased=True).item(), samples) if samples > 1 else math.nan,
     }
 
 
@@ -387,6 +458,7 @@ def gemm_moments(
         cov = pi * (v[:, :, None] * v[:, None, :]) - mean[:, :, None] * mean[:, None, :]
         var += float(torch.einsum("rkij,kij->", cov.view(-1, k, m, m), gram))
     s = sa * sb
+    bias = rounded_bias(bias, bias_floor(float(torch.sum(a64 * a64)), float(torch.sum(b64 * b64))))
     return GemmMoments(bias, max(var, 0.0), norm2, s * s)  # s * s: inf, never OverflowError
 
 

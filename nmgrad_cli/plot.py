@@ -20,12 +20,9 @@ import os
 from pathlib import Path
 
 from .errors import NmgradError
-from .methods import METHODS
 from .results import Results, parse, pooled_layers
 
 AXIS_GEMM = {"features": "dX", "tokens": "dW"}
-ROUNDING = 1e-12
-"""Relative bias below this, of an exactly unbiased method, is rounding noise (as evaluate prints it)."""
 INSTALL = "matplotlib is not installed: pip install 'nmgrad[plot]'"
 
 
@@ -54,12 +51,10 @@ def error_bars(payload: Results | dict, axis: str) -> dict:
 
 
 def _value(row: dict | None, key: str, method: str) -> float | None:
-    """A metric of a pooled row; an exactly unbiased method's bias below :data:`ROUNDING` is 0 (rounding)."""
+    """A metric of a pooled row (a bias at its noise floor is already 0: metrics.rounded_bias)."""
     if row is None or row.get(key) is None:
         return None
     x = max(row[key], 0.0)
-    if key.endswith("bias") and x < ROUNDING and method in METHODS and METHODS[method].unbiased:
-        return 0.0
     return x
 
 

@@ -269,13 +269,13 @@ def test_bad_axis_is_a_usage_error(dump):
     assert r.exit_code == 2 and "rows" in r.output
 
 
-def test_rounding_noise_bias_prints_as_zero_json_keeps_it(dump, tmp_path):
+def test_rounding_noise_bias_is_zero_in_json_and_table(dump, tmp_path):
     js = tmp_path / "r.json"
     r = run(dump, "--samples", "0", "--methods", "mvue,greedy", "--json", js)
     assert r.exit_code == 0, r.output
     d = json.loads(js.read_text())
     mvue = [s for s in d["summary"] if s["method"] == "mvue"][0]
-    assert 0 < mvue["bias"] < 1e-12 and 0 < mvue["gemm"]["bias"] < 1e-12  # float64 rounding, kept
+    assert mvue["bias"] == 0 and mvue["gemm"]["bias"] == 0  # float64 rounding: 0 (metrics.rounded_bias)
     head, shown = [], {}
     for line in r.stdout.splitlines():
         if "┃" in line:
