@@ -46,7 +46,7 @@ DATA = TREE / "sample_data" / "pydoc_topics.txt"
 
 
 def build_model(folder: Path) -> Path:
-    """GPT-2-small from its config, random init seed 0, saved to ``folder`` (as /work/data/make_gpt2s.py)."""
+    """GPT-2-small from its config, random init seed 0, saved to ``folder`` (``save_pretrained``)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
