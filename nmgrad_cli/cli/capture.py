@@ -13,7 +13,7 @@ from ..dump.writer import COMPRESSIONS
 from ..errors import NmgradError
 from ..models.hf import HF_BATCH_SIZE, HF_TASK_HELP
 from ..models.registry import DEFAULT_BATCH_SIZE
-from .common import QUIET_HELP, console, err_console, user_errors
+from .common import console, err_console, user_errors
 from .progress import cli_progress
 
 
@@ -71,7 +71,7 @@ def capture(
         0, "--threads", help="torch CPU threads (0: torch's default; 1 is often fastest on a busy machine)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP + " An unfinished dump is still reported."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a model for --warmup + --steps optimizer steps and record dL/dY of every selected layer.
 
@@ -103,11 +103,8 @@ def capture(
         )
     how = {"done": "complete", "max-bytes": "complete, stopped at --max-bytes"}.get(result.stopped)
     status = how or f"interrupted ({result.stopped})"
-    if quiet and how is not None:  # -q: a complete dump needs no line; an interrupted one still says so
-        return
-    if not quiet:
-        console.print(f"{prefix}sites: {', '.join(result.layers)}", highlight=False, soft_wrap=True)
-    (err_console if quiet else console).print(
+    console.print(f"{prefix}sites: {', '.join(result.layers)}", highlight=False, soft_wrap=True)
+    console.print(
         f"{prefix}wrote {result.path}: {len(result.layers)} layers, {result.steps_recorded} recorded steps "
         f"of {result.steps_run}, {result.bytes_recorded / 1e6:.1f} MB of tensors, "
         f"{result.file_bytes / 1e6:.1f} MB on disk, {status}",
