@@ -71,14 +71,9 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "module_types", parse_module_types(self.module_types))
-        if self.steps < 1:
-            raise NmgradError(f"--steps must be >= 1, got {self.steps}")
-        if self.every < 1:
-            raise NmgradError(f"--every must be >= 1, got {self.every}")
-        if self.warmup < 0:
-            raise NmgradError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise NmgradError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for option, value in (("--steps", self.steps), ("--every", self.every), ("--warmup", self.warmup)):
+            check_count(option, value, 0 if option == "--warmup" else 1, MAX_STEPS)
+        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
         if self.max_bytes is not None and self.max_bytes < 1:
             raise NmgradError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.compression not in COMPRESSIONS:
@@ -92,9 +87,6 @@ class CaptureConfig:
         if not self.queue_mb > 0:
             raise NmgradError(f"queue_mb must be > 0, got {self.queue_mb}")
         parse_layers(self.layers)  # a selection with no glob is refused here
-        for option, value in (("--steps", self.steps), ("--every", self.every), ("--warmup", self.warmup)):
-            check_count(option, value, 0 if option == "--warmup" else 1, MAX_STEPS)
-        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
 
     @property
     def recorded_steps(self) -> int:

@@ -96,24 +96,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grad_gemms", parse_gemms(self.grad_gemms))
-        if self.steps < 1:
-            raise NmgradError(f"--steps must be >= 1, got {self.steps}")
-        if self.eval_every < 0:
-            raise NmgradError(f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every}")
-        if self.eval_batches < 0:
-            raise NmgradError(f"--eval-batches must be >= 0 (0: all), got {self.eval_batches}")
+        check_count("--steps", self.steps, 1, MAX_STEPS)
+        check_count("--eval-every", self.eval_every, 0, MAX_STEPS, meaning="0: only at the end")
+        check_count("--eval-batches", self.eval_batches, 0, MAX_STEPS, meaning="0: all")
+        check_count("--capture-every", self.capture_every, 1, MAX_STEPS)
+        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise NmgradError(f"--lr must be a positive number, got {self.lr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise NmgradError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.amp not in ("none", "bf16"):
             raise NmgradError(f"--amp '{self.amp}' is unknown: choose one of none, bf16")
-        if self.capture_every < 1:
-            raise NmgradError(f"--capture-every must be >= 1, got {self.capture_every}")
-        for option, value in (("--steps", self.steps), ("--eval-every", self.eval_every),
-                              ("--eval-batches", self.eval_batches), ("--capture-every", self.capture_every)):
-            check_count(option, value, 0 if option.startswith("--eval") else 1, MAX_STEPS)
-        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
         self.sparse_config()  # validates method, pattern, weight pattern
         if self.plan is not None:
             load_plan(self.plan)  # a missing or damaged plan fails before any work
